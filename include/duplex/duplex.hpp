@@ -1,0 +1,9 @@
+// duplex/duplex.hpp - the whole public interface of duplex in one include.
+#pragma once
+
+#include "duplex/buffer.hpp"
+#include "duplex/error.hpp"
+#include "duplex/fd.hpp"
+#include "duplex/socket.hpp"
+#include "duplex/socket_pair.hpp"
+#include "duplex/version.hpp"

@@ -1,0 +1,440 @@
+#include "duplex/socket.hpp"
+
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <cstring>
+#include <vector>
+
+#include "syscall.hpp"
+
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77
+#endif
+#ifndef SCM_PIDFD
+#define SCM_PIDFD 0x04
+#endif
+
+namespace duplex {
+namespace {
+
+using detail::from_errno;
+
+constexpr int to_msg_flags(io_flags flags) noexcept {
+  int out = 0;
+  if (has_flag(flags, io_flags::dont_wait)) out |= MSG_DONTWAIT;
+  if (has_flag(flags, io_flags::peek)) out |= MSG_PEEK;
+  return out;
+}
+
+// Room for the most fds one message can carry plus any credentials or pidfd message the kernel
+// may add (SO_PASSCRED, SO_PASSPIDFD), so that MSG_CTRUNC only ever means the kernel could not
+// deliver what was sent.
+constexpr std::size_t control_space = CMSG_SPACE(sizeof(int) * max_fds_per_message) +
+                                      CMSG_SPACE(sizeof(struct ucred)) + CMSG_SPACE(sizeof(int)) +
+                                      CMSG_SPACE(64);
+
+union control_buffer {
+  cmsghdr align;
+  char bytes[control_space];
+};
+
+// iovecs for a span of buffers, on the stack for the common few.
+class iovec_array {
+ public:
+  template <typename Buffer>
+  explicit iovec_array(std::span<const Buffer> buffers) {
+    iovec* out = small_.data();
+    if (buffers.size() > small_.size()) {
+      large_.resize(buffers.size());
+      out = large_.data();
+    }
+    for (std::size_t i = 0; i < buffers.size(); ++i) {
+      out[i].iov_base = const_cast<std::byte*>(buffers[i].data());
+      out[i].iov_len = buffers[i].size();
+      total_ += buffers[i].size();
+    }
+    data_ = out;
+    size_ = buffers.size();
+  }
+  iovec* data() noexcept { return data_; }
+  std::size_t size() const noexcept { return size_; }
+  std::size_t total() const noexcept { return total_; }
+
+ private:
+  std::array<iovec, 16> small_{};
+  std::vector<iovec> large_;
+  iovec* data_ = nullptr;
+  std::size_t size_ = 0;
+  std::size_t total_ = 0;
+};
+
+result<std::size_t> sendmsg_retry(int fd, msghdr& msg, int flags) noexcept {
+  for (;;) {
+    const ssize_t n = ::sendmsg(fd, &msg, flags | MSG_NOSIGNAL);
+    if (n >= 0) return static_cast<std::size_t>(n);
+    if (errno != EINTR) return from_errno(errno);
+  }
+}
+
+result<int> get_int_option(int fd, int level, int name) noexcept {
+  int value = 0;
+  socklen_t len = sizeof(value);
+  if (::getsockopt(fd, level, name, &value, &len) != 0) return fail_errno(errno);
+  return value;
+}
+
+result<void> set_int_option(int fd, int level, int name, int value) noexcept {
+  if (::setsockopt(fd, level, name, &value, sizeof(value)) != 0) return fail_errno(errno);
+  return {};
+}
+
+// After a seqpacket recv returned 0: was it an empty packet or end-of-stream? End-of-stream is
+// when the peer has shut down its sending side (POLLRDHUP) and no packet with data is queued.
+bool seqpacket_at_end(int fd) noexcept {
+  pollfd p{fd, POLLRDHUP, 0};
+  int r = 0;
+  do {
+    r = ::poll(&p, 1, 0);
+  } while (r < 0 && errno == EINTR);
+  if (r <= 0 || (p.revents & (POLLRDHUP | POLLHUP)) == 0) return false;
+  char probe = 0;
+  ssize_t n = 0;
+  do {
+    n = ::recv(fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT | MSG_TRUNC);
+  } while (n < 0 && errno == EINTR);
+  return n <= 0;
+}
+
+std::size_t clamp_to_int(std::size_t bytes) noexcept {
+  return std::min<std::size_t>(bytes, INT_MAX / 2);
+}
+
+}  // namespace
+
+std::string_view to_string(socket_kind kind) noexcept {
+  switch (kind) {
+    case socket_kind::stream: return "stream";
+    case socket_kind::datagram: return "datagram";
+    case socket_kind::seqpacket: return "seqpacket";
+  }
+  return "unknown";
+}
+
+int to_socket_type(socket_kind kind) noexcept {
+  switch (kind) {
+    case socket_kind::stream: return SOCK_STREAM;
+    case socket_kind::datagram: return SOCK_DGRAM;
+    case socket_kind::seqpacket: return SOCK_SEQPACKET;
+  }
+  return -1;
+}
+
+result<socket> socket::from_fd(unique_fd fd) noexcept {
+  auto domain = get_int_option(fd.get(), SOL_SOCKET, SO_DOMAIN);
+  if (!domain) return std::unexpected(domain.error());
+  if (*domain != AF_UNIX) return fail(errc::wrong_kind);
+  auto type = get_int_option(fd.get(), SOL_SOCKET, SO_TYPE);
+  if (!type) return std::unexpected(type.error());
+  switch (*type) {
+    case SOCK_STREAM: return socket(std::move(fd), socket_kind::stream);
+    case SOCK_DGRAM: return socket(std::move(fd), socket_kind::datagram);
+    case SOCK_SEQPACKET: return socket(std::move(fd), socket_kind::seqpacket);
+    default: return fail(errc::wrong_kind);
+  }
+}
+
+result<std::size_t> socket::send(const_buffer data, io_flags flags) noexcept {
+  for (;;) {
+    const ssize_t n =
+        ::send(fd_.get(), data.data(), data.size(), to_msg_flags(flags) | MSG_NOSIGNAL);
+    if (n >= 0) return static_cast<std::size_t>(n);
+    if (errno != EINTR) return from_errno(errno);
+  }
+}
+
+result<std::size_t> socket::send(std::span<const const_buffer> buffers, io_flags flags) {
+  return send_msg(buffers, {}, flags);
+}
+
+result<std::size_t> socket::send_msg(std::span<const const_buffer> buffers,
+                                     std::span<const int> fds, io_flags flags) {
+  if (fds.size() > max_fds_per_message) return fail(errc::too_many_fds);
+  if (buffers.size() > IOV_MAX) return fail_errno(EMSGSIZE);
+  iovec_array iov(buffers);
+  if (!fds.empty() && iov.total() == 0 && kind_ == socket_kind::stream) {
+    // A stream carries control data only with at least one byte; the kernel would drop the fds.
+    return fail_errno(EINVAL);
+  }
+  msghdr msg{};
+  msg.msg_iov = iov.data();
+  msg.msg_iovlen = iov.size();
+  control_buffer control;
+  if (!fds.empty()) {
+    const std::size_t payload = sizeof(int) * fds.size();
+    std::memset(control.bytes, 0, CMSG_SPACE(payload));
+    msg.msg_control = control.bytes;
+    msg.msg_controllen = CMSG_SPACE(payload);
+    cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
+    cmsg->cmsg_level = SOL_SOCKET;
+    cmsg->cmsg_type = SCM_RIGHTS;
+    cmsg->cmsg_len = CMSG_LEN(payload);
+    std::memcpy(CMSG_DATA(cmsg), fds.data(), payload);
+  }
+  return sendmsg_retry(fd_.get(), msg, to_msg_flags(flags));
+}
+
+namespace {
+
+result<void> send_all_impl(socket& s, const_buffer data,
+                           std::chrono::nanoseconds timeout) noexcept {
+  const detail::deadline until(timeout);
+  const io_flags flags = until.infinite() ? io_flags::none : io_flags::dont_wait;
+  std::size_t done = 0;
+  do {
+    auto n = s.send(data.subspan(done), flags);
+    if (n) {
+      done += *n;
+      if (s.kind() != socket_kind::stream) break;  // a packet goes whole or not at all
+      continue;
+    }
+    if (n.error() != errc::would_block) return std::unexpected(n.error());
+    auto ready = detail::wait_for(s.native_handle(), POLLOUT, until.remaining());
+    if (!ready) return std::unexpected(ready.error());
+  } while (done < data.size());
+  return {};
+}
+
+}  // namespace
+
+result<void> socket::send_all(const_buffer data) noexcept {
+  return send_all_impl(*this, data, forever);
+}
+
+result<void> socket::send_all(const_buffer data, std::chrono::nanoseconds timeout) noexcept {
+  return send_all_impl(*this, data, timeout);
+}
+
+result<std::size_t> socket::receive_impl(mutable_buffer buf, io_flags flags) noexcept {
+  if (kind_ == socket_kind::stream && buf.empty() && fd_.valid()) return 0;
+  int msg_flags = to_msg_flags(flags);
+  if (kind_ != socket_kind::stream) msg_flags |= MSG_TRUNC;  // returns the packet's real size
+  for (;;) {
+    const ssize_t n = ::recv(fd_.get(), buf.data(), buf.size(), msg_flags);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return from_errno(errno);
+    }
+    const auto got = static_cast<std::size_t>(n);
+    if (kind_ == socket_kind::stream) {
+      if (got == 0) return fail(errc::peer_closed);
+      return got;
+    }
+    if (got > buf.size()) return fail(errc::buffer_too_small);
+    if (got == 0 && kind_ == socket_kind::seqpacket && seqpacket_at_end(fd_.get())) {
+      return fail(errc::peer_closed);
+    }
+    return got;
+  }
+}
+
+result<std::size_t> socket::receive(mutable_buffer buf, io_flags flags) noexcept {
+  return receive_impl(buf, flags);
+}
+
+result<std::size_t> socket::receive(mutable_buffer buf, std::chrono::nanoseconds timeout) noexcept {
+  const detail::deadline until(timeout);
+  if (until.infinite()) return receive_impl(buf, io_flags::none);
+  for (;;) {
+    auto n = receive_impl(buf, io_flags::dont_wait);
+    if (n || n.error() != errc::would_block) return n;
+    auto ready = detail::wait_for(fd_.get(), POLLIN, until.remaining());
+    if (!ready) return std::unexpected(ready.error());
+  }
+}
+
+result<received> socket::receive_msg(std::span<const mutable_buffer> buffers,
+                                     std::span<unique_fd> fds, io_flags flags) {
+  if (has_flag(flags, io_flags::peek)) return fail_errno(EINVAL);
+  if (buffers.size() > IOV_MAX) return fail_errno(EMSGSIZE);
+  iovec_array iov(buffers);
+  control_buffer control;
+  msghdr msg{};
+  msg.msg_iov = iov.data();
+  msg.msg_iovlen = iov.size();
+  msg.msg_control = control.bytes;
+  msg.msg_controllen = sizeof(control.bytes);
+  int msg_flags = to_msg_flags(flags) | MSG_CMSG_CLOEXEC;
+  if (kind_ != socket_kind::stream) msg_flags |= MSG_TRUNC;
+
+  ssize_t n = 0;
+  for (;;) {
+    n = ::recvmsg(fd_.get(), &msg, msg_flags);
+    if (n >= 0) break;
+    if (errno != EINTR) return from_errno(errno);
+  }
+
+  // Take ownership of every fd that arrived before deciding anything, so that each one is either
+  // handed to the caller or closed on every path below.
+  std::array<unique_fd, max_fds_per_message + 8> arrived;
+  std::size_t count = 0;
+  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET) continue;
+    if (c->cmsg_type != SCM_RIGHTS && c->cmsg_type != SCM_PIDFD) continue;
+    const std::size_t bytes = c->cmsg_len - CMSG_LEN(0);
+    const std::size_t in_msg = bytes / sizeof(int);
+    const auto* data = CMSG_DATA(c);
+    for (std::size_t i = 0; i < in_msg; ++i) {
+      int fd = -1;
+      std::memcpy(&fd, data + i * sizeof(int), sizeof(int));
+      unique_fd owned(fd);
+      // An SCM_PIDFD fd (SO_PASSPIDFD) is not the peer's to send: it is closed here.
+      if (c->cmsg_type == SCM_RIGHTS && count < arrived.size()) {
+        arrived[count] = std::move(owned);
+      }
+      if (c->cmsg_type == SCM_RIGHTS) ++count;
+    }
+  }
+
+  if ((msg.msg_flags & MSG_CTRUNC) != 0) return fail(errc::fds_truncated);
+  const auto got = static_cast<std::size_t>(n);
+  received out{std::min(got, iov.total()), 0, got};
+  if (kind_ != socket_kind::stream) {
+    if (got > iov.total() && !has_flag(flags, io_flags::allow_truncation)) {
+      return fail(errc::buffer_too_small);
+    }
+    if (got == 0 && count == 0 && kind_ == socket_kind::seqpacket && seqpacket_at_end(fd_.get())) {
+      return fail(errc::peer_closed);
+    }
+  } else if (got == 0 && iov.total() > 0) {
+    return fail(errc::peer_closed);
+  }
+  if (count > fds.size()) return fail(errc::too_many_fds);
+  for (std::size_t i = 0; i < count; ++i)
+    fds[i] = std::move(arrived[i]);
+  out.fds = count;
+  return out;
+}
+
+result<void> socket::receive_exact(mutable_buffer buf) noexcept {
+  return receive_exact(buf, forever);
+}
+
+result<void> socket::receive_exact(mutable_buffer buf, std::chrono::nanoseconds timeout) noexcept {
+  if (kind_ != socket_kind::stream) return fail(errc::wrong_kind);
+  const detail::deadline until(timeout);
+  std::size_t done = 0;
+  while (done < buf.size()) {
+    auto n = until.infinite() ? receive_impl(buf.subspan(done), io_flags::none)
+                              : receive(buf.subspan(done), until.remaining());
+    if (!n) {
+      if (n.error() == errc::would_block) {
+        // An O_NONBLOCK socket: wait for data within the deadline, then try again.
+        auto ready = detail::wait_for(fd_.get(), POLLIN, until.remaining());
+        if (!ready) return std::unexpected(ready.error());
+        continue;
+      }
+      if (n.error() == errc::peer_closed && done > 0) return fail(errc::truncated_message);
+      return std::unexpected(n.error());
+    }
+    done += *n;
+  }
+  return {};
+}
+
+result<std::size_t> socket::next_packet_size(io_flags flags) noexcept {
+  if (kind_ == socket_kind::stream) return fail(errc::wrong_kind);
+  const int msg_flags = to_msg_flags(flags) | MSG_PEEK | MSG_TRUNC;
+  for (;;) {
+    char probe = 0;
+    const ssize_t n = ::recv(fd_.get(), &probe, 0, msg_flags);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return from_errno(errno);
+    }
+    if (n == 0 && kind_ == socket_kind::seqpacket && seqpacket_at_end(fd_.get())) {
+      return fail(errc::peer_closed);
+    }
+    return static_cast<std::size_t>(n);
+  }
+}
+
+result<void> socket::shutdown(shutdown_how how) noexcept {
+  int native = SHUT_RDWR;
+  if (how == shutdown_how::read) native = SHUT_RD;
+  if (how == shutdown_how::write) native = SHUT_WR;
+  if (::shutdown(fd_.get(), native) != 0) return fail_errno(errno);
+  return {};
+}
+
+result<void> socket::wait_readable(std::chrono::nanoseconds timeout) const noexcept {
+  auto r = detail::wait_for(fd_.get(), POLLIN, timeout);
+  if (!r) return std::unexpected(r.error());
+  return {};
+}
+
+result<void> socket::wait_writable(std::chrono::nanoseconds timeout) const noexcept {
+  auto r = detail::wait_for(fd_.get(), POLLOUT, timeout);
+  if (!r) return std::unexpected(r.error());
+  return {};
+}
+
+result<std::size_t> socket::send_buffer_size() const noexcept {
+  auto v = get_int_option(fd_.get(), SOL_SOCKET, SO_SNDBUF);
+  if (!v) return std::unexpected(v.error());
+  return static_cast<std::size_t>(*v);
+}
+
+result<void> socket::set_send_buffer_size(std::size_t bytes) noexcept {
+  return set_int_option(fd_.get(), SOL_SOCKET, SO_SNDBUF, static_cast<int>(clamp_to_int(bytes)));
+}
+
+result<std::size_t> socket::receive_buffer_size() const noexcept {
+  auto v = get_int_option(fd_.get(), SOL_SOCKET, SO_RCVBUF);
+  if (!v) return std::unexpected(v.error());
+  return static_cast<std::size_t>(*v);
+}
+
+result<void> socket::set_receive_buffer_size(std::size_t bytes) noexcept {
+  return set_int_option(fd_.get(), SOL_SOCKET, SO_RCVBUF, static_cast<int>(clamp_to_int(bytes)));
+}
+
+result<bool> socket::is_non_blocking() const noexcept {
+  const int fl = ::fcntl(fd_.get(), F_GETFL);
+  if (fl < 0) return fail_errno(errno);
+  return (fl & O_NONBLOCK) != 0;
+}
+
+result<void> socket::set_non_blocking(bool on) noexcept {
+  const int fl = ::fcntl(fd_.get(), F_GETFL);
+  if (fl < 0) return fail_errno(errno);
+  const int want = on ? (fl | O_NONBLOCK) : (fl & ~O_NONBLOCK);
+  if (want != fl && ::fcntl(fd_.get(), F_SETFL, want) != 0) return fail_errno(errno);
+  return {};
+}
+
+result<credentials> socket::peer_credentials() const noexcept {
+  ucred cred{};
+  socklen_t len = sizeof(cred);
+  if (::getsockopt(fd_.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return fail_errno(errno);
+  return credentials{cred.pid, cred.uid, cred.gid};
+}
+
+result<unique_fd> socket::peer_pidfd() const noexcept {
+  int pidfd = -1;
+  socklen_t len = sizeof(pidfd);
+  if (::getsockopt(fd_.get(), SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len) != 0) {
+    if (errno == ENOPROTOOPT) return fail(errc::not_supported);
+    return fail_errno(errno);
+  }
+  return unique_fd{pidfd};
+}
+
+}  // namespace duplex

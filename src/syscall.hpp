@@ -1,0 +1,75 @@
+// Internal helpers shared by the library's sources: errno translation, deadlines, and waiting
+// for readiness with EINTR retried. Not installed.
+#pragma once
+
+#include <poll.h>
+
+#include <cerrno>
+#include <chrono>
+#include <ctime>
+
+#include "duplex/error.hpp"
+#include "duplex/socket.hpp"
+
+namespace duplex::detail {
+
+// The error for a failed syscall's errno: EAGAIN becomes errc::would_block, the rest stay errno.
+[[nodiscard]] inline std::unexpected<std::error_code> from_errno(int err) noexcept {
+  if (err == EAGAIN || err == EWOULDBLOCK) return fail(errc::would_block);
+  return fail_errno(err);
+}
+
+// A point in steady time after which an operation gives up; "forever" never comes.
+class deadline {
+ public:
+  explicit deadline(std::chrono::nanoseconds timeout) noexcept {
+    using namespace std::chrono;
+    // Anything beyond ~100 years is forever; this also keeps now() + timeout from overflowing.
+    if (timeout >= hours(24 * 365 * 100)) return;
+    infinite_ = false;
+    end_ = steady_clock::now() + (timeout < nanoseconds::zero() ? nanoseconds::zero() : timeout);
+  }
+
+  [[nodiscard]] bool infinite() const noexcept { return infinite_; }
+
+  // Time left, at least zero; forever if infinite.
+  [[nodiscard]] std::chrono::nanoseconds remaining() const noexcept {
+    if (infinite_) return forever;
+    const auto left = end_ - std::chrono::steady_clock::now();
+    return left < std::chrono::nanoseconds::zero()
+               ? std::chrono::nanoseconds::zero()
+               : std::chrono::duration_cast<std::chrono::nanoseconds>(left);
+  }
+
+ private:
+  bool infinite_ = true;
+  std::chrono::steady_clock::time_point end_{};
+};
+
+// Waits until fd reports any of `events` (or an error/hangup), retrying EINTR with the time that
+// remains. Errors: errc::timed_out, EBADF (fd not open), ppoll's other errnos.
+[[nodiscard]] inline result<short> wait_for(int fd, short events,
+                                            std::chrono::nanoseconds timeout) noexcept {
+  if (fd < 0) return fail_errno(EBADF);  // poll would silently ignore a negative fd
+  const deadline until(timeout);
+  for (;;) {
+    pollfd p{fd, events, 0};
+    timespec ts{};
+    timespec* tsp = nullptr;
+    if (!until.infinite()) {
+      const auto left = until.remaining();
+      ts.tv_sec = static_cast<time_t>(left.count() / 1'000'000'000);
+      ts.tv_nsec = static_cast<long>(left.count() % 1'000'000'000);
+      tsp = &ts;
+    }
+    const int r = ::ppoll(&p, 1, tsp, nullptr);
+    if (r > 0) {
+      if ((p.revents & POLLNVAL) != 0) return fail_errno(EBADF);
+      return p.revents;
+    }
+    if (r == 0) return fail(errc::timed_out);
+    if (errno != EINTR) return fail_errno(errno);
+  }
+}
+
+}  // namespace duplex::detail
