@@ -1,0 +1,88 @@
+#include "support.hpp"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <stdexcept>
+
+namespace duplex::test {
+namespace {
+
+std::atomic<long> g_signals{0};
+
+void count_signal(int /*signal*/) { g_signals.fetch_add(1, std::memory_order_relaxed); }
+
+}  // namespace
+
+std::size_t open_fd_count() {
+  DIR* dir = ::opendir("/proc/self/fd");
+  if (dir == nullptr) throw std::runtime_error("cannot open /proc/self/fd");
+  std::size_t count = 0;
+  while (const dirent* entry = ::readdir(dir)) {
+    if (entry->d_name[0] != '.') ++count;
+  }
+  ::closedir(dir);
+  return count - 1;  // the directory's own fd
+}
+
+bool fd_is_open(int fd) { return ::fcntl(fd, F_GETFD) != -1; }
+
+bool fd_is_cloexec(int fd) {
+  const int flags = ::fcntl(fd, F_GETFD);
+  return flags != -1 && (flags & FD_CLOEXEC) != 0;
+}
+
+signal_storm::signal_storm(int signal, long interval_ns) : signal_(signal) {
+  g_signals.store(0);
+  struct sigaction sa {};
+  sa.sa_handler = count_signal;
+  sa.sa_flags = 0;  // no SA_RESTART: every blocking syscall sees EINTR
+  sigemptyset(&sa.sa_mask);
+  if (::sigaction(signal_, &sa, &previous_) != 0) throw std::runtime_error("sigaction");
+  sigevent sev{};
+  sev.sigev_notify = SIGEV_THREAD_ID;
+  sev.sigev_signo = signal_;
+  sev._sigev_un._tid = static_cast<pid_t>(::syscall(SYS_gettid));
+  timer_t timer{};
+  if (::timer_create(CLOCK_MONOTONIC, &sev, &timer) != 0) throw std::runtime_error("timer_create");
+  timer_ = timer;
+  itimerspec spec{};
+  spec.it_interval.tv_nsec = interval_ns;
+  spec.it_value.tv_nsec = interval_ns;
+  if (::timer_settime(timer, 0, &spec, nullptr) != 0) throw std::runtime_error("timer_settime");
+}
+
+signal_storm::~signal_storm() {
+  ::timer_delete(static_cast<timer_t>(timer_));
+  // A signal of the deleted timer may still be pending; ignoring the signal discards it, so the
+  // previous disposition (often "terminate") never sees it.
+  struct sigaction ignore {};
+  ignore.sa_handler = SIG_IGN;
+  sigemptyset(&ignore.sa_mask);
+  ::sigaction(signal_, &ignore, nullptr);
+  ::sigaction(signal_, &previous_, nullptr);
+}
+
+long signal_storm::delivered() const noexcept { return g_signals.load(std::memory_order_relaxed); }
+
+int run_in_child(const std::function<int()>& fn) {
+  std::fflush(nullptr);
+  const pid_t pid = ::fork();
+  if (pid < 0) throw std::runtime_error("fork");
+  if (pid == 0) ::_exit(fn());
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0) {
+    if (errno != EINTR) throw std::runtime_error("waitpid");
+  }
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+  return -1;
+}
+
+}  // namespace duplex::test

@@ -1,0 +1,99 @@
+// Test support shared by duplex's test binaries: fd accounting, error matchers, a signal storm
+// aimed at one thread, and running a function in a forked child.
+#pragma once
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstddef>
+#include <functional>
+#include <string>
+#include <system_error>
+
+#include "duplex/error.hpp"
+#include "duplex/socket.hpp"
+
+namespace duplex::test {
+
+// The number of open fds of this process, from /proc/self/fd.
+std::size_t open_fd_count();
+
+// True if fd is open in this process (fcntl(F_GETFD) succeeds).
+bool fd_is_open(int fd);
+
+// True if fd has FD_CLOEXEC set.
+bool fd_is_cloexec(int fd);
+
+// Base fixture: every test derived from it fails if it changes the number of open fds.
+class fd_checked : public ::testing::Test {
+ protected:
+  void SetUp() override { fds_before_ = open_fd_count(); }
+  void TearDown() override {
+    EXPECT_EQ(open_fd_count(), fds_before_) << "the test leaked (or closed) file descriptors";
+  }
+
+ private:
+  std::size_t fds_before_ = 0;
+};
+
+// A storm of signals (default SIGALRM at 10 kHz) delivered to the thread that creates it, with a
+// handler installed without SA_RESTART, so every blocking syscall of that thread is interrupted
+// with EINTR. Restores the previous handler on destruction.
+class signal_storm {
+ public:
+  explicit signal_storm(int signal = SIGALRM, long interval_ns = 100'000);
+  ~signal_storm();
+  signal_storm(const signal_storm&) = delete;
+  signal_storm& operator=(const signal_storm&) = delete;
+
+  // Signals delivered so far.
+  [[nodiscard]] long delivered() const noexcept;
+
+ private:
+  int signal_;
+  void* timer_ = nullptr;
+  struct sigaction previous_ {};
+};
+
+// Runs fn in a forked child and returns its exit status (or 128 + signal if it was killed).
+// fn's return value is the child's exit code. The child leaves with _exit, skipping gtest's
+// cleanup. Use only async-signal-safe-enough code in fn when other threads exist.
+int run_in_child(const std::function<int()>& fn);
+
+// Matches a result<T> (or an error_code) that holds exactly the given error.
+MATCHER_P(HasError, code, "fails with " + ::testing::PrintToString(std::error_code(code))) {
+  if constexpr (std::is_same_v<std::decay_t<arg_type>, std::error_code>) {
+    *result_listener << "error " << arg << " (" << arg.message() << ")";
+    return arg == code;
+  } else {
+    if (arg.has_value()) {
+      *result_listener << "which succeeded";
+      return false;
+    }
+    *result_listener << "which failed with " << arg.error() << " (" << arg.error().message() << ")";
+    return arg.error() == code;
+  }
+}
+
+// Matches a result<T> that holds a value.
+MATCHER(Succeeded, "succeeds") {
+  if (arg.has_value()) return true;
+  *result_listener << "which failed with " << arg.error() << " (" << arg.error().message() << ")";
+  return false;
+}
+
+// Names a test parameterised by socket kind after the kind ("stream", ...).
+inline std::string kind_name(const ::testing::TestParamInfo<socket_kind>& info) {
+  return std::string(to_string(info.param));
+}
+
+// A std::error_code of the system category for errno value e.
+inline std::error_code sys(int e) { return {e, std::system_category()}; }
+
+}  // namespace duplex::test
+
+namespace duplex {
+// Prints a socket_kind by name in test output.
+inline void PrintTo(socket_kind kind, std::ostream* os) { *os << to_string(kind); }
+}  // namespace duplex
