@@ -14,8 +14,7 @@ class category_impl final : public std::error_category {
       case errc::peer_closed: return "peer closed its end";
       case errc::message_too_large: return "message larger than the allowed maximum";
       case errc::truncated_message: return "stream ended inside a message";
-      case errc::buffer_too_small:
-        return "message larger than the receive buffer (the kernel discarded it)";
+      case errc::buffer_too_small: return "message larger than the receive buffer";
       case errc::fds_truncated:
         return "file descriptors were cut short in transit (MSG_CTRUNC); all received were closed";
       case errc::too_many_fds: return "too many file descriptors for one message";
@@ -25,6 +24,7 @@ class category_impl final : public std::error_category {
       case errc::timed_out: return "operation timed out";
       case errc::not_supported: return "not supported by this kernel";
       case errc::wrong_kind: return "wrong kind of socket for this operation";
+      case errc::closed: return "this end was closed";
     }
     return "unknown duplex error " + std::to_string(value);
   }
@@ -61,6 +61,7 @@ std::string_view to_string(errc e) noexcept {
     case errc::timed_out: return "timed_out";
     case errc::not_supported: return "not_supported";
     case errc::wrong_kind: return "wrong_kind";
+    case errc::closed: return "closed";
   }
   return "unknown";
 }

@@ -8,80 +8,26 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <array>
 #include <cerrno>
-#include <cstring>
-#include <vector>
 
+#include "io.hpp"
 #include "syscall.hpp"
 
 #ifndef SO_PEERPIDFD
 #define SO_PEERPIDFD 77
-#endif
-#ifndef SCM_PIDFD
-#define SCM_PIDFD 0x04
 #endif
 
 namespace duplex {
 namespace {
 
 using detail::from_errno;
+using detail::seqpacket_at_end;
 
 constexpr int to_msg_flags(io_flags flags) noexcept {
   int out = 0;
   if (has_flag(flags, io_flags::dont_wait)) out |= MSG_DONTWAIT;
   if (has_flag(flags, io_flags::peek)) out |= MSG_PEEK;
   return out;
-}
-
-// Room for the most fds one message can carry plus any credentials or pidfd message the kernel
-// may add (SO_PASSCRED, SO_PASSPIDFD), so that MSG_CTRUNC only ever means the kernel could not
-// deliver what was sent.
-constexpr std::size_t control_space = CMSG_SPACE(sizeof(int) * max_fds_per_message) +
-                                      CMSG_SPACE(sizeof(struct ucred)) + CMSG_SPACE(sizeof(int)) +
-                                      CMSG_SPACE(64);
-
-union control_buffer {
-  cmsghdr align;
-  char bytes[control_space];
-};
-
-// iovecs for a span of buffers, on the stack for the common few.
-class iovec_array {
- public:
-  template <typename Buffer>
-  explicit iovec_array(std::span<const Buffer> buffers) {
-    iovec* out = small_.data();
-    if (buffers.size() > small_.size()) {
-      large_.resize(buffers.size());
-      out = large_.data();
-    }
-    for (std::size_t i = 0; i < buffers.size(); ++i) {
-      out[i].iov_base = const_cast<std::byte*>(buffers[i].data());
-      out[i].iov_len = buffers[i].size();
-      total_ += buffers[i].size();
-    }
-    data_ = out;
-    size_ = buffers.size();
-  }
-  iovec* data() noexcept { return data_; }
-  std::size_t size() const noexcept { return size_; }
-  std::size_t total() const noexcept { return total_; }
-
- private:
-  std::array<iovec, 16> small_{};
-  std::vector<iovec> large_;
-  iovec* data_ = nullptr;
-  std::size_t size_ = 0;
-  std::size_t total_ = 0;
-};
-
-result<std::size_t> sendmsg_retry(int fd, msghdr& msg, int flags) noexcept {
-  for (;;) {
-    const ssize_t n = ::sendmsg(fd, &msg, flags | MSG_NOSIGNAL);
-    if (n >= 0) return static_cast<std::size_t>(n);
-    if (errno != EINTR) return from_errno(errno);
-  }
 }
 
 result<int> get_int_option(int fd, int level, int name) noexcept {
@@ -94,23 +40,6 @@ result<int> get_int_option(int fd, int level, int name) noexcept {
 result<void> set_int_option(int fd, int level, int name, int value) noexcept {
   if (::setsockopt(fd, level, name, &value, sizeof(value)) != 0) return fail_errno(errno);
   return {};
-}
-
-// After a seqpacket recv returned 0: was it an empty packet or end-of-stream? End-of-stream is
-// when the peer has shut down its sending side (POLLRDHUP) and no packet with data is queued.
-bool seqpacket_at_end(int fd) noexcept {
-  pollfd p{fd, POLLRDHUP, 0};
-  int r = 0;
-  do {
-    r = ::poll(&p, 1, 0);
-  } while (r < 0 && errno == EINTR);
-  if (r <= 0 || (p.revents & (POLLRDHUP | POLLHUP)) == 0) return false;
-  char probe = 0;
-  ssize_t n = 0;
-  do {
-    n = ::recv(fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT | MSG_TRUNC);
-  } while (n < 0 && errno == EINTR);
-  return n <= 0;
 }
 
 std::size_t clamp_to_int(std::size_t bytes) noexcept {
@@ -168,27 +97,12 @@ result<std::size_t> socket::send_msg(std::span<const const_buffer> buffers,
                                      std::span<const int> fds, io_flags flags) {
   if (fds.size() > max_fds_per_message) return fail(errc::too_many_fds);
   if (buffers.size() > IOV_MAX) return fail_errno(EMSGSIZE);
-  iovec_array iov(buffers);
+  detail::iovec_array iov(buffers);
   if (!fds.empty() && iov.total() == 0 && kind_ == socket_kind::stream) {
     // A stream carries control data only with at least one byte; the kernel would drop the fds.
     return fail_errno(EINVAL);
   }
-  msghdr msg{};
-  msg.msg_iov = iov.data();
-  msg.msg_iovlen = iov.size();
-  control_buffer control;
-  if (!fds.empty()) {
-    const std::size_t payload = sizeof(int) * fds.size();
-    std::memset(control.bytes, 0, CMSG_SPACE(payload));
-    msg.msg_control = control.bytes;
-    msg.msg_controllen = CMSG_SPACE(payload);
-    cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
-    cmsg->cmsg_level = SOL_SOCKET;
-    cmsg->cmsg_type = SCM_RIGHTS;
-    cmsg->cmsg_len = CMSG_LEN(payload);
-    std::memcpy(CMSG_DATA(cmsg), fds.data(), payload);
-  }
-  return sendmsg_retry(fd_.get(), msg, to_msg_flags(flags));
+  return detail::send_with_fds(fd_.get(), iov.data(), iov.size(), fds, to_msg_flags(flags));
 }
 
 namespace {
@@ -264,63 +178,31 @@ result<received> socket::receive_msg(std::span<const mutable_buffer> buffers,
                                      std::span<unique_fd> fds, io_flags flags) {
   if (has_flag(flags, io_flags::peek)) return fail_errno(EINVAL);
   if (buffers.size() > IOV_MAX) return fail_errno(EMSGSIZE);
-  iovec_array iov(buffers);
-  control_buffer control;
-  msghdr msg{};
-  msg.msg_iov = iov.data();
-  msg.msg_iovlen = iov.size();
-  msg.msg_control = control.bytes;
-  msg.msg_controllen = sizeof(control.bytes);
-  int msg_flags = to_msg_flags(flags) | MSG_CMSG_CLOEXEC;
-  if (kind_ != socket_kind::stream) msg_flags |= MSG_TRUNC;
-
-  ssize_t n = 0;
-  for (;;) {
-    n = ::recvmsg(fd_.get(), &msg, msg_flags);
-    if (n >= 0) break;
-    if (errno != EINTR) return from_errno(errno);
-  }
-
-  // Take ownership of every fd that arrived before deciding anything, so that each one is either
-  // handed to the caller or closed on every path below.
-  std::array<unique_fd, max_fds_per_message + 8> arrived;
-  std::size_t count = 0;
-  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
-    if (c->cmsg_level != SOL_SOCKET) continue;
-    if (c->cmsg_type != SCM_RIGHTS && c->cmsg_type != SCM_PIDFD) continue;
-    const std::size_t bytes = c->cmsg_len - CMSG_LEN(0);
-    const std::size_t in_msg = bytes / sizeof(int);
-    const auto* data = CMSG_DATA(c);
-    for (std::size_t i = 0; i < in_msg; ++i) {
-      int fd = -1;
-      std::memcpy(&fd, data + i * sizeof(int), sizeof(int));
-      unique_fd owned(fd);
-      // An SCM_PIDFD fd (SO_PASSPIDFD) is not the peer's to send: it is closed here.
-      if (c->cmsg_type == SCM_RIGHTS && count < arrived.size()) {
-        arrived[count] = std::move(owned);
-      }
-      if (c->cmsg_type == SCM_RIGHTS) ++count;
-    }
-  }
-
-  if ((msg.msg_flags & MSG_CTRUNC) != 0) return fail(errc::fds_truncated);
-  const auto got = static_cast<std::size_t>(n);
-  received out{std::min(got, iov.total()), 0, got};
+  detail::iovec_array iov(buffers);
+  int msg_flags = to_msg_flags(flags);
+  if (kind_ != socket_kind::stream) msg_flags |= MSG_TRUNC;  // returns the packet's real size
+  detail::fd_batch arrived;
+  auto r = detail::recv_with_fds(fd_.get(), iov.data(), iov.size(), msg_flags, arrived);
+  if (!r) return std::unexpected(r.error());
+  // From here on, returning early closes every fd that arrived (arrived owns them).
+  if (r->ctrunc) return fail(errc::fds_truncated);
+  const std::size_t got = r->bytes;
   if (kind_ != socket_kind::stream) {
     if (got > iov.total() && !has_flag(flags, io_flags::allow_truncation)) {
       return fail(errc::buffer_too_small);
     }
-    if (got == 0 && count == 0 && kind_ == socket_kind::seqpacket && seqpacket_at_end(fd_.get())) {
+    if (got == 0 && arrived.count == 0 && kind_ == socket_kind::seqpacket &&
+        seqpacket_at_end(fd_.get())) {
       return fail(errc::peer_closed);
     }
   } else if (got == 0 && iov.total() > 0) {
     return fail(errc::peer_closed);
   }
-  if (count > fds.size()) return fail(errc::too_many_fds);
-  for (std::size_t i = 0; i < count; ++i)
-    fds[i] = std::move(arrived[i]);
-  out.fds = count;
-  return out;
+  if (arrived.count > fds.size()) return fail(errc::too_many_fds);
+  auto taken = arrived.taken();
+  for (std::size_t i = 0; i < taken.size(); ++i)
+    fds[i] = std::move(taken[i]);
+  return received{std::min(got, iov.total()), taken.size(), got};
 }
 
 result<void> socket::receive_exact(mutable_buffer buf) noexcept {

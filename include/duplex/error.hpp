@@ -54,6 +54,8 @@ enum class errc : int {
   // The operation does not apply to this kind of socket (e.g. receive_exact on a packet socket),
   // or an fd handed to duplex is not the kind of socket expected.
   wrong_kind,
+  // This end was closed (channel::close); the call was not attempted.
+  closed,
 };
 
 // The category of duplex::errc; its name is "duplex".

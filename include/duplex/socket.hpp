@@ -170,7 +170,8 @@ class socket {
   // (the kernel has discarded it; call next_packet_size() first to lose nothing). Any fd sent
   // along is closed (use receive_msg to take fds). An empty buf on a stream returns 0 at once.
   // Errors: errc::peer_closed, errc::buffer_too_small, errc::would_block, ECONNRESET (the peer
-  // closed with data of ours unread; it comes once, after every byte the peer sent).
+  // closed with data of ours unread; it comes once: on a stream after every byte the peer sent,
+  // on seqpacket before the packets still queued, which the next calls return).
   // Seqpacket note: the kernel reports an empty packet and end-of-stream alike; duplex tells them
   // apart by the peer's shutdown state, so an empty packet sent just before the peer closed is
   // reported as errc::peer_closed.

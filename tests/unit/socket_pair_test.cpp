@@ -13,8 +13,7 @@ using test::HasError;
 using test::Succeeded;
 using test::sys;
 
-class socket_pair_test : public test::fd_checked,
-                         public ::testing::WithParamInterface<socket_kind> {};
+class socket_pair_test : public test::kind_test {};
 
 TEST_P(socket_pair_test, CreatesAConnectedPairOfTheKind) {
   auto pair = socket_pair(GetParam());

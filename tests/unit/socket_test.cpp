@@ -21,45 +21,26 @@ namespace {
 
 using namespace std::chrono_literals;
 using test::HasError;
+using test::make_pipe;
+using test::pattern;
 using test::Succeeded;
 using test::sys;
 
-std::vector<std::byte> pattern(std::size_t n, unsigned seed = 1) {
-  std::vector<std::byte> v(n);
-  unsigned x = seed * 2654435761U + 1;
-  for (auto& b : v) {
-    x = x * 1103515245U + 12345U;
-    b = static_cast<std::byte>(x >> 16);
-  }
-  return v;
-}
-
 connected_pair make(socket_kind kind, pair_options options = {}) {
-  auto pair = socket_pair(kind, options);
-  if (!pair) throw std::system_error(pair.error());
-  return std::move(*pair);
+  return test::must(socket_pair(kind, options));
 }
 
 std::string text(std::span<const std::byte> b) { return std::string(as_string_view(b)); }
 
-// A pipe whose read end is passed around; returns {read, write}.
-std::pair<unique_fd, unique_fd> make_pipe() {
-  int p[2];
-  if (::pipe2(p, O_CLOEXEC) != 0) throw std::system_error(errno, std::system_category());
-  return {unique_fd(p[0]), unique_fd(p[1])};
-}
-
 class socket_test : public test::fd_checked {};
-class socket_kind_test : public test::fd_checked,
-                         public ::testing::WithParamInterface<socket_kind> {};
+class socket_kind_test : public test::kind_test {};
 
 INSTANTIATE_TEST_SUITE_P(kinds, socket_kind_test,
                          ::testing::Values(socket_kind::stream, socket_kind::datagram,
                                            socket_kind::seqpacket),
                          test::kind_name);
 
-class packet_kind_test : public test::fd_checked,
-                         public ::testing::WithParamInterface<socket_kind> {};
+class packet_kind_test : public test::kind_test {};
 
 INSTANTIATE_TEST_SUITE_P(kinds, packet_kind_test,
                          ::testing::Values(socket_kind::datagram, socket_kind::seqpacket),
@@ -204,6 +185,19 @@ TEST_F(socket_test, ClosingWithUnreadDataGivesDataThenEconnresetThenPeerClosed) 
   EXPECT_THAT(a.receive(buf), HasError(errc::peer_closed));
 }
 
+TEST_F(socket_test, OnSeqpacketEconnresetComesBeforeTheQueuedPackets) {
+  auto [a, b] = make(socket_kind::seqpacket);
+  ASSERT_THAT(a.send(as_bytes("never read")), Succeeded());
+  ASSERT_THAT(b.send(as_bytes("one")), Succeeded());
+  ASSERT_THAT(b.send(as_bytes("two")), Succeeded());
+  b.close();
+  std::array<std::byte, 16> buf{};
+  EXPECT_THAT(a.receive(buf), HasError(sys(ECONNRESET)));
+  EXPECT_EQ(a.receive(buf).value(), 3U);
+  EXPECT_EQ(a.receive(buf).value(), 3U);
+  EXPECT_THAT(a.receive(buf), HasError(errc::peer_closed));
+}
+
 TEST_F(socket_test, ReceiveExactAndNextPacketSizeCheckTheKind) {
   auto [a, b] = make(socket_kind::seqpacket);
   std::array<std::byte, 4> buf{};
@@ -215,15 +209,11 @@ TEST_F(socket_test, ReceiveExactAndNextPacketSizeCheckTheKind) {
 // --- SIGPIPE ---------------------------------------------------------------------------------
 
 TEST_P(socket_kind_test, WritingToAClosedPeerIsAnErrorNotSigpipe) {
-  struct sigaction previous {};
-  struct sigaction dfl {};
-  dfl.sa_handler = SIG_DFL;
-  ASSERT_EQ(::sigaction(SIGPIPE, &dfl, &previous), 0);
+  const test::default_sigpipe sigpipe;  // had a write raised it, this process would die
   auto [a, b] = make(GetParam());
   b.close();
   auto first = a.send(as_bytes("anyone there?"));
   auto second = a.send(as_bytes("anyone?"));
-  ::sigaction(SIGPIPE, &previous, nullptr);
   if (GetParam() == socket_kind::datagram) {
     // A datagram pair is disconnected by the peer's close: refused once, then not connected.
     EXPECT_THAT(first, HasError(sys(ECONNREFUSED)));

@@ -1,0 +1,125 @@
+#include "io.hpp"
+
+#include <poll.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "syscall.hpp"
+
+#ifndef SCM_PIDFD
+#define SCM_PIDFD 0x04
+#endif
+
+namespace duplex::detail {
+namespace {
+
+// Room for the most fds one message can carry plus any credentials or pidfd message the kernel
+// may add (SO_PASSCRED, SO_PASSPIDFD), so that MSG_CTRUNC only ever means the kernel could not
+// deliver what was sent.
+constexpr std::size_t control_space = CMSG_SPACE(sizeof(int) * max_fds_per_message) +
+                                      CMSG_SPACE(sizeof(struct ucred)) + CMSG_SPACE(sizeof(int)) +
+                                      CMSG_SPACE(64);
+
+union control_buffer {
+  cmsghdr align;
+  char bytes[control_space];
+};
+
+}  // namespace
+
+void iovec_array::advance(std::size_t n) noexcept {
+  total_ -= n;
+  while (n > 0 && size_ > 0) {
+    if (n < data_->iov_len) {
+      data_->iov_base = static_cast<char*>(data_->iov_base) + n;
+      data_->iov_len -= n;
+      return;
+    }
+    n -= data_->iov_len;
+    ++data_;
+    --size_;
+  }
+  // Skip empty entries so that size() == 0 exactly when nothing is left.
+  while (size_ > 0 && data_->iov_len == 0) {
+    ++data_;
+    --size_;
+  }
+}
+
+result<std::size_t> send_with_fds(int fd, iovec* iov, std::size_t iovlen, std::span<const int> fds,
+                                  int flags) noexcept {
+  if (fds.size() > max_fds_per_message) return fail(errc::too_many_fds);
+  msghdr msg{};
+  msg.msg_iov = iov;
+  msg.msg_iovlen = iovlen;
+  control_buffer control;
+  if (!fds.empty()) {
+    const std::size_t payload = sizeof(int) * fds.size();
+    std::memset(control.bytes, 0, CMSG_SPACE(payload));
+    msg.msg_control = control.bytes;
+    msg.msg_controllen = CMSG_SPACE(payload);
+    cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
+    cmsg->cmsg_level = SOL_SOCKET;
+    cmsg->cmsg_type = SCM_RIGHTS;
+    cmsg->cmsg_len = CMSG_LEN(payload);
+    std::memcpy(CMSG_DATA(cmsg), fds.data(), payload);
+  }
+  for (;;) {
+    const ssize_t n = ::sendmsg(fd, &msg, flags | MSG_NOSIGNAL);
+    if (n >= 0) return static_cast<std::size_t>(n);
+    if (errno != EINTR) return from_errno(errno);
+  }
+}
+
+result<raw_received> recv_with_fds(int fd, iovec* iov, std::size_t iovlen, int flags,
+                                   fd_batch& out) noexcept {
+  out.clear();
+  control_buffer control;
+  msghdr msg{};
+  msg.msg_iov = iov;
+  msg.msg_iovlen = iovlen;
+  msg.msg_control = control.bytes;
+  msg.msg_controllen = sizeof(control.bytes);
+  ssize_t n = 0;
+  for (;;) {
+    n = ::recvmsg(fd, &msg, flags | MSG_CMSG_CLOEXEC);
+    if (n >= 0) break;
+    if (errno != EINTR) return from_errno(errno);
+  }
+  // Own every fd before anything else is decided, so each is handed on or closed.
+  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level != SOL_SOCKET) continue;
+    if (c->cmsg_type != SCM_RIGHTS && c->cmsg_type != SCM_PIDFD) continue;
+    const std::size_t in_msg = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    const auto* data = CMSG_DATA(c);
+    for (std::size_t i = 0; i < in_msg; ++i) {
+      int received = -1;
+      std::memcpy(&received, data + i * sizeof(int), sizeof(int));
+      unique_fd owned(received);
+      // An SCM_PIDFD fd (the receiver enabled SO_PASSPIDFD) is not the peer's to send: closed.
+      if (c->cmsg_type != SCM_RIGHTS) continue;
+      if (out.count < out.fds.size()) out.fds[out.count] = std::move(owned);
+      ++out.count;
+    }
+  }
+  return raw_received{static_cast<std::size_t>(n), (msg.msg_flags & MSG_CTRUNC) != 0,
+                      (msg.msg_flags & MSG_TRUNC) != 0};
+}
+
+bool seqpacket_at_end(int fd) noexcept {
+  pollfd p{fd, POLLRDHUP, 0};
+  int r = 0;
+  do {
+    r = ::poll(&p, 1, 0);
+  } while (r < 0 && errno == EINTR);
+  if (r <= 0 || (p.revents & (POLLRDHUP | POLLHUP)) == 0) return false;
+  char probe = 0;
+  ssize_t n = 0;
+  do {
+    n = ::recv(fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT | MSG_TRUNC);
+  } while (n < 0 && errno == EINTR);
+  return n <= 0;
+}
+
+}  // namespace duplex::detail

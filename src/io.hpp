@@ -1,0 +1,102 @@
+// Internal: sendmsg/recvmsg with fds, EINTR retried, every received fd owned at once. Shared by
+// socket and channel. Not installed.
+#pragma once
+
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <array>
+#include <cstddef>
+#include <span>
+#include <vector>
+
+#include "duplex/buffer.hpp"
+#include "duplex/error.hpp"
+#include "duplex/fd.hpp"
+#include "duplex/socket.hpp"
+
+namespace duplex::detail {
+
+// The fds one recvmsg delivered, owned. `count` is how many SCM_RIGHTS fds arrived; any beyond
+// the array (impossible with the kernel's limit of 253) were closed at once.
+struct fd_batch {
+  std::array<unique_fd, max_fds_per_message + 8> fds;
+  std::size_t count = 0;
+
+  [[nodiscard]] std::span<unique_fd> taken() noexcept {
+    return std::span(fds).first(std::min(count, fds.size()));
+  }
+  void clear() noexcept {
+    for (auto& fd : taken())
+      fd.reset();
+    count = 0;
+  }
+};
+
+// What one recvmsg returned.
+struct raw_received {
+  std::size_t bytes = 0;  // as the kernel returned it (the real packet size with MSG_TRUNC)
+  bool ctrunc = false;    // MSG_CTRUNC: control data (fds) was cut short
+  bool trunc = false;     // MSG_TRUNC: the packet was larger than the buffers
+};
+
+// iovecs for a span of buffers, on the stack for the common few, with room for one extra
+// leading entry (a header) if asked.
+class iovec_array {
+ public:
+  template <typename Buffer>
+  explicit iovec_array(std::span<const Buffer> buffers, const_buffer head = {}) {
+    const std::size_t n = buffers.size() + (head.empty() ? 0 : 1);
+    iovec* out = small_.data();
+    if (n > small_.size()) {
+      large_.resize(n);
+      out = large_.data();
+    }
+    std::size_t i = 0;
+    if (!head.empty()) add(out[i++], head);
+    for (const auto& b : buffers)
+      add(out[i++], b);
+    data_ = out;
+    size_ = n;
+  }
+  iovec_array(const iovec_array&) = delete;
+  iovec_array& operator=(const iovec_array&) = delete;
+
+  [[nodiscard]] iovec* data() noexcept { return data_; }
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+  [[nodiscard]] std::size_t total() const noexcept { return total_; }
+
+  // Drops the first n bytes (after a partial send): whole entries and part of the next one.
+  void advance(std::size_t n) noexcept;
+
+ private:
+  template <typename Buffer>
+  void add(iovec& v, const Buffer& b) noexcept {
+    v.iov_base = const_cast<std::byte*>(b.data());
+    v.iov_len = b.size();
+    total_ += b.size();
+  }
+
+  std::array<iovec, 16> small_{};
+  std::vector<iovec> large_;
+  iovec* data_ = nullptr;
+  std::size_t size_ = 0;
+  std::size_t total_ = 0;
+};
+
+// One sendmsg(MSG_NOSIGNAL | flags) with fds attached (none if empty), EINTR retried.
+// Errors: errc::too_many_fds (over 253), errc::would_block, the errno otherwise.
+[[nodiscard]] result<std::size_t> send_with_fds(int fd, iovec* iov, std::size_t iovlen,
+                                                std::span<const int> fds, int flags) noexcept;
+
+// One recvmsg(MSG_CMSG_CLOEXEC | flags) with room for 253 fds, EINTR retried. Every fd that
+// arrived is in `out` (owned) whatever the flags say; the caller decides what to do with them.
+// Errors: errc::would_block, the errno otherwise (no fds are held then).
+[[nodiscard]] result<raw_received> recv_with_fds(int fd, iovec* iov, std::size_t iovlen, int flags,
+                                                 fd_batch& out) noexcept;
+
+// After a seqpacket recv returned 0: true if it was end-of-stream (the peer shut down its
+// sending side and no packet with data is queued), false if it was an empty packet.
+[[nodiscard]] bool seqpacket_at_end(int fd) noexcept;
+
+}  // namespace duplex::detail
