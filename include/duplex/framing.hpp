@@ -1,0 +1,85 @@
+// duplex/framing.hpp - the wire formats a channel speaks, as pure encode/decode functions.
+//
+// A channel cuts a byte stream into messages with one of two framings:
+//
+//   framing::native  duplex's own 16-byte header (version, flags, fd count, 64-bit length),
+//                    documented byte by byte in docs/protocol.md. fds ride as SCM_RIGHTS with
+//                    the first byte of their frame.
+//   framing::python  exactly the framing of CPython's multiprocessing.connection.Connection
+//                    (send_bytes / recv_bytes): a 4-byte big-endian signed length, or -1 followed
+//                    by an 8-byte big-endian length for payloads over 2 GiB - 1. No fds.
+//
+// These functions touch no socket; the channel uses them, and so can a peer written by hand or a
+// fuzzer. Every decode checks everything a peer could get wrong and never allocates.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <span>
+
+#include "duplex/error.hpp"
+
+namespace duplex {
+
+// How a channel delimits messages on the wire.
+enum class framing {
+  native,  // duplex's header: lengths, fd counts, versioning; fds allowed.
+  python,  // CPython multiprocessing.connection's length prefix; no fds.
+};
+
+namespace wire {
+
+// Size of the native frame header.
+inline constexpr std::size_t native_header_size = 16;
+
+// The two magic bytes that open every native frame: "DX".
+inline constexpr std::byte native_magic[2] = {std::byte{0x44}, std::byte{0x58}};
+
+// The native format version this library writes and reads.
+inline constexpr std::uint8_t native_version = 1;
+
+// A decoded native header.
+struct native_header {
+  std::uint64_t length = 0;    // payload bytes that follow the header
+  std::uint16_t fd_count = 0;  // fds attached to the first byte of this frame (0..253)
+  std::uint8_t flags = 0;      // must be 0 in version 1
+
+  friend bool operator==(const native_header&, const native_header&) = default;
+};
+
+// Encodes a native header (little-endian fields). fd_count must be at most 253.
+[[nodiscard]] std::array<std::byte, native_header_size> encode_native(
+    const native_header& h) noexcept;
+
+// Decodes and validates a native header: magic, version, flags (none defined in version 1),
+// reserved bytes (zero), fd count (at most 253). Errors: errc::protocol_error. The length is
+// not checked here: the receiver compares it with its own maximum.
+[[nodiscard]] result<native_header> decode_native(
+    std::span<const std::byte, native_header_size> bytes) noexcept;
+
+// Largest Python header: the -1 marker and an 8-byte length.
+inline constexpr std::size_t python_max_header_size = 12;
+
+// Lengths above this use the -1 marker and an 8-byte length (0x7fffffff, as CPython does).
+inline constexpr std::uint64_t python_short_limit = 0x7fffffff;
+
+// Encodes a Python length prefix into out; returns how many bytes it used (4 or 12).
+std::size_t encode_python(std::uint64_t length,
+                          std::span<std::byte, python_max_header_size> out) noexcept;
+
+// A decoded Python length prefix.
+struct python_header {
+  std::size_t header_size = 0;  // 4, or 12 with the -1 marker
+  std::uint64_t length = 0;     // payload bytes that follow
+};
+
+// Decodes a Python length prefix from the start of bytes: nullopt if more bytes are needed,
+// errc::protocol_error for a negative length other than -1 (which CPython would misread as an
+// empty message).
+[[nodiscard]] result<std::optional<python_header>> decode_python(
+    std::span<const std::byte> bytes) noexcept;
+
+}  // namespace wire
+}  // namespace duplex

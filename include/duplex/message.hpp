@@ -1,0 +1,69 @@
+// duplex/message.hpp - a whole message: bytes plus the fds that travelled with them.
+//
+// A message owns its bytes (one heap block, not zero-filled when received into) and its fds (as
+// unique_fd: closed when the message is destroyed unless taken). It is move-only.
+//
+//   duplex::message m("hello");                 // bytes copied in
+//   channel.send(m);                             // the channel sends bytes and fds
+//   auto r = channel.receive();                  // result<message>
+//   std::string_view text = r->text();
+//   std::vector<duplex::unique_fd> fds = r->take_fds();
+#pragma once
+
+#include <cstddef>
+#include <memory>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "duplex/buffer.hpp"
+#include "duplex/fd.hpp"
+
+namespace duplex {
+
+// Bytes plus fds. Not thread-safe (a value type).
+class message {
+ public:
+  // An empty message: no bytes, no fds.
+  message() noexcept = default;
+
+  // Copies bytes in; takes ownership of fds.
+  explicit message(const_buffer bytes, std::vector<unique_fd> fds = {});
+
+  // Copies the characters of text in.
+  explicit message(std::string_view text) : message(as_bytes(text)) {}
+
+  // A message of `size` bytes whose contents are unspecified (not zero-filled), to be written
+  // into. Throws std::bad_alloc if the memory cannot be had.
+  [[nodiscard]] static message with_size(std::size_t size);
+
+  message(message&&) noexcept = default;
+  message& operator=(message&&) noexcept = default;
+
+  // The bytes.
+  [[nodiscard]] std::span<std::byte> bytes() noexcept { return {data_.get(), size_}; }
+  [[nodiscard]] std::span<const std::byte> bytes() const noexcept { return {data_.get(), size_}; }
+
+  // The bytes seen as characters (no copy).
+  [[nodiscard]] std::string_view text() const noexcept { return as_string_view(bytes()); }
+
+  // Number of bytes.
+  [[nodiscard]] std::size_t size() const noexcept { return size_; }
+
+  // True if there are no bytes (there may still be fds).
+  [[nodiscard]] bool empty() const noexcept { return size_ == 0; }
+
+  // The fds (owned by the message until taken).
+  [[nodiscard]] std::vector<unique_fd>& fds() noexcept { return fds_; }
+  [[nodiscard]] const std::vector<unique_fd>& fds() const noexcept { return fds_; }
+
+  // Moves the fds out; the message keeps its bytes and has no fds afterwards.
+  [[nodiscard]] std::vector<unique_fd> take_fds() noexcept { return std::move(fds_); }
+
+ private:
+  std::unique_ptr<std::byte[]> data_;
+  std::size_t size_ = 0;
+  std::vector<unique_fd> fds_;
+};
+
+}  // namespace duplex

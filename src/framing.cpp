@@ -1,0 +1,81 @@
+#include "duplex/framing.hpp"
+
+#include "duplex/socket.hpp"
+
+namespace duplex::wire {
+namespace {
+
+void put_le(std::byte* out, std::uint64_t v, int bytes) noexcept {
+  for (int i = 0; i < bytes; ++i)
+    out[i] = static_cast<std::byte>(v >> (8 * i));
+}
+
+std::uint64_t get_le(const std::byte* in, int bytes) noexcept {
+  std::uint64_t v = 0;
+  for (int i = bytes - 1; i >= 0; --i)
+    v = (v << 8) | std::to_integer<std::uint64_t>(in[i]);
+  return v;
+}
+
+void put_be(std::byte* out, std::uint64_t v, int bytes) noexcept {
+  for (int i = 0; i < bytes; ++i)
+    out[i] = static_cast<std::byte>(v >> (8 * (bytes - 1 - i)));
+}
+
+std::uint64_t get_be(const std::byte* in, int bytes) noexcept {
+  std::uint64_t v = 0;
+  for (int i = 0; i < bytes; ++i)
+    v = (v << 8) | std::to_integer<std::uint64_t>(in[i]);
+  return v;
+}
+
+}  // namespace
+
+std::array<std::byte, native_header_size> encode_native(const native_header& h) noexcept {
+  std::array<std::byte, native_header_size> out{};
+  out[0] = native_magic[0];
+  out[1] = native_magic[1];
+  out[2] = std::byte{native_version};
+  out[3] = std::byte{h.flags};
+  put_le(&out[4], h.fd_count, 2);
+  // out[6], out[7]: reserved, zero
+  put_le(&out[8], h.length, 8);
+  return out;
+}
+
+result<native_header> decode_native(std::span<const std::byte, native_header_size> b) noexcept {
+  if (b[0] != native_magic[0] || b[1] != native_magic[1]) return fail(errc::protocol_error);
+  if (std::to_integer<std::uint8_t>(b[2]) != native_version) return fail(errc::protocol_error);
+  native_header h;
+  h.flags = std::to_integer<std::uint8_t>(b[3]);
+  if (h.flags != 0) return fail(errc::protocol_error);  // no flag is defined in version 1
+  h.fd_count = static_cast<std::uint16_t>(get_le(&b[4], 2));
+  if (h.fd_count > max_fds_per_message) return fail(errc::protocol_error);
+  if (b[6] != std::byte{0} || b[7] != std::byte{0}) return fail(errc::protocol_error);
+  h.length = get_le(&b[8], 8);
+  return h;
+}
+
+std::size_t encode_python(std::uint64_t length,
+                          std::span<std::byte, python_max_header_size> out) noexcept {
+  if (length <= python_short_limit) {
+    put_be(out.data(), length, 4);
+    return 4;
+  }
+  put_be(out.data(), 0xffffffffU, 4);  // -1 as a 4-byte signed big-endian integer
+  put_be(out.data() + 4, length, 8);
+  return 12;
+}
+
+result<std::optional<python_header>> decode_python(std::span<const std::byte> b) noexcept {
+  if (b.size() < 4) return std::optional<python_header>{};
+  const auto raw = static_cast<std::uint32_t>(get_be(b.data(), 4));
+  const auto size = static_cast<std::int32_t>(raw);
+  if (size >= 0)
+    return std::optional<python_header>{python_header{4, static_cast<std::uint64_t>(size)}};
+  if (size != -1) return fail(errc::protocol_error);
+  if (b.size() < 12) return std::optional<python_header>{};
+  return std::optional<python_header>{python_header{12, get_be(b.data() + 4, 8)}};
+}
+
+}  // namespace duplex::wire
