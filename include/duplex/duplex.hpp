@@ -2,8 +2,12 @@
 #pragma once
 
 #include "duplex/buffer.hpp"
+#include "duplex/channel.hpp"
+#include "duplex/codec.hpp"
 #include "duplex/error.hpp"
 #include "duplex/fd.hpp"
+#include "duplex/framing.hpp"
+#include "duplex/message.hpp"
 #include "duplex/socket.hpp"
 #include "duplex/socket_pair.hpp"
 #include "duplex/version.hpp"

@@ -1,0 +1,212 @@
+// duplex/channel.hpp - whole messages, with fds, over one end of a socket pair.
+//
+// A channel moves messages (bytes plus fds) over a stream or seqpacket socket and never loses,
+// cuts, interleaves or leaks anything, whatever the peer does:
+//
+//   - On a stream, each message is a frame (framing::native: a 16-byte header, docs/protocol.md;
+//     or framing::python: CPython multiprocessing.connection's length prefix). On a seqpacket
+//     socket, each message is one packet that starts with the native header.
+//   - Every header from the peer is checked completely before anything is allocated: the length
+//     against this end's max_message_size, the version and flags, and the announced fd count
+//     against the fds that really arrived with the frame's first byte.
+//   - Every message sent before the peer closed is delivered, then errc::peer_closed. A stream
+//     that ends inside a frame gives errc::truncated_message once, then peer_closed.
+//   - A header that breaks the protocol gives errc::protocol_error and breaks the channel: every
+//     later call returns errc::broken. On a stream the same holds for a length over the maximum
+//     (errc::message_too_large), since a stream cannot skip what it cannot trust; a seqpacket
+//     channel discards the oversized packet and carries on.
+//   - A well-formed message this end refuses (more fds than max_fds: errc::too_many_fds; fds the
+//     kernel cut short: errc::fds_truncated; no memory: ENOMEM) is skipped whole, its fds closed,
+//     and the next message is intact.
+//   - fds are received close-on-exec, at most 253 per message (254 are refused before anything
+//     is sent, and the caller keeps its fds). Every fd that arrives and is not handed to the
+//     caller is closed before the call returns.
+//
+// Threads: send, receive and close may be called from several threads at once. Each message is
+// sent whole under a lock, so messages from several senders never interleave. Concurrent
+// receivers each get whole messages, every message goes to exactly one of them, and the order
+// they get them in is the order of the stream, but which thread gets which is unspecified.
+// Moving or destroying a channel while another thread uses it is a data race.
+//
+// Why not datagram pairs: a datagram socketpair never reports the peer's close to a reader
+// (see docs/errors.md), so "every message, then peer_closed" cannot be kept; create() refuses
+// them with errc::wrong_kind. Use seqpacket for packets.
+//
+//   auto ends = duplex::channel_pair(duplex::socket_kind::stream);
+//   ends->first.send(duplex::as_bytes("hello"));
+//   duplex::result<duplex::message> m = ends->second.receive();
+//   if (m) std::cout << m->text() << '\n';
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "duplex/buffer.hpp"
+#include "duplex/codec.hpp"
+#include "duplex/error.hpp"
+#include "duplex/fd.hpp"
+#include "duplex/framing.hpp"
+#include "duplex/message.hpp"
+#include "duplex/socket.hpp"
+
+namespace duplex {
+
+// The default largest message a channel accepts: 64 MiB (sd-bus's limit; OpenSSH's privilege
+// separation monitor allows 4 MiB, Chromium's Mojo 256 MiB).
+inline constexpr std::size_t default_max_message_size = std::size_t{64} << 20;
+
+// How a channel is set up.
+struct channel_options {
+  // The wire format. framing::python needs a stream socket and carries no fds.
+  framing format = framing::native;
+  // The largest message this end sends or accepts (payload bytes, headers not counted).
+  std::size_t max_message_size = default_max_message_size;
+  // The most fds this end accepts with one message (at most 253); a message with more is
+  // refused (errc::too_many_fds), its fds closed.
+  std::size_t max_fds = max_fds_per_message;
+  // Stream channels read through a buffer of this size (at least 64 bytes; many small messages
+  // per syscall); payloads of at least half of it are read straight into their message.
+  std::size_t receive_buffer_size = std::size_t{64} << 10;
+};
+
+// What receive_into delivered.
+struct message_info {
+  std::size_t size = 0;  // bytes stored in the caller's buffer
+  std::size_t fds = 0;   // fds stored in the caller's array (from index 0)
+};
+
+// One end of a message channel. Move-only; the destructor closes the socket.
+class channel {
+ public:
+  // An empty channel; every call on it returns errc::closed.
+  channel() noexcept;
+
+  // Makes a channel of one end of a connected pair (stream or seqpacket). Errors:
+  // errc::wrong_kind (a datagram socket, or framing::python on a seqpacket socket);
+  // EINVAL (max_fds over 253, or max_message_size 0). On error the socket is closed.
+  [[nodiscard]] static result<channel> create(socket s, channel_options options = {});
+
+  channel(channel&&) noexcept;
+  channel& operator=(channel&&) noexcept;
+  ~channel();
+
+  // The kind of the underlying socket.
+  [[nodiscard]] socket_kind kind() const noexcept;
+
+  // The options the channel was created with.
+  [[nodiscard]] const channel_options& options() const noexcept;
+
+  // The socket's fd, for poll/epoll (readable: a receive can make progress), or -1 once closed.
+  // Owned here.
+  [[nodiscard]] int native_handle() const noexcept;
+
+  // True once a protocol error has broken the channel (every call then returns errc::broken).
+  [[nodiscard]] bool is_broken() const noexcept;
+
+  // Sends one message: the concatenation of parts (scatter/gather; header and parts go out in
+  // one sendmsg where the kernel takes them whole), with fds attached (the caller keeps its
+  // own). Blocks until the whole message is written. Errors: errc::message_too_large (over
+  // max_message_size, or over the kernel's packet limit on seqpacket; nothing sent),
+  // errc::too_many_fds (over 253; nothing sent), errc::not_supported (fds with
+  // framing::python), errc::peer_closed (EPIPE/ECONNRESET), errc::broken, errc::closed,
+  // EBADF (an fd is not open). If a stream write fails after part of the frame went out, the
+  // channel is broken (the peer would misread what follows).
+  [[nodiscard]] result<void> send(std::span<const const_buffer> parts, std::span<const int> fds);
+
+  // Sends bytes as one message.
+  [[nodiscard]] result<void> send(const_buffer bytes);
+
+  // Sends bytes with fds as one message.
+  [[nodiscard]] result<void> send(const_buffer bytes, std::span<const int> fds);
+
+  // Sends parts as one message (scatter/gather).
+  [[nodiscard]] result<void> send(std::span<const const_buffer> parts);
+
+  // Sends a message's bytes and fds (the message keeps its fds).
+  [[nodiscard]] result<void> send(const message& m);
+
+  // Sends a value encoded with codec<T> as one message.
+  template <has_codec T>
+  [[nodiscard]] result<void> send_value(const T& value) {
+    std::vector<std::byte> bytes;
+    codec<T>::encode(value, bytes);
+    return send(const_buffer(bytes));
+  }
+
+  // Receives the next message, blocking until one is whole. Errors: errc::peer_closed,
+  // errc::truncated_message, errc::protocol_error (then broken), errc::message_too_large,
+  // errc::too_many_fds, errc::fds_truncated, ENOMEM (the message was skipped), errc::broken,
+  // errc::closed.
+  [[nodiscard]] result<message> receive();
+
+  // receive, giving up after timeout: errc::timed_out. A message partly read stays buffered
+  // for the next call.
+  [[nodiscard]] result<message> receive(std::chrono::nanoseconds timeout);
+
+  // receive without blocking: errc::would_block if no whole message is available yet.
+  [[nodiscard]] result<message> try_receive();
+
+  // Receives the next message into buf and its fds into fds. If the message is larger than buf
+  // (errc::buffer_too_small) or carries more fds than fds has room for (errc::too_many_fds),
+  // nothing is consumed: the message stays queued for a call with room for it (or receive()),
+  // and the stream stays in step. Other errors as receive.
+  [[nodiscard]] result<message_info> receive_into(mutable_buffer buf,
+                                                  std::span<unique_fd> fds = {});
+
+  // receive_into, giving up after timeout: errc::timed_out.
+  [[nodiscard]] result<message_info> receive_into(mutable_buffer buf, std::span<unique_fd> fds,
+                                                  std::chrono::nanoseconds timeout);
+
+  // Receives one message and decodes it with codec<T>. A message with fds is refused
+  // (errc::protocol_error; the fds are closed). Errors as receive, and those of decode.
+  template <has_codec T>
+  [[nodiscard]] result<T> receive_value(std::chrono::nanoseconds timeout = forever) {
+    auto m = receive(timeout);
+    if (!m) return std::unexpected(m.error());
+    if (!m->fds().empty()) return fail(errc::protocol_error);
+    return codec<T>::decode(m->bytes());
+  }
+
+  // Waits until a receive can make progress without blocking (bytes buffered or readable,
+  // end-of-stream, or an error pending). Errors: errc::timed_out, errc::closed.
+  [[nodiscard]] result<void> wait_readable(std::chrono::nanoseconds timeout = forever) const;
+
+  // Half-close: the peer receives every message sent so far, then errc::peer_closed; this end
+  // can still receive. Errors: errc::closed, ENOTCONN.
+  [[nodiscard]] result<void> shutdown_send();
+
+  // Closes this end: every later call returns errc::closed. Safe from any thread. The fd is
+  // closed as soon as no other call is inside the channel (at once, in the usual case), so no
+  // call can ever act on a reused fd number. If other threads are inside a call at that moment
+  // (perhaps blocked in the kernel), close() wakes them with shutdown(SHUT_RDWR) and they return
+  // errc::closed; note that a shutdown ends the connection for every process holding this end,
+  // so after fork() drop an end you do not use by closing it while no other thread uses it.
+  void close() noexcept;
+
+  // The peer's credentials (SO_PEERCRED): for a socketpair, the process that created the pair,
+  // not a child that inherited the other end.
+  [[nodiscard]] result<credentials> peer_credentials() const;
+
+  // A pidfd of the process that created the pair (SO_PEERPIDFD). Errors: errc::not_supported.
+  [[nodiscard]] result<unique_fd> peer_pidfd() const;
+
+ private:
+  struct impl;
+  std::unique_ptr<impl> impl_;
+};
+
+// Both ends of a new pair as channels.
+struct connected_channels {
+  channel first;
+  channel second;
+};
+
+// Creates a pair of the given kind (stream or seqpacket) and makes a channel of each end, with
+// the same options. Errors: those of socket_pair and channel::create.
+[[nodiscard]] result<connected_channels> channel_pair(socket_kind kind = socket_kind::stream,
+                                                      channel_options options = {});
+
+}  // namespace duplex

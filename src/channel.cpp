@@ -1,0 +1,535 @@
+#include "duplex/channel.hpp"
+
+#include <limits.h>
+#include <poll.h>
+#include <sys/socket.h>
+
+#include <atomic>
+#include <cerrno>
+#include <condition_variable>
+#include <mutex>
+
+#include "duplex/socket_pair.hpp"
+#include "io.hpp"
+#include "stream_decoder.hpp"
+#include "syscall.hpp"
+
+namespace duplex {
+namespace {
+
+// How long a receive may wait.
+enum class wait_kind { block, try_once, until };
+
+struct wait_spec {
+  wait_kind kind = wait_kind::block;
+  detail::deadline until{forever};
+
+  static wait_spec from(std::chrono::nanoseconds timeout) {
+    wait_spec w;
+    w.until = detail::deadline(timeout);
+    w.kind = w.until.infinite() ? wait_kind::block : wait_kind::until;
+    return w;
+  }
+  static wait_spec now() {
+    wait_spec w;
+    w.kind = wait_kind::try_once;
+    return w;
+  }
+};
+
+// The peer is gone, as a send or receive sees it.
+bool peer_gone(const std::error_code& ec) {
+  return ec == std::errc::broken_pipe || ec == std::errc::connection_reset;
+}
+
+// The receive lock: a mutex that can be waited for with a deadline. (std::timed_mutex would do,
+// but libstdc++ implements its timed waits with pthread_mutex_clocklock, which ThreadSanitizer
+// does not see; a condition variable it does.)
+class receive_lock {
+ public:
+  // Takes the lock, waiting as w says; false if it could not be had in time.
+  [[nodiscard]] bool acquire(const struct wait_spec& w);
+  void release() {
+    {
+      const std::lock_guard g(m_);
+      busy_ = false;
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  bool busy_ = false;
+};
+
+// Where a received message goes: a new message, or a caller's buffer and fd array.
+struct destination {
+  message* owned = nullptr;
+  mutable_buffer buf;
+  std::span<unique_fd> fds;
+};
+
+bool receive_lock::acquire(const wait_spec& w) {
+  std::unique_lock g(m_);
+  const auto free = [this] { return !busy_; };
+  switch (w.kind) {
+    case wait_kind::block: cv_.wait(g, free); break;
+    case wait_kind::try_once:
+      if (busy_) return false;
+      break;
+    case wait_kind::until:
+      if (!cv_.wait_for(g, w.until.remaining(), free)) return false;
+      break;
+  }
+  busy_ = true;
+  return true;
+}
+
+}  // namespace
+
+struct channel::impl {
+  impl(socket s, channel_options o)
+      : sock(std::move(s)),
+        options(o),
+        decoder(o.format, o.max_message_size, o.max_fds, o.receive_buffer_size) {}
+
+  socket sock;
+  channel_options options;
+  std::atomic<bool> closed{false};
+  std::atomic<bool> broken{false};
+  // Calls inside the channel right now. The fd is released only when none is, so no call can
+  // ever act on a closed (and perhaps reused) fd number.
+  std::atomic<int> active{0};
+  std::atomic<bool> released{false};
+  std::atomic<int> fd_copy{sock.native_handle()};  // for native_handle(); -1 once released
+  std::mutex tx;
+  receive_lock rx;
+  detail::stream_decoder decoder;  // stream channels; guarded by rx
+  detail::fd_batch arrived;        // guarded by rx
+
+  // Marks one call as inside the channel for its lifetime. ok() is false once the channel is
+  // closed: the call must then not touch the socket.
+  class call {
+   public:
+    explicit call(impl& i) : i_(i) {
+      i_.active.fetch_add(1);  // before looking at `closed`: see close()
+      ok_ = !i_.closed.load();
+    }
+    ~call() {
+      if (i_.active.fetch_sub(1) == 1 && i_.closed.load()) i_.release_fd();
+    }
+    call(const call&) = delete;
+    call& operator=(const call&) = delete;
+    [[nodiscard]] bool ok() const noexcept { return ok_; }
+
+   private:
+    impl& i_;
+    bool ok_ = false;
+  };
+
+  void release_fd() noexcept {
+    if (released.exchange(true)) return;
+    fd_copy.store(-1);
+    sock.close();
+  }
+
+  [[nodiscard]] result<void> usable(const call& c) const {
+    if (!c.ok()) return fail(errc::closed);
+    if (broken.load()) return fail(errc::broken);
+    return {};
+  }
+
+  template <typename T>
+  std::unexpected<std::error_code> break_with(T code) {
+    broken.store(true);
+    return std::unexpected(std::error_code(make_error_code(code)));
+  }
+
+  // Waits for readiness according to w after a would-block.
+  [[nodiscard]] result<void> wait(const wait_spec& w, short events) const {
+    if (w.kind == wait_kind::try_once) return fail(errc::would_block);
+    auto r = detail::wait_for(sock.native_handle(), events, w.until.remaining());
+    if (!r) return std::unexpected(r.error());
+    return {};
+  }
+
+  result<void> send(std::span<const const_buffer> parts, std::span<const int> fds);
+  result<message_info> receive(const wait_spec& w, destination dest);
+  result<message_info> receive_stream(const wait_spec& w, destination dest);
+  result<message_info> receive_packet(const wait_spec& w, destination dest);
+  result<void> read_more(const wait_spec& w);
+  void discard_packet() const;
+};
+
+result<void> channel::impl::send(std::span<const const_buffer> parts, std::span<const int> fds) {
+  const call c(*this);
+  if (auto u = usable(c); !u) return u;
+  if (fds.size() > max_fds_per_message) return fail(errc::too_many_fds);
+  if (options.format == framing::python && !fds.empty()) return fail(errc::not_supported);
+  if (parts.size() + 1 > IOV_MAX) return fail_errno(EMSGSIZE);
+  std::uint64_t total = 0;
+  for (const auto& p : parts)
+    total += p.size();
+  if (total > options.max_message_size) return fail(errc::message_too_large);
+
+  static_assert(wire::native_header_size >= wire::python_max_header_size);
+  std::array<std::byte, wire::native_header_size> head_storage{};
+  const_buffer head;
+  if (options.format == framing::native) {
+    head_storage = wire::encode_native({total, static_cast<std::uint16_t>(fds.size()), 0});
+    head = head_storage;
+  } else {
+    const auto python_head = std::span(head_storage).first<wire::python_max_header_size>();
+    head = std::span(head_storage).first(wire::encode_python(total, python_head));
+  }
+
+  const std::lock_guard lock(tx);
+  if (auto u = usable(c); !u) return u;
+  detail::iovec_array iov(parts, head);
+  const int fd = sock.native_handle();
+  bool fds_sent = false;
+  bool started = false;
+  while (iov.size() > 0) {
+    auto n = detail::send_with_fds(fd, iov.data(), iov.size(),
+                                   fds_sent ? std::span<const int>{} : fds, 0);
+    if (n) {
+      if (*n > 0) {
+        fds_sent = true;  // the fds went with the first byte; never again
+        started = true;
+      }
+      iov.advance(*n);
+      if (sock.kind() == socket_kind::seqpacket) break;  // a packet goes whole
+      continue;
+    }
+    if (n.error() == errc::would_block) {  // an O_NONBLOCK socket: wait for room
+      auto ready = detail::wait_for(fd, POLLOUT, forever);
+      if (!ready) return std::unexpected(ready.error());
+      continue;
+    }
+    if (closed.load()) return fail(errc::closed);
+    if (peer_gone(n.error())) return fail(errc::peer_closed);
+    if (n.error() == std::errc::message_size) return fail(errc::message_too_large);
+    // Part of a frame is out: the peer would misread whatever followed.
+    if (started) broken.store(true);
+    return std::unexpected(n.error());
+  }
+  return {};
+}
+
+result<message_info> channel::impl::receive(const wait_spec& w, destination dest) {
+  const call c(*this);
+  if (auto u = usable(c); !u) return std::unexpected(u.error());
+  if (!rx.acquire(w)) {
+    return fail(w.kind == wait_kind::try_once ? errc::would_block : errc::timed_out);
+  }
+  auto r = sock.kind() == socket_kind::stream ? receive_stream(w, dest) : receive_packet(w, dest);
+  rx.release();
+  if (!r && closed.load()) return fail(errc::closed);
+  return r;
+}
+
+result<void> channel::impl::read_more(const wait_spec& w) {
+  const int fd = sock.native_handle();
+  const int flags = w.kind == wait_kind::block ? 0 : MSG_DONTWAIT;
+  for (;;) {
+    const mutable_buffer target = decoder.read_target();
+    iovec v{target.data(), target.size()};
+    auto r = detail::recv_with_fds(fd, &v, 1, flags, arrived);
+    if (r) {
+      if (r->bytes == 0) {
+        decoder.end_of_stream();
+      } else {
+        decoder.commit(r->bytes, arrived.taken(), r->ctrunc);
+      }
+      arrived.clear();
+      return {};
+    }
+    if (r.error() == errc::would_block) {
+      if (auto ready = wait(w, POLLIN); !ready) return ready;
+      continue;
+    }
+    // The peer closed with our data unread. The error is reported once (on a stream after the
+    // peer's last byte, on seqpacket before its queued packets); reading on delivers the rest.
+    if (r.error() == std::errc::connection_reset) continue;
+    return std::unexpected(r.error());
+  }
+}
+
+result<message_info> channel::impl::receive_stream(const wait_spec& w, destination dest) {
+  for (;;) {
+    switch (decoder.poll()) {
+      case detail::stream_decoder::event::complete: {
+        message_info info{static_cast<std::size_t>(decoder.pending_size()), decoder.pending_fds()};
+        if (dest.owned != nullptr) {
+          *dest.owned = decoder.take_message();
+        } else {
+          if (info.size > dest.buf.size()) return fail(errc::buffer_too_small);
+          if (info.fds > dest.fds.size()) return fail(errc::too_many_fds);
+          decoder.take_into(dest.buf, dest.fds);
+        }
+        return info;
+      }
+      case detail::stream_decoder::event::header_ready:
+        if (dest.owned != nullptr) {
+          decoder.accept_owned();
+        } else {
+          // Nothing is consumed when it does not fit: the message stays for a later call.
+          if (decoder.pending_size() > dest.buf.size()) return fail(errc::buffer_too_small);
+          if (decoder.pending_fds() > dest.fds.size()) return fail(errc::too_many_fds);
+          decoder.accept_into(dest.buf);
+        }
+        continue;
+      case detail::stream_decoder::event::failed:
+        if (decoder.fatal()) broken.store(true);
+        return std::unexpected(decoder.error());
+      case detail::stream_decoder::event::need_more:
+        if (auto r = read_more(w); !r) {
+          // The caller's buffer must not be written to after this call returns.
+          decoder.detach();
+          return std::unexpected(r.error());
+        }
+        continue;
+    }
+  }
+}
+
+void channel::impl::discard_packet() const {
+  // No control buffer: the kernel closes any fds attached to the packet.
+  ssize_t n = 0;
+  do {
+    n = ::recv(sock.native_handle(), nullptr, 0, MSG_TRUNC | MSG_DONTWAIT);
+  } while (n < 0 && errno == EINTR);
+}
+
+result<message_info> channel::impl::receive_packet(const wait_spec& w, destination dest) {
+  const int fd = sock.native_handle();
+  const int flags = w.kind == wait_kind::block ? 0 : MSG_DONTWAIT;
+  for (;;) {
+    // Look at the header (and learn the packet's size) without consuming anything and without a
+    // control buffer, so no fd is installed by the peek.
+    std::array<std::byte, wire::native_header_size> head{};
+    ssize_t n = 0;
+    do {
+      n = ::recv(fd, head.data(), head.size(), MSG_PEEK | MSG_TRUNC | flags);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) {
+      const int err = errno;
+      if (err == EAGAIN || err == EWOULDBLOCK) {
+        if (auto ready = wait(w, POLLIN); !ready) return std::unexpected(ready.error());
+        continue;
+      }
+      if (err == ECONNRESET) continue;  // reported once, before the packets still queued
+      return fail_errno(err);
+    }
+    const auto size = static_cast<std::size_t>(n);
+    if (size == 0 && detail::seqpacket_at_end(fd)) return fail(errc::peer_closed);
+    if (size < head.size()) {
+      discard_packet();
+      return break_with(errc::protocol_error);
+    }
+    auto h = wire::decode_native(std::span<const std::byte, wire::native_header_size>(head));
+    if (!h || h->length != size - head.size()) {
+      discard_packet();
+      return break_with(errc::protocol_error);
+    }
+    if (h->length > options.max_message_size) {
+      discard_packet();  // a packet can be skipped whole: the channel carries on
+      return fail(errc::message_too_large);
+    }
+    if (dest.owned == nullptr) {
+      // Nothing is consumed when it does not fit: the message stays for a later call.
+      if (h->length > dest.buf.size()) return fail(errc::buffer_too_small);
+      if (h->fd_count > dest.fds.size()) return fail(errc::too_many_fds);
+    }
+    if (h->fd_count > options.max_fds) {
+      discard_packet();
+      return fail(errc::too_many_fds);
+    }
+    message storage;
+    mutable_buffer body = dest.buf.first(dest.owned == nullptr ? h->length : 0);
+    if (dest.owned != nullptr) {
+      try {
+        storage = message::with_size(h->length);
+      } catch (const std::bad_alloc&) {
+        discard_packet();
+        return fail_errno(ENOMEM);
+      }
+      body = storage.bytes();
+    }
+    std::array<std::byte, wire::native_header_size> again{};
+    const std::array<mutable_buffer, 2> parts{mutable_buffer(again), body};
+    detail::iovec_array iov{std::span<const mutable_buffer>(parts)};
+    auto r = detail::recv_with_fds(fd, iov.data(), iov.size(), MSG_TRUNC | MSG_DONTWAIT, arrived);
+    if (!r) {
+      if (r.error() == errc::would_block) continue;  // another reader of this fd took it
+      return std::unexpected(r.error());
+    }
+    if (r->bytes != size || again != head) {
+      arrived.clear();
+      return break_with(errc::protocol_error);  // another reader of this fd raced us
+    }
+    if (r->ctrunc) {
+      arrived.clear();
+      return fail(errc::fds_truncated);
+    }
+    if (arrived.count != h->fd_count) {
+      arrived.clear();
+      return break_with(errc::protocol_error);
+    }
+    auto got = arrived.taken();
+    message_info info{h->length, got.size()};
+    if (dest.owned != nullptr) {
+      storage.fds().reserve(got.size());
+      for (auto& f : got)
+        storage.fds().push_back(std::move(f));
+      *dest.owned = std::move(storage);
+    } else {
+      for (std::size_t i = 0; i < got.size(); ++i)
+        dest.fds[i] = std::move(got[i]);
+    }
+    arrived.clear();
+    return info;
+  }
+}
+
+channel::channel() noexcept = default;
+channel::channel(channel&&) noexcept = default;
+channel& channel::operator=(channel&&) noexcept = default;
+channel::~channel() = default;
+
+result<channel> channel::create(socket s, channel_options options) {
+  if (s.kind() == socket_kind::datagram) return fail(errc::wrong_kind);
+  if (options.format == framing::python && s.kind() != socket_kind::stream) {
+    return fail(errc::wrong_kind);
+  }
+  if (options.max_fds > max_fds_per_message || options.max_message_size == 0) {
+    return fail_errno(EINVAL);
+  }
+  channel c;
+  c.impl_ = std::make_unique<impl>(std::move(s), options);
+  return c;
+}
+
+socket_kind channel::kind() const noexcept {
+  return impl_ ? impl_->sock.kind() : socket_kind::stream;
+}
+
+const channel_options& channel::options() const noexcept {
+  static const channel_options defaults;
+  return impl_ ? impl_->options : defaults;
+}
+
+int channel::native_handle() const noexcept { return impl_ ? impl_->fd_copy.load() : -1; }
+
+bool channel::is_broken() const noexcept { return impl_ && impl_->broken.load(); }
+
+result<void> channel::send(std::span<const const_buffer> parts, std::span<const int> fds) {
+  if (!impl_) return fail(errc::closed);
+  return impl_->send(parts, fds);
+}
+
+result<void> channel::send(const_buffer bytes) { return send(std::span(&bytes, 1), {}); }
+
+result<void> channel::send(const_buffer bytes, std::span<const int> fds) {
+  return send(std::span(&bytes, 1), fds);
+}
+
+result<void> channel::send(std::span<const const_buffer> parts) { return send(parts, {}); }
+
+result<void> channel::send(const message& m) {
+  std::vector<int> fds;
+  fds.reserve(m.fds().size());
+  for (const auto& fd : m.fds())
+    fds.push_back(fd.get());
+  const const_buffer bytes = m.bytes();
+  return send(std::span(&bytes, 1), fds);
+}
+
+result<message> channel::receive() { return receive(forever); }
+
+result<message> channel::receive(std::chrono::nanoseconds timeout) {
+  if (!impl_) return fail(errc::closed);
+  message m;
+  auto r = impl_->receive(wait_spec::from(timeout), destination{&m, {}, {}});
+  if (!r) return std::unexpected(r.error());
+  return m;
+}
+
+result<message> channel::try_receive() {
+  if (!impl_) return fail(errc::closed);
+  message m;
+  auto r = impl_->receive(wait_spec::now(), destination{&m, {}, {}});
+  if (!r) return std::unexpected(r.error());
+  return m;
+}
+
+result<message_info> channel::receive_into(mutable_buffer buf, std::span<unique_fd> fds) {
+  return receive_into(buf, fds, forever);
+}
+
+result<message_info> channel::receive_into(mutable_buffer buf, std::span<unique_fd> fds,
+                                           std::chrono::nanoseconds timeout) {
+  if (!impl_) return fail(errc::closed);
+  return impl_->receive(wait_spec::from(timeout), destination{nullptr, buf, fds});
+}
+
+result<void> channel::wait_readable(std::chrono::nanoseconds timeout) const {
+  if (!impl_) return fail(errc::closed);
+  const impl::call c(*impl_);
+  if (auto u = impl_->usable(c); !u) return u;
+  // Buffered bytes (read by an earlier call) count: the socket alone would not show them.
+  if (impl_->rx.acquire(wait_spec::now())) {
+    const bool buffered = impl_->decoder.buffered() > 0;
+    impl_->rx.release();
+    if (buffered) return {};
+  }
+  auto r = detail::wait_for(impl_->sock.native_handle(), POLLIN, timeout);
+  if (!r) return std::unexpected(impl_->closed.load() ? make_error_code(errc::closed) : r.error());
+  return {};
+}
+
+result<void> channel::shutdown_send() {
+  if (!impl_) return fail(errc::closed);
+  const impl::call c(*impl_);
+  if (!c.ok()) return fail(errc::closed);
+  const std::lock_guard lock(impl_->tx);  // never in the middle of someone's frame
+  return impl_->sock.shutdown(shutdown_how::write);
+}
+
+void channel::close() noexcept {
+  if (!impl_ || impl_->closed.exchange(true)) return;
+  // close() counts as a call itself, so the fd stays valid while it looks at it; whichever call
+  // leaves last releases the fd.
+  const impl::call c(*impl_);
+  if (impl_->active.load() > 1) {
+    // Other threads are inside and may be blocked in the kernel: only a shutdown wakes them.
+    static_cast<void>(impl_->sock.shutdown(shutdown_how::both));
+  }
+}
+
+result<credentials> channel::peer_credentials() const {
+  if (!impl_) return fail(errc::closed);
+  const impl::call c(*impl_);
+  if (!c.ok()) return fail(errc::closed);
+  return impl_->sock.peer_credentials();
+}
+
+result<unique_fd> channel::peer_pidfd() const {
+  if (!impl_) return fail(errc::closed);
+  const impl::call c(*impl_);
+  if (!c.ok()) return fail(errc::closed);
+  return impl_->sock.peer_pidfd();
+}
+
+result<connected_channels> channel_pair(socket_kind kind, channel_options options) {
+  auto pair = socket_pair(kind);
+  if (!pair) return std::unexpected(pair.error());
+  auto first = channel::create(std::move(pair->first), options);
+  if (!first) return std::unexpected(first.error());
+  auto second = channel::create(std::move(pair->second), options);
+  if (!second) return std::unexpected(second.error());
+  return connected_channels{std::move(*first), std::move(*second)};
+}
+
+}  // namespace duplex

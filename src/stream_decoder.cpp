@@ -1,0 +1,276 @@
+#include "stream_decoder.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <new>
+
+namespace duplex::detail {
+namespace {
+
+// More pending batches than this cannot come from an honest sender (each batch ends the read
+// that carried it, and the decoder parses after every read).
+constexpr std::size_t max_pending_batches = 8;
+
+}  // namespace
+
+stream_decoder::stream_decoder(framing format, std::size_t max_message_size, std::size_t max_fds,
+                               std::size_t buffer_size)
+    : format_(format),
+      max_message_(max_message_size),
+      max_fds_(max_fds),
+      capacity_(std::max<std::size_t>(buffer_size, 64)),
+      buf_(std::make_unique_for_overwrite<std::byte[]>(capacity_)) {}
+
+mutable_buffer stream_decoder::read_target() {
+  direct_ = false;
+  if (state_ == state::payload && begin_ == end_) {
+    const std::uint64_t remaining = length_ - filled_;
+    if (remaining >= capacity_ / 2) {
+      // A large payload goes straight into its destination: no copy through the buffer, and no
+      // byte of the next frame is read with it.
+      direct_ = true;
+      return dest_.subspan(filled_, remaining);
+    }
+  }
+  if (begin_ == end_) {
+    begin_ = end_ = 0;
+  } else if (begin_ > 0 && capacity_ - end_ < capacity_ / 4) {
+    std::memmove(buf_.get(), buf_.get() + begin_, end_ - begin_);
+    end_ -= begin_;
+    begin_ = 0;
+  }
+  return {buf_.get() + end_, capacity_ - end_};
+}
+
+void stream_decoder::commit(std::size_t n, std::span<unique_fd> fds, bool ctrunc) {
+  const std::uint64_t start = read_offset_;
+  read_offset_ += n;
+  const bool control = !fds.empty() || ctrunc;
+  auto close_all = [&fds] {
+    for (auto& fd : fds)
+      fd.reset();
+  };
+  if (direct_) {
+    direct_ = false;
+    filled_ += n;
+    parse_offset_ += n;
+    if (control) {
+      // fds in the middle of a payload: no header starts here to own them.
+      close_all();
+      fail_for_ever(make_error_code(errc::protocol_error));
+    }
+    return;
+  }
+  end_ += n;
+  if (!control) return;
+  if (state_ == state::failed) {
+    close_all();
+    return;
+  }
+  if (format_ == framing::python || batches_.size() >= max_pending_batches) {
+    close_all();
+    fail_for_ever(make_error_code(errc::protocol_error));
+    return;
+  }
+  batch b{start, start + n, {}, ctrunc};
+  b.fds.reserve(fds.size());
+  for (auto& fd : fds)
+    b.fds.push_back(std::move(fd));
+  batches_.push_back(std::move(b));
+}
+
+stream_decoder::event stream_decoder::fail_for_ever(std::error_code ec) {
+  if (state_ != state::failed) error_ = ec;
+  state_ = state::failed;
+  batches_.clear();
+  fds_.clear();
+  owned_.reset();
+  return event::failed;
+}
+
+void stream_decoder::drop_stray_batches_before(std::uint64_t offset) {
+  while (!batches_.empty() && batches_.front().end <= offset) {
+    batches_.pop_front();  // closes its fds
+    stray_ = true;
+  }
+}
+
+void stream_decoder::start_frame(std::uint64_t length, std::uint16_t /*fd_count*/,
+                                 std::size_t header_size) {
+  begin_ += header_size;
+  parse_offset_ += header_size;
+  length_ = length;
+  filled_ = 0;
+  dest_ = {};
+  owned_.reset();
+}
+
+stream_decoder::event stream_decoder::parse_header() {
+  const std::size_t avail = end_ - begin_;
+  const std::span<const std::byte> bytes(buf_.get() + begin_, avail);
+  std::uint64_t length = 0;
+  std::uint16_t fd_count = 0;
+  std::size_t header_size = 0;
+  if (format_ == framing::native) {
+    if (avail < wire::native_header_size) return event::need_more;
+    auto h = wire::decode_native(bytes.first<wire::native_header_size>());
+    if (!h) return fail_for_ever(h.error());
+    length = h->length;
+    fd_count = h->fd_count;
+    header_size = wire::native_header_size;
+  } else {
+    auto h = wire::decode_python(bytes);
+    if (!h) return fail_for_ever(h.error());
+    if (!*h) return event::need_more;
+    length = (*h)->length;
+    header_size = (*h)->header_size;
+  }
+  // Checked before anything is allocated; a stream cannot skip a length it cannot trust.
+  if (length > max_message_) return fail_for_ever(make_error_code(errc::message_too_large));
+
+  const std::uint64_t at = parse_offset_;
+  drop_stray_batches_before(at);  // a batch that ends before this header is nobody's
+  if (stray_) return fail_for_ever(make_error_code(errc::protocol_error));
+  std::error_code refused;
+  if (fd_count > 0) {
+    if (batches_.empty() || batches_.front().start > at) {
+      return fail_for_ever(make_error_code(errc::protocol_error));  // announced, never arrived
+    }
+    batch& b = batches_.front();
+    if (b.ctrunc) {
+      refused = make_error_code(errc::fds_truncated);
+    } else if (b.fds.size() != fd_count) {
+      return fail_for_ever(make_error_code(errc::protocol_error));
+    } else {
+      fds_ = std::move(b.fds);
+    }
+    batches_.pop_front();
+  }
+  start_frame(length, fd_count, header_size);
+  if (!refused && fds_.size() > max_fds_) refused = make_error_code(errc::too_many_fds);
+  if (refused) {
+    fds_.clear();  // closes them
+    frame_error_ = refused;
+    state_ = state::discard;
+    return event::need_more;  // not returned: the caller loops while the state changes
+  }
+  state_ = state::header_ready;
+  return event::header_ready;
+}
+
+stream_decoder::event stream_decoder::end_stream(errc first) {
+  batches_.clear();
+  fds_.clear();
+  owned_.reset();
+  state_ = state::ended;
+  error_ = make_error_code(first);
+  return event::failed;
+}
+
+stream_decoder::event stream_decoder::after_payload_bytes() {
+  const std::size_t avail = end_ - begin_;
+  const auto n = static_cast<std::size_t>(std::min<std::uint64_t>(avail, length_ - filled_));
+  if (state_ == state::payload && n > 0) {
+    std::memcpy(dest_.data() + filled_, buf_.get() + begin_, n);
+  }
+  begin_ += n;
+  parse_offset_ += n;
+  filled_ += n;
+  if (filled_ == length_) {
+    drop_stray_batches_before(parse_offset_);
+    if (state_ == state::discard) {  // a refused frame, now skipped: report it, carry on
+      state_ = state::idle;
+      error_ = std::exchange(frame_error_, {});
+      return event::failed;
+    }
+    state_ = state::complete;
+    return event::complete;
+  }
+  if (eof_) return end_stream(errc::truncated_message);  // the peer is gone mid-frame
+  return event::need_more;
+}
+
+stream_decoder::event stream_decoder::poll() {
+  for (;;) {
+    switch (state_) {
+      case state::failed: return event::failed;
+      case state::ended:
+        // The first report said why the stream ended; every later one says it has.
+        error_ = make_error_code(errc::peer_closed);
+        return event::failed;
+      case state::complete: return event::complete;
+      case state::header_ready: return event::header_ready;
+      case state::payload:
+      case state::discard: return after_payload_bytes();
+      case state::idle: {
+        if (stray_) return fail_for_ever(make_error_code(errc::protocol_error));
+        if (begin_ == end_ && eof_) {
+          // fds that no frame claimed, then the end: the peer broke the protocol.
+          if (!batches_.empty()) return fail_for_ever(make_error_code(errc::protocol_error));
+          return end_stream(errc::peer_closed);
+        }
+        const event e = parse_header();
+        if (state_ == state::discard) continue;  // skip the refused frame's payload
+        if (e == event::need_more && eof_) return end_stream(errc::truncated_message);
+        return e;
+      }
+    }
+  }
+}
+
+void stream_decoder::accept_into(mutable_buffer dest) noexcept {
+  dest_ = dest.first(static_cast<std::size_t>(length_));
+  owned_.reset();
+  state_ = length_ == 0 ? state::complete : state::payload;
+}
+
+void stream_decoder::accept_owned() {
+  try {
+    owned_ = message::with_size(static_cast<std::size_t>(length_));
+  } catch (const std::bad_alloc&) {
+    fds_.clear();
+    frame_error_ = std::error_code(ENOMEM, std::system_category());
+    state_ = state::discard;
+    return;
+  }
+  dest_ = owned_->bytes();
+  state_ = length_ == 0 ? state::complete : state::payload;
+}
+
+message stream_decoder::take_message() {
+  message m = std::move(*owned_);
+  owned_.reset();
+  m.fds() = std::move(fds_);
+  fds_.clear();
+  state_ = state::idle;
+  return m;
+}
+
+std::size_t stream_decoder::take_into(mutable_buffer buf, std::span<unique_fd> out) noexcept {
+  const auto size = static_cast<std::size_t>(length_);
+  if (owned_ && size > 0) std::memcpy(buf.data(), owned_->bytes().data(), size);
+  for (std::size_t i = 0; i < fds_.size() && i < out.size(); ++i)
+    out[i] = std::move(fds_[i]);
+  fds_.clear();
+  owned_.reset();
+  dest_ = {};
+  state_ = state::idle;
+  return size;
+}
+
+void stream_decoder::detach() {
+  if (!external_destination()) return;
+  const mutable_buffer old = dest_;
+  const bool was_complete = state_ == state::complete;
+  accept_owned();
+  if (state_ == state::discard) {
+    // No memory: the bytes already copied count as skipped.
+    if (was_complete) filled_ = length_;
+    return;
+  }
+  std::memcpy(dest_.data(), old.data(), static_cast<std::size_t>(filled_));
+  if (was_complete) state_ = state::complete;
+}
+
+}  // namespace duplex::detail
