@@ -3,13 +3,16 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstring>
 #include <stdexcept>
+#include <system_error>
 
 namespace duplex::test {
 namespace {
@@ -37,6 +40,15 @@ bool fd_is_cloexec(int fd) {
   const int flags = ::fcntl(fd, F_GETFD);
   return flags != -1 && (flags & FD_CLOEXEC) != 0;
 }
+
+default_sigpipe::default_sigpipe() {
+  struct sigaction dfl {};
+  dfl.sa_handler = SIG_DFL;
+  sigemptyset(&dfl.sa_mask);
+  if (::sigaction(SIGPIPE, &dfl, &previous_) != 0) throw std::runtime_error("sigaction");
+}
+
+default_sigpipe::~default_sigpipe() { ::sigaction(SIGPIPE, &previous_, nullptr); }
 
 signal_storm::signal_storm(int signal, long interval_ns) : signal_(signal) {
   g_signals.store(0);
@@ -71,15 +83,51 @@ signal_storm::~signal_storm() {
 
 long signal_storm::delivered() const noexcept { return g_signals.load(std::memory_order_relaxed); }
 
+std::vector<std::byte> pattern(std::size_t n, unsigned seed) {
+  std::vector<std::byte> v(n);
+  std::uint64_t x = seed * 0x9e3779b97f4a7c15ULL + n + 1;
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    std::memcpy(v.data() + i, &x, 8);
+  }
+  for (; i < n; ++i)
+    v[i] = static_cast<std::byte>(x >> (8 * (i % 8)));
+  return v;
+}
+
+bool same(std::span<const std::byte> a, std::span<const std::byte> b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size()) == 0);
+}
+
+std::pair<unique_fd, unique_fd> make_pipe() {
+  int p[2];
+  if (::pipe2(p, O_CLOEXEC) != 0) throw std::system_error(errno, std::system_category(), "pipe2");
+  return {unique_fd(p[0]), unique_fd(p[1])};
+}
+
+ino_t inode_of(int fd) {
+  struct stat st {};
+  return ::fstat(fd, &st) == 0 ? st.st_ino : 0;
+}
+
+int reap(pid_t pid) {
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0) {
+    if (errno != EINTR) return -1;
+  }
+  return status;
+}
+
 int run_in_child(const std::function<int()>& fn) {
   std::fflush(nullptr);
   const pid_t pid = ::fork();
   if (pid < 0) throw std::runtime_error("fork");
   if (pid == 0) ::_exit(fn());
-  int status = 0;
-  while (::waitpid(pid, &status, 0) < 0) {
-    if (errno != EINTR) throw std::runtime_error("waitpid");
-  }
+  const int status = reap(pid);
+  if (status < 0) throw std::runtime_error("waitpid");
   if (WIFEXITED(status)) return WEXITSTATUS(status);
   if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
   return -1;

@@ -4,14 +4,19 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/types.h>
 
 #include <atomic>
 #include <cstddef>
 #include <functional>
+#include <span>
 #include <string>
 #include <system_error>
+#include <utility>
+#include <vector>
 
 #include "duplex/error.hpp"
+#include "duplex/fd.hpp"
 #include "duplex/socket.hpp"
 
 namespace duplex::test {
@@ -37,6 +42,22 @@ class fd_checked : public ::testing::Test {
   std::size_t fds_before_ = 0;
 };
 
+// Base fixture of tests run once per socket kind (GetParam()), with fd accounting.
+class kind_test : public fd_checked, public ::testing::WithParamInterface<socket_kind> {};
+
+// Sets SIGPIPE to its default action (terminate) for its lifetime, so a test proves that no
+// write raises it; restores the previous action.
+class default_sigpipe {
+ public:
+  default_sigpipe();
+  ~default_sigpipe();
+  default_sigpipe(const default_sigpipe&) = delete;
+  default_sigpipe& operator=(const default_sigpipe&) = delete;
+
+ private:
+  struct sigaction previous_ {};
+};
+
 // A storm of signals (default SIGALRM at 10 kHz) delivered to the thread that creates it, with a
 // handler installed without SA_RESTART, so every blocking syscall of that thread is interrupted
 // with EINTR. Restores the previous handler on destruction.
@@ -55,6 +76,29 @@ class signal_storm {
   void* timer_ = nullptr;
   struct sigaction previous_ {};
 };
+
+// The value of a result a test cannot go on without; throws std::system_error (failing the test
+// with the error's message) if there is none.
+template <typename T>
+T must(result<T> r) {
+  if (!r) throw std::system_error(r.error());
+  return std::move(*r);
+}
+
+// Deterministic bytes that depend on both n and seed (a 64-bit xorshift, 8 bytes a step).
+std::vector<std::byte> pattern(std::size_t n, unsigned seed = 1);
+
+// Byte-exact comparison (memcmp: fast even in a debug build).
+bool same(std::span<const std::byte> a, std::span<const std::byte> b);
+
+// A new pipe, close-on-exec: {read end, write end}.
+std::pair<unique_fd, unique_fd> make_pipe();
+
+// The inode of what fd refers to (0 if fstat fails): tells whether two fds are the same file.
+ino_t inode_of(int fd);
+
+// Waits for a child (EINTR retried) and returns its raw wait status, or -1.
+int reap(pid_t pid);
 
 // Runs fn in a forked child and returns its exit status (or 128 + signal if it was killed).
 // fn's return value is the child's exit code. The child leaves with _exit, skipping gtest's

@@ -1,0 +1,807 @@
+// channel: whole messages with fds, against well-behaved, crashed and hostile peers.
+// The RELIABILITY classes each test belongs to are named in its comment.
+#include "duplex/channel.hpp"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "duplex/socket_pair.hpp"
+#include "support.hpp"
+
+namespace duplex {
+namespace {
+
+using namespace std::chrono_literals;
+using test::HasError;
+using test::inode_of;
+using test::make_pipe;
+using test::pattern;
+using test::reap;
+using test::same;
+using test::Succeeded;
+using test::sys;
+
+connected_channels make(socket_kind kind, channel_options options = {}) {
+  return test::must(channel_pair(kind, options));
+}
+
+// A channel on one end and the raw socket of the other, for writing hostile bytes.
+struct raw_peer {
+  channel ch;
+  socket raw;
+};
+
+raw_peer make_raw(socket_kind kind, channel_options options = {}) {
+  auto pair = test::must(socket_pair(kind));
+  return {test::must(channel::create(std::move(pair.first), options)), std::move(pair.second)};
+}
+
+std::vector<std::byte> frame(const std::vector<std::byte>& body, std::uint16_t fds = 0,
+                             std::optional<std::uint64_t> length = std::nullopt) {
+  const auto h = wire::encode_native({length.value_or(body.size()), fds, 0});
+  std::vector<std::byte> out(h.begin(), h.end());
+  out.insert(out.end(), body.begin(), body.end());
+  return out;
+}
+
+std::vector<std::byte> text_bytes(std::string_view s) {
+  const auto b = as_bytes(s);
+  return {b.begin(), b.end()};
+}
+
+pid_t fork_or_throw() {
+  std::fflush(nullptr);
+  const pid_t pid = ::fork();
+  if (pid < 0) throw std::system_error(errno, std::system_category());
+  return pid;
+}
+
+class channel_test : public test::fd_checked {};
+class channel_kind_test : public test::kind_test {};
+
+INSTANTIATE_TEST_SUITE_P(kinds, channel_kind_test,
+                         ::testing::Values(socket_kind::stream, socket_kind::seqpacket),
+                         test::kind_name);
+
+// --- creation --------------------------------------------------------------------------------
+
+TEST_F(channel_test, CreateRefusesWhatCannotKeepItsPromises) {
+  auto dgram = socket_pair(socket_kind::datagram);
+  EXPECT_THAT(channel::create(std::move(dgram->first)), HasError(errc::wrong_kind));
+  auto seq = socket_pair(socket_kind::seqpacket);
+  EXPECT_THAT(channel::create(std::move(seq->first), {.format = framing::python}),
+              HasError(errc::wrong_kind));
+  auto stream = socket_pair(socket_kind::stream);
+  EXPECT_THAT(channel::create(std::move(stream->first), {.max_fds = 254}), HasError(sys(EINVAL)));
+  EXPECT_THAT(channel::create(std::move(stream->second), {.max_message_size = 0}),
+              HasError(sys(EINVAL)));
+}
+
+TEST_F(channel_test, AnEmptyChannelSaysClosed) {
+  channel c;
+  EXPECT_THAT(c.send(as_bytes("x")), HasError(errc::closed));
+  EXPECT_THAT(c.receive(), HasError(errc::closed));
+  EXPECT_THAT(c.wait_readable(1ms), HasError(errc::closed));
+  EXPECT_EQ(c.native_handle(), -1);
+}
+
+// --- transfer --------------------------------------------------------------------------------
+
+TEST_P(channel_kind_test, MessagesGoBothWaysWhole) {
+  auto [a, b] = make(GetParam());
+  ASSERT_THAT(a.send(as_bytes("ping")), Succeeded());
+  ASSERT_THAT(a.send(as_bytes("")), Succeeded());
+  ASSERT_THAT(b.send(as_bytes("pong")), Succeeded());
+  EXPECT_EQ(b.receive()->text(), "ping");
+  EXPECT_EQ(b.receive()->size(), 0U);
+  EXPECT_EQ(a.receive()->text(), "pong");
+}
+
+TEST_P(channel_kind_test, ScatterGatherPartsBecomeOneMessage) {
+  auto [a, b] = make(GetParam());
+  const std::array<const_buffer, 4> parts = {as_bytes("one "), as_bytes(""), as_bytes("two "),
+                                             as_bytes("three")};
+  ASSERT_THAT(a.send(parts), Succeeded());
+  EXPECT_EQ(b.receive()->text(), "one two three");
+}
+
+// Class 7: every size from 0 to 16 KiB, byte-exact, boundaries kept.
+TEST_P(channel_kind_test, EverySizeFromZeroTo16KiB) {
+  auto [a, b] = make(GetParam());
+  constexpr std::size_t top = 16 * 1024;
+  // Message n is n bytes of `source` starting at n % 251: contents differ from size to size.
+  const auto source = pattern(top + 251, 99);
+  auto expected = [&source](std::size_t n) { return std::span(source).subspan(n % 251, n); };
+  std::thread sender([&a, &expected] {
+    for (std::size_t n = 0; n <= top; ++n) {
+      if (!a.send(expected(n))) {
+        ADD_FAILURE() << "send " << n;
+        return;
+      }
+    }
+  });
+  for (std::size_t n = 0; n <= top; ++n) {
+    auto m = b.receive(30s);
+    ASSERT_THAT(m, Succeeded()) << "size " << n;
+    ASSERT_EQ(m->size(), n);
+    ASSERT_TRUE(same(m->bytes(), expected(n))) << "size " << n;
+  }
+  sender.join();
+}
+
+// Class 7: sizes at the socket buffer's edge, and the packet limit on seqpacket.
+TEST_P(channel_kind_test, SizesAtTheSocketBufferEdge) {
+  auto [a, b] = make(GetParam());
+  auto probe = socket_pair(GetParam());
+  const std::size_t sndbuf = probe->first.send_buffer_size().value();
+  // A packet carries at most SO_SNDBUF - 32 bytes; the header takes 16 of them.
+  const std::size_t packet_limit = sndbuf - 32 - wire::native_header_size;
+  std::vector<std::size_t> sizes = {packet_limit - 1, packet_limit};
+  if (GetParam() == socket_kind::stream)
+    sizes.insert(sizes.end(), {sndbuf - 1, sndbuf, sndbuf + 1});
+  for (std::size_t n : sizes) {
+    const auto data = pattern(n, static_cast<unsigned>(n));
+    std::thread sender([&a, &data] { EXPECT_THAT(a.send(data), Succeeded()); });
+    auto m = b.receive(30s);
+    sender.join();
+    ASSERT_THAT(m, Succeeded()) << n;
+    EXPECT_TRUE(same(m->bytes(), data)) << n;
+  }
+  if (GetParam() == socket_kind::seqpacket) {
+    // One byte over what a packet can carry: a clear error, nothing sent, the channel still fine.
+    EXPECT_THAT(a.send(pattern(packet_limit + 1, 1)), HasError(errc::message_too_large));
+    EXPECT_THAT(b.try_receive(), HasError(errc::would_block));
+    ASSERT_THAT(a.send(as_bytes("after")), Succeeded());
+    EXPECT_EQ(b.receive()->text(), "after");
+  }
+}
+
+// Class 7: 1 MiB, 16 MiB and 64 MiB (the default maximum) byte-exact; one byte more refused.
+TEST_F(channel_test, LargeMessagesUpToTheMaximum) {
+  auto [a, b] = make(socket_kind::stream);
+  for (std::size_t n : {std::size_t{1} << 20, std::size_t{16} << 20, default_max_message_size}) {
+    const auto data = pattern(n, static_cast<unsigned>(n >> 20));
+    std::thread sender([&a, &data] { EXPECT_THAT(a.send(data), Succeeded()); });
+    auto m = b.receive(60s);
+    sender.join();
+    ASSERT_THAT(m, Succeeded());
+    EXPECT_EQ(m->size(), n);
+    EXPECT_TRUE(same(m->bytes(), data));
+  }
+  EXPECT_THAT(a.send(pattern(default_max_message_size + 1, 0)), HasError(errc::message_too_large));
+  ASSERT_THAT(a.send(as_bytes("still in step")), Succeeded());
+  EXPECT_EQ(b.receive()->text(), "still in step");
+}
+
+TEST_F(channel_test, TheNativeFrameOnTheWireIsTheDocumentedOne) {
+  auto [ch, raw] = make_raw(socket_kind::stream);
+  auto [read_end, write_end] = make_pipe();
+  const std::array<int, 1> fds{read_end.get()};
+  ASSERT_THAT(ch.send(as_bytes("hi"), fds), Succeeded());
+  std::array<std::byte, 64> buf{};
+  const std::array<mutable_buffer, 1> in{buf};
+  std::array<unique_fd, 2> got;
+  auto r = raw.receive_msg(in, got);
+  ASSERT_THAT(r, Succeeded());
+  const std::vector<std::byte> expected = {
+      std::byte{0x44}, std::byte{0x58}, std::byte{0x01}, std::byte{0x00},  // "DX", v1, no flags
+      std::byte{0x01}, std::byte{0x00}, std::byte{0x00}, std::byte{0x00},  // 1 fd, reserved
+      std::byte{0x02}, std::byte{0x00}, std::byte{0x00}, std::byte{0x00},  // length 2 ...
+      std::byte{0x00}, std::byte{0x00}, std::byte{0x00}, std::byte{0x00},  // ... little-endian
+      std::byte{'h'},  std::byte{'i'}};
+  EXPECT_EQ(
+      std::vector<std::byte>(buf.begin(), buf.begin() + static_cast<std::ptrdiff_t>(r->bytes)),
+      expected);
+  EXPECT_EQ(r->fds, 1U);  // with the frame's first byte
+}
+
+TEST_F(channel_test, ThePythonFrameOnTheWireIsCPythons) {
+  auto [ch, raw] = make_raw(socket_kind::stream, {.format = framing::python});
+  ASSERT_THAT(ch.send(as_bytes("abc")), Succeeded());
+  std::array<std::byte, 7> buf{};
+  ASSERT_THAT(raw.receive_exact(buf), Succeeded());
+  const std::vector<std::byte> expected = {std::byte{0},  std::byte{0},   std::byte{0},
+                                           std::byte{3},  std::byte{'a'}, std::byte{'b'},
+                                           std::byte{'c'}};
+  EXPECT_EQ(std::vector<std::byte>(buf.begin(), buf.end()), expected);
+  auto [read_end, write_end] = make_pipe();
+  const std::array<int, 1> fds{read_end.get()};
+  EXPECT_THAT(ch.send(as_bytes("x"), fds), HasError(errc::not_supported));
+}
+
+// --- receive_into, try_receive, timeouts -----------------------------------------------------
+
+TEST_P(channel_kind_test, ReceiveIntoASmallBufferConsumesNothing) {
+  auto [a, b] = make(GetParam());
+  auto [read_end, write_end] = make_pipe();
+  const std::array<int, 2> two{read_end.get(), write_end.get()};
+  ASSERT_THAT(a.send(as_bytes("a message of 27 bytes......")), Succeeded());
+  ASSERT_THAT(a.send(as_bytes("with fds"), two), Succeeded());
+  ASSERT_THAT(a.send(as_bytes("next")), Succeeded());
+  std::array<std::byte, 8> small{};
+  EXPECT_THAT(b.receive_into(small), HasError(errc::buffer_too_small));
+  EXPECT_THAT(b.receive_into(small), HasError(errc::buffer_too_small));  // still there
+  std::array<std::byte, 64> big{};
+  auto info = b.receive_into(big);
+  ASSERT_THAT(info, Succeeded());
+  EXPECT_EQ(as_string_view(std::span(big).first(info->size)), "a message of 27 bytes......");
+  std::array<unique_fd, 1> one;
+  EXPECT_THAT(b.receive_into(big, one), HasError(errc::too_many_fds));  // needs room for 2
+  EXPECT_FALSE(one[0].valid());
+  std::array<unique_fd, 2> room;
+  info = b.receive_into(big, room);
+  ASSERT_THAT(info, Succeeded());
+  EXPECT_EQ(info->fds, 2U);
+  EXPECT_EQ(inode_of(room[0].get()), inode_of(read_end.get()));
+  EXPECT_EQ(inode_of(room[1].get()), inode_of(write_end.get()));
+  EXPECT_EQ(b.receive()->text(), "next");  // the stream stayed in step
+}
+
+TEST_P(channel_kind_test, TryReceiveAndTimeouts) {
+  auto [a, b] = make(GetParam());
+  EXPECT_THAT(b.try_receive(), HasError(errc::would_block));
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_THAT(b.receive(30ms), HasError(errc::timed_out));
+  EXPECT_GE(std::chrono::steady_clock::now() - start, 30ms);
+  EXPECT_THAT(b.wait_readable(10ms), HasError(errc::timed_out));
+  ASSERT_THAT(a.send(as_bytes("now")), Succeeded());
+  EXPECT_THAT(b.wait_readable(10s), Succeeded());
+  EXPECT_EQ(b.try_receive()->text(), "now");
+}
+
+TEST_F(channel_test, APartialFrameWaitsForTheRestAcrossCalls) {
+  auto [ch, raw] = make_raw(socket_kind::stream);
+  const auto body = pattern(100000, 5);
+  const auto wire_bytes = frame(body);
+  ASSERT_THAT(raw.send_all(std::span(wire_bytes).first(30000)), Succeeded());
+  EXPECT_THAT(ch.try_receive(), HasError(errc::would_block));
+  std::vector<std::byte> callers(200000);
+  EXPECT_THAT(ch.receive_into(callers, {}, 20ms), HasError(errc::timed_out));
+  std::fill(callers.begin(), callers.end(), std::byte{0});  // the caller reuses its buffer
+  ASSERT_THAT(raw.send_all(std::span(wire_bytes).subspan(30000)), Succeeded());
+  auto m = ch.receive(10s);
+  ASSERT_THAT(m, Succeeded());
+  EXPECT_TRUE(same(m->bytes(), body));
+}
+
+// --- peer ends (class 1), SIGPIPE (class 2) --------------------------------------------------
+
+TEST_P(channel_kind_test, EveryMessageBeforeAnOrderlyCloseThenPeerClosed) {
+  auto [a, b] = make(GetParam());
+  for (int i = 0; i < 100; ++i)
+    ASSERT_THAT(a.send(as_bytes(std::to_string(i))), Succeeded());
+  a = channel();  // destroyed: the fd is closed
+  for (int i = 0; i < 100; ++i)
+    ASSERT_EQ(b.receive()->text(), std::to_string(i));
+  EXPECT_THAT(b.receive(), HasError(errc::peer_closed));
+  EXPECT_THAT(b.receive(), HasError(errc::peer_closed));
+  EXPECT_THAT(b.send(as_bytes("x")), HasError(errc::peer_closed));
+}
+
+TEST_P(channel_kind_test, APeerClosingWithUnreadDataStillDeliversEverything) {
+  auto [a, b] = make(GetParam());
+  ASSERT_THAT(a.send(as_bytes("never read by b")), Succeeded());
+  for (int i = 0; i < 10; ++i)
+    ASSERT_THAT(b.send(as_bytes(std::to_string(i))), Succeeded());
+  b = channel();  // closes with a's message unread: ECONNRESET for a, after b's messages
+  for (int i = 0; i < 10; ++i)
+    ASSERT_EQ(a.receive()->text(), std::to_string(i));
+  EXPECT_THAT(a.receive(), HasError(errc::peer_closed));
+}
+
+TEST_P(channel_kind_test, APeerThatExitsBeforeTheFirstMessage) {
+  auto pair = socket_pair(GetParam());
+  const pid_t pid = fork_or_throw();
+  if (pid == 0) ::_exit(0);  // holds a copy of both ends, exits at once
+  pair->second.close();
+  auto ch = channel::create(std::move(pair->first));
+  EXPECT_EQ(reap(pid), 0);
+  EXPECT_THAT(ch->receive(10s), HasError(errc::peer_closed));
+}
+
+TEST_F(channel_test, APeerKilledInsideAFrameGivesTruncatedMessage) {
+  auto pair = socket_pair(socket_kind::stream);
+  const pid_t pid = fork_or_throw();
+  if (pid == 0) {
+    pair->first.close();
+    const auto whole = frame(text_bytes("whole"));
+    const auto big = frame(pattern(1 << 20, 1));
+    // A whole message, then the start of a 1 MiB one; then wait to be killed.
+    if (!pair->second.send_all(whole)) ::_exit(1);
+    if (!pair->second.send_all(std::span(big).first(300000))) ::_exit(1);
+    ::pause();
+    ::_exit(2);
+  }
+  pair->second.close();
+  auto ch = channel::create(std::move(pair->first));
+  ASSERT_THAT(ch, Succeeded());
+  EXPECT_EQ(ch->receive(10s)->text(), "whole");
+  // Read part of the big frame, then kill the sender in the middle of it.
+  EXPECT_THAT(ch->receive(50ms), HasError(errc::timed_out));
+  ::kill(pid, SIGKILL);
+  const int status = reap(pid);
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+  EXPECT_THAT(ch->receive(10s), HasError(errc::truncated_message));
+  EXPECT_THAT(ch->receive(10s), HasError(errc::peer_closed));
+  EXPECT_FALSE(ch->is_broken());
+}
+
+TEST_F(channel_test, APeerKilledBetweenHeaderAndPayload) {
+  auto [ch, raw] = make_raw(socket_kind::stream);
+  const auto first = frame(text_bytes("complete"));
+  const auto second = frame(pattern(1000, 2));
+  ASSERT_THAT(raw.send_all(first), Succeeded());
+  ASSERT_THAT(raw.send_all(std::span(second).first(16 + 10)), Succeeded());
+  raw.close();
+  EXPECT_EQ(ch.receive()->text(), "complete");
+  EXPECT_THAT(ch.receive(), HasError(errc::truncated_message));
+  EXPECT_THAT(ch.receive(), HasError(errc::peer_closed));
+}
+
+TEST_P(channel_kind_test, SendingToADeadPeerIsAnErrorNotSigpipe) {
+  const test::default_sigpipe sigpipe;  // had a write raised it, this process would die
+  auto [a, b] = make(GetParam());
+  b = channel();
+  auto first = a.send(as_bytes("anyone?"));
+  auto second = a.send(pattern(GetParam() == socket_kind::stream ? 1 << 20 : 1000, 3));
+  EXPECT_THAT(first, HasError(errc::peer_closed));
+  EXPECT_THAT(second, HasError(errc::peer_closed));
+}
+
+// --- chopped I/O (class 3) -------------------------------------------------------------------
+
+// A raw writer cuts frames into 143-byte slices (fds with each frame's first slice); the channel
+// reads through a 137-byte buffer. Frames and fds come out exact.
+TEST_F(channel_test, OddSlicesOnBothSidesWithFds) {
+  auto [ch, raw] = make_raw(socket_kind::stream, {.receive_buffer_size = 137});
+  auto [read_end, write_end] = make_pipe();
+  const ino_t pipe_inode = inode_of(read_end.get());
+  constexpr int count = 300;
+  std::thread writer([&raw, &read_end] {
+    for (int i = 0; i < count; ++i) {
+      const std::uint16_t nfds = static_cast<std::uint16_t>(i % 4);
+      const auto bytes =
+          frame(pattern(static_cast<std::size_t>(i * 37 % 1500), static_cast<unsigned>(i)), nfds);
+      const std::vector<int> fds(nfds, read_end.get());
+      for (std::size_t at = 0; at < bytes.size(); at += 143) {
+        const auto slice =
+            std::span(bytes).subspan(at, std::min<std::size_t>(143, bytes.size() - at));
+        const std::array<const_buffer, 1> parts{slice};
+        auto sent =
+            raw.send_msg(parts, at == 0 ? std::span<const int>(fds) : std::span<const int>{});
+        ASSERT_TRUE(sent && *sent == slice.size());
+      }
+    }
+  });
+  for (int i = 0; i < count; ++i) {
+    auto m = ch.receive(30s);
+    ASSERT_THAT(m, Succeeded()) << "message " << i;
+    EXPECT_TRUE(same(m->bytes(),
+                     pattern(static_cast<std::size_t>(i * 37 % 1500), static_cast<unsigned>(i))));
+    ASSERT_EQ(m->fds().size(), static_cast<std::size_t>(i % 4)) << "message " << i;
+    for (const auto& fd : m->fds())
+      EXPECT_EQ(inode_of(fd.get()), pipe_inode);
+  }
+  writer.join();
+}
+
+// Both ends non-blocking with tiny buffers: sends are cut short by the kernel again and again,
+// fds travel once with their frame, and the reader polls.
+TEST_P(channel_kind_test, NonBlockingShortWritesWithFds) {
+  auto pair = socket_pair(GetParam(), {.non_blocking = true});
+  ASSERT_THAT(pair->first.set_send_buffer_size(1), Succeeded());
+  ASSERT_THAT(pair->second.set_receive_buffer_size(1), Succeeded());
+  auto a = channel::create(std::move(pair->first));
+  auto b = channel::create(std::move(pair->second));
+  auto [read_end, write_end] = make_pipe();
+  const std::size_t sndbuf_limit = 2000;  // packets must fit the tiny buffer
+  const std::size_t big = GetParam() == socket_kind::stream ? 300000 : sndbuf_limit;
+  constexpr int count = 40;
+  std::thread writer([&] {
+    for (int i = 0; i < count; ++i) {
+      const std::array<int, 1> fds{read_end.get()};
+      const auto data =
+          pattern(static_cast<std::size_t>(i) * big / count, static_cast<unsigned>(i));
+      ASSERT_THAT(a->send(data, fds), Succeeded()) << i;
+    }
+  });
+  for (int i = 0; i < count;) {
+    auto m = b->try_receive();
+    if (!m && m.error() == errc::would_block) {
+      ASSERT_THAT(b->wait_readable(30s), Succeeded());
+      continue;
+    }
+    ASSERT_THAT(m, Succeeded()) << i;
+    EXPECT_TRUE(same(m->bytes(),
+                     pattern(static_cast<std::size_t>(i) * big / count, static_cast<unsigned>(i))));
+    EXPECT_EQ(m->fds().size(), 1U);
+    ++i;
+  }
+  writer.join();
+}
+
+// --- hostile headers written raw (class 6) ---------------------------------------------------
+
+struct hostile_case {
+  const char* name;
+  std::vector<std::byte> bytes;
+  errc expected;
+};
+
+std::vector<hostile_case> hostile_stream_cases() {
+  auto patch = [](std::size_t at, int value) {
+    auto b = frame(text_bytes("x"));
+    b[at] = static_cast<std::byte>(value);
+    return b;
+  };
+  const std::size_t max = 1000;
+  return {
+      {"length at the limit + 1", frame({}, 0, max + 1), errc::message_too_large},
+      {"length 2^32 - 1", frame({}, 0, 0xffffffffULL), errc::message_too_large},
+      {"length 2^64 - 1", frame({}, 0, ~0ULL), errc::message_too_large},
+      {"bad magic", patch(0, 'Z'), errc::protocol_error},
+      {"unknown version", patch(2, 9), errc::protocol_error},
+      {"unknown flag", patch(3, 0x80), errc::protocol_error},
+      {"254 fds announced", patch(4, 254), errc::protocol_error},
+      {"reserved byte set", patch(6, 1), errc::protocol_error},
+      {"fds announced, none sent", frame(text_bytes("x"), 2), errc::protocol_error},
+  };
+}
+
+TEST_F(channel_test, HostileStreamHeadersBreakTheChannelWithoutAllocating) {
+  for (const auto& c : hostile_stream_cases()) {
+    SCOPED_TRACE(c.name);
+    auto [ch, raw] = make_raw(socket_kind::stream, {.max_message_size = 1000});
+    ASSERT_THAT(raw.send_all(frame(text_bytes("before"))), Succeeded());
+    ASSERT_THAT(raw.send_all(c.bytes), Succeeded());
+    ASSERT_THAT(raw.send_all(frame(text_bytes("after"))), Succeeded());
+    EXPECT_EQ(ch.receive()->text(), "before");
+    EXPECT_THAT(ch.receive(), HasError(c.expected));
+    EXPECT_TRUE(ch.is_broken());
+    EXPECT_THAT(ch.receive(), HasError(errc::broken));  // every later call says so
+    EXPECT_THAT(ch.try_receive(), HasError(errc::broken));
+    EXPECT_THAT(ch.send(as_bytes("x")), HasError(errc::broken));
+  }
+}
+
+TEST_F(channel_test, HostilePythonLengths) {
+  const std::vector<std::pair<std::vector<std::byte>, errc>> cases = {
+      {{std::byte{0xff}, std::byte{0xff}, std::byte{0xff}, std::byte{0xfe}}, errc::protocol_error},
+      {{std::byte{0x80}, std::byte{0}, std::byte{0}, std::byte{0}}, errc::protocol_error},
+      {{std::byte{0}, std::byte{0}, std::byte{0x03}, std::byte{0xe9}}, errc::message_too_large},
+      {{std::byte{0xff}, std::byte{0xff}, std::byte{0xff}, std::byte{0xff}, std::byte{0xff},
+        std::byte{0xff}, std::byte{0xff}, std::byte{0xff}, std::byte{0xff}, std::byte{0xff},
+        std::byte{0xff}, std::byte{0xff}},
+       errc::message_too_large},
+  };
+  for (const auto& [bytes, expected] : cases) {
+    auto [ch, raw] =
+        make_raw(socket_kind::stream, {.format = framing::python, .max_message_size = 1000});
+    ASSERT_THAT(raw.send_all(bytes), Succeeded());
+    EXPECT_THAT(ch.receive(), HasError(expected));
+    EXPECT_THAT(ch.receive(), HasError(errc::broken));
+  }
+}
+
+TEST_F(channel_test, HostileSeqpacketPackets) {
+  const std::vector<std::pair<std::vector<std::byte>, errc>> breaking = {
+      {{}, errc::protocol_error},                              // an empty packet
+      {text_bytes("short"), errc::protocol_error},             // shorter than a header
+      {frame(text_bytes("abc"), 0, 4), errc::protocol_error},  // length disagrees
+      {frame(text_bytes("abc"), 1), errc::protocol_error},     // an fd announced, none sent
+  };
+  for (const auto& [bytes, expected] : breaking) {
+    auto [ch, raw] = make_raw(socket_kind::seqpacket);
+    ASSERT_THAT(raw.send(bytes), Succeeded());
+    EXPECT_THAT(ch.receive(), HasError(expected));
+    EXPECT_THAT(ch.receive(), HasError(errc::broken));
+  }
+  // Over the maximum: a packet can be skipped whole, so the channel carries on.
+  auto [ch, raw] = make_raw(socket_kind::seqpacket, {.max_message_size = 10});
+  ASSERT_THAT(raw.send(frame(pattern(11, 1))), Succeeded());
+  ASSERT_THAT(raw.send(frame(text_bytes("fits"))), Succeeded());
+  EXPECT_THAT(ch.receive(), HasError(errc::message_too_large));
+  EXPECT_EQ(ch.receive()->text(), "fits");
+}
+
+// --- fd passing (class 8) --------------------------------------------------------------------
+
+TEST_P(channel_kind_test, AnFdTravelsWithItsMessageAndWorks) {
+  auto [a, b] = make(GetParam());
+  auto [read_end, write_end] = make_pipe();
+  const std::array<int, 1> fds{read_end.get()};
+  ASSERT_THAT(a.send(as_bytes("a pipe"), fds), Succeeded());
+  EXPECT_TRUE(test::fd_is_open(read_end.get()));  // the sender keeps its own
+  auto m = b.receive();
+  ASSERT_THAT(m, Succeeded());
+  ASSERT_EQ(m->fds().size(), 1U);
+  EXPECT_TRUE(test::fd_is_cloexec(m->fds()[0].get()));
+  ASSERT_EQ(::write(write_end.get(), "ok", 2), 2);
+  char buf[2];
+  ASSERT_EQ(::read(m->fds()[0].get(), buf, 2), 2);
+  EXPECT_EQ(std::string(buf, 2), "ok");
+}
+
+TEST_P(channel_kind_test, The253rdFdGoesThe254thIsRefusedAndTheCallerKeepsItsFds) {
+  auto [a, b] = make(GetParam());
+  auto [read_end, write_end] = make_pipe();
+  std::vector<int> fds(max_fds_per_message + 1, read_end.get());
+  EXPECT_THAT(a.send(as_bytes("too many"), fds), HasError(errc::too_many_fds));
+  EXPECT_THAT(b.try_receive(), HasError(errc::would_block));  // nothing was sent
+  EXPECT_TRUE(test::fd_is_open(read_end.get()));
+  fds.pop_back();
+  ASSERT_THAT(a.send(as_bytes("253"), fds), Succeeded());
+  auto m = b.receive();
+  ASSERT_THAT(m, Succeeded());
+  EXPECT_EQ(m->fds().size(), max_fds_per_message);
+}
+
+TEST_P(channel_kind_test, MoreFdsThanThisEndAcceptsAreClosedAndTheNextMessageIsIntact) {
+  auto [a, b] = make(GetParam(), {.max_fds = 2});
+  auto [read_end, write_end] = make_pipe();
+  const std::array<int, 3> three{read_end.get(), read_end.get(), read_end.get()};
+  const std::array<int, 2> two{read_end.get(), write_end.get()};
+  const std::size_t before = test::open_fd_count();
+  ASSERT_THAT(a.send(pattern(5000, 1), three), Succeeded());
+  ASSERT_THAT(a.send(as_bytes("two"), two), Succeeded());
+  EXPECT_THAT(b.receive(), HasError(errc::too_many_fds));
+  EXPECT_EQ(test::open_fd_count(), before);
+  auto m = b.receive();
+  ASSERT_THAT(m, Succeeded());
+  EXPECT_EQ(m->text(), "two");
+  EXPECT_EQ(m->fds().size(), 2U);
+}
+
+TEST_P(channel_kind_test, FdsWhereNoneWereAnnouncedAreClosed) {
+  auto [ch, raw] = make_raw(GetParam());
+  auto [read_end, write_end] = make_pipe();
+  const auto bytes = frame(text_bytes("no fds here"));
+  const std::array<const_buffer, 1> parts{bytes};
+  const std::array<int, 2> fds{read_end.get(), write_end.get()};
+  ASSERT_THAT(raw.send_msg(parts, fds), Succeeded());
+  const std::size_t before = test::open_fd_count();
+  if (GetParam() == socket_kind::stream) {
+    // The message itself is intact; the stray fds are then reported and closed.
+    EXPECT_EQ(ch.receive()->text(), "no fds here");
+  }
+  EXPECT_THAT(ch.receive(), HasError(errc::protocol_error));
+  EXPECT_EQ(test::open_fd_count(), before);
+}
+
+TEST_P(channel_kind_test, AFdCountThatDisagreesIsAProtocolError) {
+  auto [ch, raw] = make_raw(GetParam());
+  auto [read_end, write_end] = make_pipe();
+  const auto bytes = frame(text_bytes("two announced"), 2);
+  const std::array<const_buffer, 1> parts{bytes};
+  const std::array<int, 1> fds{read_end.get()};
+  ASSERT_THAT(raw.send_msg(parts, fds), Succeeded());
+  const std::size_t before = test::open_fd_count();
+  EXPECT_THAT(ch.receive(), HasError(errc::protocol_error));
+  EXPECT_EQ(test::open_fd_count(), before);
+}
+
+TEST_P(channel_kind_test, CredentialsControlMessagesAreIgnored) {
+  auto [ch, raw] = make_raw(GetParam());
+  const int on = 1;
+  ASSERT_EQ(::setsockopt(ch.native_handle(), SOL_SOCKET, SO_PASSCRED, &on, sizeof(on)), 0);
+  ASSERT_THAT(raw.send(frame(text_bytes("with credentials"))), Succeeded());
+  EXPECT_EQ(ch.receive()->text(), "with credentials");
+}
+
+TEST_P(channel_kind_test, FdsCutShortAtRlimitNofileRefuseOneMessageOnly) {
+  const socket_kind kind = GetParam();
+  const int status = test::run_in_child([kind] {
+    auto ends = channel_pair(kind);
+    if (!ends) return 10;
+    auto [read_end, write_end] = make_pipe();
+    const std::array<int, 3> fds{read_end.get(), write_end.get(), read_end.get()};
+    if (!ends->first.send(as_bytes("three fds"), fds)) return 11;
+    if (!ends->first.send(as_bytes("after"))) return 12;
+    const std::size_t before = test::open_fd_count();
+    int lowest = 0;
+    while (test::fd_is_open(lowest))
+      ++lowest;
+    rlimit old{};
+    ::getrlimit(RLIMIT_NOFILE, &old);
+    const rlimit lowered{static_cast<rlim_t>(lowest + 1), old.rlim_max};  // room for one fd
+    if (::setrlimit(RLIMIT_NOFILE, &lowered) != 0) return 13;
+    auto first = ends->second.receive();
+    ::setrlimit(RLIMIT_NOFILE, &old);
+    if (first || first.error() != errc::fds_truncated) return 14;
+    if (test::fd_is_open(lowest)) return 15;  // the one fd the kernel installed was closed
+    if (test::open_fd_count() != before) return 16;
+    auto second = ends->second.receive();
+    if (!second || second->text() != "after") return 17;
+    return 0;
+  });
+  EXPECT_EQ(status, 0);
+}
+
+TEST_F(channel_test, FdsTravelOnceWithALargeFrameCutIntoManyWrites) {
+  auto [a, b] = make(socket_kind::stream);
+  auto [read_end, write_end] = make_pipe();
+  const std::array<int, 3> fds{read_end.get(), write_end.get(), read_end.get()};
+  const auto data = pattern(8 << 20, 4);
+  std::thread sender([&] {
+    ASSERT_THAT(a.send(data, fds), Succeeded());
+    ASSERT_THAT(a.send(as_bytes("then none")), Succeeded());
+  });
+  auto m = b.receive(30s);
+  ASSERT_THAT(m, Succeeded());
+  EXPECT_EQ(m->fds().size(), 3U);
+  EXPECT_TRUE(same(m->bytes(), data));
+  auto next = b.receive(30s);
+  ASSERT_THAT(next, Succeeded());
+  EXPECT_TRUE(next->fds().empty());
+  sender.join();
+}
+
+// --- threads (class 12) ----------------------------------------------------------------------
+
+TEST_P(channel_kind_test, ConcurrentSendersNeverInterleave) {
+  auto [a, b] = make(GetParam());
+  constexpr int threads = 4;
+  constexpr int per_thread = 400;
+  std::vector<std::thread> senders;
+  for (int t = 0; t < threads; ++t) {
+    senders.emplace_back([&a, t] {
+      for (int i = 0; i < per_thread; ++i) {
+        // thread, sequence number, then a body whose size and contents both depend on them
+        std::vector<std::byte> m(8 + static_cast<std::size_t>((t * 7919 + i * 104729) % 20000));
+        const std::uint32_t id[2] = {static_cast<std::uint32_t>(t), static_cast<std::uint32_t>(i)};
+        std::memcpy(m.data(), id, 8);
+        const auto body = pattern(m.size() - 8, static_cast<unsigned>(t * 100000 + i));
+        std::copy(body.begin(), body.end(), m.begin() + 8);
+        ASSERT_THAT(a.send(m), Succeeded());
+      }
+    });
+  }
+  std::map<std::uint32_t, std::uint32_t> next;
+  for (int n = 0; n < threads * per_thread; ++n) {
+    auto m = b.receive(30s);
+    ASSERT_THAT(m, Succeeded());
+    std::uint32_t id[2];
+    ASSERT_GE(m->size(), 8U);
+    std::memcpy(id, m->bytes().data(), 8);
+    EXPECT_EQ(id[1], next[id[0]]++) << "thread " << id[0] << " out of order";
+    EXPECT_EQ(m->size(), 8 + static_cast<std::size_t>((id[0] * 7919 + id[1] * 104729) % 20000));
+    EXPECT_TRUE(same(m->bytes().subspan(8), pattern(m->size() - 8, id[0] * 100000 + id[1])));
+  }
+  for (auto& s : senders)
+    s.join();
+}
+
+TEST_P(channel_kind_test, ConcurrentReceiversEachGetWholeMessagesExactlyOnce) {
+  auto [a, b] = make(GetParam());
+  constexpr int total = 2000;
+  std::vector<std::vector<int>> got(3);
+  std::vector<std::thread> receivers;
+  for (int r = 0; r < 3; ++r) {
+    receivers.emplace_back([&b, &got, r] {
+      for (;;) {
+        auto m = b.receive(30s);
+        if (!m) {
+          EXPECT_THAT(m, HasError(errc::peer_closed));
+          return;
+        }
+        const int n = std::stoi(std::string(m->text().substr(0, m->text().find(' '))));
+        EXPECT_EQ(m->size(), std::to_string(n).size() + 1 + static_cast<std::size_t>(n % 3000));
+        got[static_cast<std::size_t>(r)].push_back(n);
+      }
+    });
+  }
+  for (int i = 0; i < total; ++i) {
+    std::string text =
+        std::to_string(i) + " " + std::string(static_cast<std::size_t>(i % 3000), 'x');
+    ASSERT_THAT(a.send(as_bytes(text)), Succeeded());
+  }
+  a = channel();
+  for (auto& r : receivers)
+    r.join();
+  std::vector<int> all;
+  for (const auto& g : got) {
+    EXPECT_TRUE(std::ranges::is_sorted(g));  // each receiver sees stream order
+    all.insert(all.end(), g.begin(), g.end());
+  }
+  std::ranges::sort(all);
+  ASSERT_EQ(all.size(), static_cast<std::size_t>(total));
+  for (int i = 0; i < total; ++i)
+    EXPECT_EQ(all[static_cast<std::size_t>(i)], i);
+}
+
+TEST_P(channel_kind_test, CloseWhileOtherThreadsSendAndReceive) {
+  auto [a, b] = make(GetParam());
+  std::atomic<int> sent{0};
+  std::thread sender([&] {
+    const auto data = pattern(GetParam() == socket_kind::stream ? 100000 : 1000, 1);
+    for (;;) {
+      auto r = a.send(data);  // b never reads: this blocks once the buffers are full
+      if (!r) {
+        EXPECT_THAT(r, HasError(errc::closed));
+        return;
+      }
+      ++sent;
+    }
+  });
+  std::thread receiver([&] {
+    auto r = a.receive();  // nothing ever comes to a
+    EXPECT_THAT(r, HasError(errc::closed));
+  });
+  while (sent.load() < 2)
+    std::this_thread::sleep_for(1ms);
+  std::this_thread::sleep_for(20ms);
+  a.close();
+  sender.join();
+  receiver.join();
+  EXPECT_THAT(a.send(as_bytes("x")), HasError(errc::closed));
+  EXPECT_THAT(a.receive(), HasError(errc::closed));
+  EXPECT_THAT(a.peer_credentials(), HasError(errc::closed));
+}
+
+TEST_F(channel_test, CloseOnAnIdleChannelClosesTheFdAtOnce) {
+  auto [a, b] = make(socket_kind::stream);
+  const int fd = a.native_handle();
+  a.close();
+  EXPECT_FALSE(test::fd_is_open(fd));
+  EXPECT_EQ(a.native_handle(), -1);
+  EXPECT_THAT(a.send(as_bytes("x")), HasError(errc::closed));
+  EXPECT_THAT(b.receive(), HasError(errc::peer_closed));
+}
+
+TEST_P(channel_kind_test, ClosingTheChildsEndInTheParentLeavesTheChildConnected) {
+  auto ends = make(GetParam());
+  const pid_t pid = fork_or_throw();
+  if (pid == 0) {
+    ends.first.close();
+    auto ping = ends.second.receive(10s);
+    if (!ping || ping->text() != "ping") ::_exit(1);
+    ::_exit(ends.second.send(as_bytes("pong")) ? 0 : 2);
+  }
+  ends.second.close();  // the parent's copy only: no shutdown of the child's connection
+  ASSERT_THAT(ends.first.send(as_bytes("ping")), Succeeded());
+  auto pong = ends.first.receive(10s);
+  ASSERT_THAT(pong, Succeeded());
+  EXPECT_EQ(pong->text(), "pong");
+  EXPECT_EQ(reap(pid), 0);
+}
+
+// --- half-close and credentials --------------------------------------------------------------
+
+TEST_P(channel_kind_test, HalfCloseDeliversEverythingAndTheReplyStillComes) {
+  auto [a, b] = make(GetParam());
+  ASSERT_THAT(a.send(as_bytes("request")), Succeeded());
+  ASSERT_THAT(a.shutdown_send(), Succeeded());
+  EXPECT_EQ(b.receive()->text(), "request");
+  EXPECT_THAT(b.receive(), HasError(errc::peer_closed));
+  ASSERT_THAT(b.send(as_bytes("reply")), Succeeded());
+  EXPECT_EQ(a.receive()->text(), "reply");
+  EXPECT_THAT(a.send(as_bytes("late")), HasError(errc::peer_closed));
+}
+
+TEST_F(channel_test, CredentialsNameTheCreatorOfThePair) {
+  auto [a, b] = make(socket_kind::seqpacket);
+  auto cred = a.peer_credentials();
+  ASSERT_THAT(cred, Succeeded());
+  EXPECT_EQ(cred->pid, ::getpid());
+  auto pidfd = b.peer_pidfd();
+  if (!pidfd && pidfd.error() == errc::not_supported) GTEST_SKIP() << "kernel before 6.5";
+  ASSERT_THAT(pidfd, Succeeded());
+  EXPECT_TRUE(test::fd_is_cloexec(pidfd->get()));
+}
+
+}  // namespace
+}  // namespace duplex

@@ -1,0 +1,116 @@
+// Golden byte vectors for both wire formats: if one of these changes, the wire format changed,
+// and docs/protocol.md and the version must change with it.
+#include "duplex/framing.hpp"
+
+#include <vector>
+
+#include "support.hpp"
+
+namespace duplex {
+namespace {
+
+using test::HasError;
+
+std::vector<std::byte> bytes(std::initializer_list<int> values) {
+  std::vector<std::byte> out;
+  for (int v : values)
+    out.push_back(static_cast<std::byte>(v));
+  return out;
+}
+
+template <std::size_t N>
+std::vector<std::byte> vec(const std::array<std::byte, N>& a) {
+  return {a.begin(), a.end()};
+}
+
+result<wire::native_header> decode(const std::vector<std::byte>& b) {
+  return wire::decode_native(std::span<const std::byte, wire::native_header_size>(b.data(), 16));
+}
+
+TEST(native_framing, GoldenHeaderForTwoBytesWithoutFds) {
+  EXPECT_EQ(vec(wire::encode_native({2, 0, 0})),
+            bytes({0x44, 0x58, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00,     // "DX", v1, flags, fds, rsvd
+                   0x02, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00}));  // length 2, little-endian
+}
+
+TEST(native_framing, GoldenHeaderWithFdsAndALargeLength) {
+  EXPECT_EQ(vec(wire::encode_native({0x0102030405060708ULL, 253, 0})),
+            bytes({0x44, 0x58, 0x01, 0x00, 0xfd, 0x00, 0x00, 0x00,  //
+                   0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01}));
+}
+
+TEST(native_framing, DecodesWhatItEncodes) {
+  for (const wire::native_header h : {wire::native_header{0, 0, 0}, wire::native_header{1, 1, 0},
+                                      wire::native_header{~0ULL, 253, 0}}) {
+    const auto encoded = vec(wire::encode_native(h));
+    auto decoded = decode(encoded);
+    ASSERT_TRUE(decoded);
+    EXPECT_EQ(*decoded, h);
+  }
+}
+
+TEST(native_framing, RejectsEveryMalformedField) {
+  const auto good = vec(wire::encode_native({5, 1, 0}));
+  ASSERT_TRUE(decode(good));
+  auto with = [&](std::size_t at, int value) {
+    auto b = good;
+    b[at] = static_cast<std::byte>(value);
+    return decode(b);
+  };
+  EXPECT_THAT(with(0, 'd'), HasError(errc::protocol_error));  // magic
+  EXPECT_THAT(with(1, 'x'), HasError(errc::protocol_error));  // magic
+  EXPECT_THAT(with(2, 0), HasError(errc::protocol_error));    // version 0
+  EXPECT_THAT(with(2, 2), HasError(errc::protocol_error));    // a future version
+  for (int bit = 0; bit < 8; ++bit) {
+    EXPECT_THAT(with(3, 1 << bit), HasError(errc::protocol_error)) << "flag bit " << bit;
+  }
+  EXPECT_THAT(with(4, 254), HasError(errc::protocol_error));   // 254 fds
+  EXPECT_THAT(with(5, 1), HasError(errc::protocol_error));     // 257 fds
+  EXPECT_THAT(with(6, 1), HasError(errc::protocol_error));     // reserved
+  EXPECT_THAT(with(7, 0x80), HasError(errc::protocol_error));  // reserved
+}
+
+TEST(python_framing, GoldenShortHeader) {
+  std::array<std::byte, wire::python_max_header_size> out{};
+  ASSERT_EQ(wire::encode_python(16385, out), 4U);
+  EXPECT_EQ(std::vector<std::byte>(out.begin(), out.begin() + 4), bytes({0x00, 0x00, 0x40, 0x01}));
+  ASSERT_EQ(wire::encode_python(0x7fffffff, out), 4U);
+  EXPECT_EQ(std::vector<std::byte>(out.begin(), out.begin() + 4), bytes({0x7f, 0xff, 0xff, 0xff}));
+}
+
+TEST(python_framing, GoldenLongHeaderAbove2GiB) {
+  std::array<std::byte, wire::python_max_header_size> out{};
+  ASSERT_EQ(wire::encode_python(0x80000000ULL, out), 12U);
+  EXPECT_EQ(std::vector<std::byte>(out.begin(), out.end()),
+            bytes({0xff, 0xff, 0xff, 0xff,  // -1: an 8-byte length follows
+                   0x00, 0x00, 0x00, 0x00, 0x80, 0x00, 0x00, 0x00}));
+}
+
+TEST(python_framing, DecodeWaitsForWholeHeaders) {
+  const auto short_header = bytes({0x00, 0x00, 0x01});
+  auto r = wire::decode_python(short_header);
+  ASSERT_TRUE(r);
+  EXPECT_FALSE(r->has_value());
+  const auto marker_only = bytes({0xff, 0xff, 0xff, 0xff, 0x00, 0x00});
+  r = wire::decode_python(marker_only);
+  ASSERT_TRUE(r);
+  EXPECT_FALSE(r->has_value());
+  const auto long_header = bytes({0xff, 0xff, 0xff, 0xff, 0, 0, 0, 1, 0, 0, 0, 0});
+  r = wire::decode_python(long_header);
+  ASSERT_TRUE(r && r->has_value());
+  EXPECT_EQ((*r)->header_size, 12U);
+  EXPECT_EQ((*r)->length, 1ULL << 32);
+  const auto zero = bytes({0, 0, 0, 0});
+  r = wire::decode_python(zero);
+  ASSERT_TRUE(r && r->has_value());
+  EXPECT_EQ((*r)->length, 0U);
+}
+
+TEST(python_framing, NegativeLengthsOtherThanMinusOneAreProtocolErrors) {
+  // CPython would read these as an empty message; duplex refuses them.
+  EXPECT_THAT(wire::decode_python(bytes({0xff, 0xff, 0xff, 0xfe})), HasError(errc::protocol_error));
+  EXPECT_THAT(wire::decode_python(bytes({0x80, 0x00, 0x00, 0x00})), HasError(errc::protocol_error));
+}
+
+}  // namespace
+}  // namespace duplex
