@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <condition_variable>
 #include <mutex>
+#include <string>
 
 #include "duplex/socket_pair.hpp"
 #include "io.hpp"
@@ -140,10 +141,19 @@ struct channel::impl {
     return {};
   }
 
-  template <typename T>
-  std::unexpected<std::error_code> break_with(T code) {
+  // What the peer broke, for error_detail(); guarded by detail_mutex.
+  mutable std::mutex detail_mutex;
+  std::string detail;
+
+  void set_detail(std::string text) {
+    const std::lock_guard g(detail_mutex);
+    detail = std::move(text);
+  }
+
+  std::unexpected<std::error_code> break_with(errc code, std::string why) {
+    set_detail(std::move(why));
     broken.store(true);
-    return std::unexpected(std::error_code(make_error_code(code)));
+    return std::unexpected(make_error_code(code));
   }
 
   // Waits for readiness according to w after a would-block.
@@ -281,7 +291,10 @@ result<message_info> channel::impl::receive_stream(const wait_spec& w, destinati
         }
         continue;
       case detail::stream_decoder::event::failed:
-        if (decoder.fatal()) broken.store(true);
+        if (decoder.fatal()) {
+          set_detail(decoder.detail());
+          broken.store(true);
+        }
         return std::unexpected(decoder.error());
       case detail::stream_decoder::event::need_more:
         if (auto r = read_more(w); !r) {
@@ -326,12 +339,20 @@ result<message_info> channel::impl::receive_packet(const wait_spec& w, destinati
     if (size == 0 && detail::seqpacket_at_end(fd)) return fail(errc::peer_closed);
     if (size < head.size()) {
       discard_packet();
-      return break_with(errc::protocol_error);
+      return break_with(errc::protocol_error, "a packet of " + std::to_string(size) +
+                                                  " bytes is shorter than a frame header");
     }
-    auto h = wire::decode_native(std::span<const std::byte, wire::native_header_size>(head));
-    if (!h || h->length != size - head.size()) {
+    const std::span<const std::byte, wire::native_header_size> head_bytes(head);
+    auto h = wire::decode_native(head_bytes);
+    if (!h) {
       discard_packet();
-      return break_with(errc::protocol_error);
+      return break_with(errc::protocol_error, wire::explain_native(head_bytes));
+    }
+    if (h->length != size - head.size()) {
+      discard_packet();
+      return break_with(errc::protocol_error, "a header says " + std::to_string(h->length) +
+                                                  " bytes and its packet holds " +
+                                                  std::to_string(size - head.size()));
     }
     if (h->length > options.max_message_size) {
       discard_packet();  // a packet can be skipped whole: the channel carries on
@@ -367,15 +388,18 @@ result<message_info> channel::impl::receive_packet(const wait_spec& w, destinati
     }
     if (r->bytes != size || again != head) {
       arrived.clear();
-      return break_with(errc::protocol_error);  // another reader of this fd raced us
+      // Another reader of this fd (in another process) took the packet we peeked at.
+      return break_with(errc::protocol_error, "the packet changed between peek and read");
     }
     if (r->ctrunc) {
       arrived.clear();
       return fail(errc::fds_truncated);
     }
     if (arrived.count != h->fd_count) {
+      const std::size_t got = arrived.count;
       arrived.clear();
-      return break_with(errc::protocol_error);
+      return break_with(errc::protocol_error, "a frame announced " + std::to_string(h->fd_count) +
+                                                  " fds and " + std::to_string(got) + " arrived");
     }
     auto got = arrived.taken();
     message_info info{h->length, got.size()};
@@ -423,6 +447,12 @@ const channel_options& channel::options() const noexcept {
 int channel::native_handle() const noexcept { return impl_ ? impl_->fd_copy.load() : -1; }
 
 bool channel::is_broken() const noexcept { return impl_ && impl_->broken.load(); }
+
+std::string channel::error_detail() const {
+  if (!impl_) return {};
+  const std::lock_guard g(impl_->detail_mutex);
+  return impl_->detail;
+}
 
 result<void> channel::send(std::span<const const_buffer> parts, std::span<const int> fds) {
   if (!impl_) return fail(errc::closed);

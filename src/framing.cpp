@@ -2,6 +2,8 @@
 
 #include "duplex/socket.hpp"
 
+#include <cstdio>
+
 namespace duplex::wire {
 namespace {
 
@@ -54,6 +56,33 @@ result<native_header> decode_native(std::span<const std::byte, native_header_siz
   if (b[6] != std::byte{0} || b[7] != std::byte{0}) return fail(errc::protocol_error);
   h.length = get_le(&b[8], 8);
   return h;
+}
+
+std::string explain_native(std::span<const std::byte, native_header_size> b) {
+  auto byte = [&b](std::size_t i) { return std::to_integer<unsigned>(b[i]); };
+  char text[96];
+  if (b[0] != native_magic[0] || b[1] != native_magic[1]) {
+    std::snprintf(text, sizeof text, "bad magic 0x%02x 0x%02x (a native frame starts with \"DX\")",
+                  byte(0), byte(1));
+    return text;
+  }
+  if (byte(2) != native_version) {
+    std::snprintf(text, sizeof text, "frame version %u is not supported (this end speaks %u)",
+                  byte(2), unsigned{native_version});
+    return text;
+  }
+  if (byte(3) != 0) {
+    std::snprintf(text, sizeof text, "unknown frame flags 0x%02x", byte(3));
+    return text;
+  }
+  const auto fds = static_cast<unsigned>(get_le(&b[4], 2));
+  if (fds > max_fds_per_message) {
+    std::snprintf(text, sizeof text, "frame announces %u fds (at most %zu)", fds,
+                  max_fds_per_message);
+    return text;
+  }
+  if (b[6] != std::byte{0} || b[7] != std::byte{0}) return "reserved header bytes are not zero";
+  return {};
 }
 
 std::size_t encode_python(std::uint64_t length,

@@ -58,7 +58,7 @@ void stream_decoder::commit(std::size_t n, std::span<unique_fd> fds, bool ctrunc
     if (control) {
       // fds in the middle of a payload: no header starts here to own them.
       close_all();
-      fail_for_ever(make_error_code(errc::protocol_error));
+      fail_for_ever(make_error_code(errc::protocol_error), "fds arrived inside a payload");
     }
     return;
   }
@@ -68,9 +68,14 @@ void stream_decoder::commit(std::size_t n, std::span<unique_fd> fds, bool ctrunc
     close_all();
     return;
   }
-  if (format_ == framing::python || batches_.size() >= max_pending_batches) {
+  if (format_ == framing::python) {
     close_all();
-    fail_for_ever(make_error_code(errc::protocol_error));
+    fail_for_ever(make_error_code(errc::protocol_error), "fds arrived on a Python-framed channel");
+    return;
+  }
+  if (batches_.size() >= max_pending_batches) {
+    close_all();
+    fail_for_ever(make_error_code(errc::protocol_error), "fds arrived that no frame announced");
     return;
   }
   batch b{start, start + n, {}, ctrunc};
@@ -80,8 +85,11 @@ void stream_decoder::commit(std::size_t n, std::span<unique_fd> fds, bool ctrunc
   batches_.push_back(std::move(b));
 }
 
-stream_decoder::event stream_decoder::fail_for_ever(std::error_code ec) {
-  if (state_ != state::failed) error_ = ec;
+stream_decoder::event stream_decoder::fail_for_ever(std::error_code ec, std::string detail) {
+  if (state_ != state::failed) {
+    error_ = ec;
+    detail_ = std::move(detail);
+  }
   state_ = state::failed;
   batches_.clear();
   fds_.clear();
@@ -115,33 +123,51 @@ stream_decoder::event stream_decoder::parse_header() {
   if (format_ == framing::native) {
     if (avail < wire::native_header_size) return event::need_more;
     auto h = wire::decode_native(bytes.first<wire::native_header_size>());
-    if (!h) return fail_for_ever(h.error());
+    if (!h)
+      return fail_for_ever(h.error(),
+                           wire::explain_native(bytes.first<wire::native_header_size>()));
     length = h->length;
     fd_count = h->fd_count;
     header_size = wire::native_header_size;
   } else {
     auto h = wire::decode_python(bytes);
-    if (!h) return fail_for_ever(h.error());
+    if (!h) {
+      const auto raw = static_cast<std::int32_t>((std::to_integer<std::uint32_t>(bytes[0]) << 24) |
+                                                 (std::to_integer<std::uint32_t>(bytes[1]) << 16) |
+                                                 (std::to_integer<std::uint32_t>(bytes[2]) << 8) |
+                                                 std::to_integer<std::uint32_t>(bytes[3]));
+      return fail_for_ever(h.error(), "negative message length " + std::to_string(raw));
+    }
     if (!*h) return event::need_more;
     length = (*h)->length;
     header_size = (*h)->header_size;
   }
   // Checked before anything is allocated; a stream cannot skip a length it cannot trust.
-  if (length > max_message_) return fail_for_ever(make_error_code(errc::message_too_large));
+  if (length > max_message_) {
+    return fail_for_ever(make_error_code(errc::message_too_large),
+                         "message length " + std::to_string(length) + " is over the maximum " +
+                             std::to_string(max_message_));
+  }
 
   const std::uint64_t at = parse_offset_;
   drop_stray_batches_before(at);  // a batch that ends before this header is nobody's
-  if (stray_) return fail_for_ever(make_error_code(errc::protocol_error));
+  if (stray_)
+    return fail_for_ever(make_error_code(errc::protocol_error),
+                         "fds arrived that no frame announced");
   std::error_code refused;
   if (fd_count > 0) {
     if (batches_.empty() || batches_.front().start > at) {
-      return fail_for_ever(make_error_code(errc::protocol_error));  // announced, never arrived
+      return fail_for_ever(
+          make_error_code(errc::protocol_error),
+          "a frame announced " + std::to_string(fd_count) + " fds and none arrived");
     }
     batch& b = batches_.front();
     if (b.ctrunc) {
       refused = make_error_code(errc::fds_truncated);
     } else if (b.fds.size() != fd_count) {
-      return fail_for_ever(make_error_code(errc::protocol_error));
+      return fail_for_ever(make_error_code(errc::protocol_error),
+                           "a frame announced " + std::to_string(fd_count) + " fds and " +
+                               std::to_string(b.fds.size()) + " arrived");
     } else {
       fds_ = std::move(b.fds);
     }
@@ -204,10 +230,16 @@ stream_decoder::event stream_decoder::poll() {
       case state::payload:
       case state::discard: return after_payload_bytes();
       case state::idle: {
-        if (stray_) return fail_for_ever(make_error_code(errc::protocol_error));
+        if (stray_) {
+          return fail_for_ever(make_error_code(errc::protocol_error),
+                               "fds arrived that no frame announced");
+        }
         if (begin_ == end_ && eof_) {
           // fds that no frame claimed, then the end: the peer broke the protocol.
-          if (!batches_.empty()) return fail_for_ever(make_error_code(errc::protocol_error));
+          if (!batches_.empty()) {
+            return fail_for_ever(make_error_code(errc::protocol_error),
+                                 "fds arrived that no frame announced");
+          }
           return end_stream(errc::peer_closed);
         }
         const event e = parse_header();

@@ -20,6 +20,7 @@
 #include <memory>
 #include <optional>
 #include <span>
+#include <string>
 #include <system_error>
 #include <vector>
 
@@ -87,6 +88,9 @@ class stream_decoder {
 
   // After failed: what went wrong, and whether it is for ever.
   [[nodiscard]] std::error_code error() const noexcept { return error_; }
+
+  // After a fatal failure: what the peer broke, in words.
+  [[nodiscard]] const std::string& detail() const noexcept { return detail_; }
   [[nodiscard]] bool fatal() const noexcept { return state_ == state::failed; }
 
   // True once the stream has ended (end-of-stream reported, or a frame cut short by it).
@@ -105,7 +109,7 @@ class stream_decoder {
     bool ctrunc = false;
   };
 
-  event fail_for_ever(std::error_code ec);
+  event fail_for_ever(std::error_code ec, std::string detail);
   event parse_header();
   event after_payload_bytes();
   event end_stream(errc first);
@@ -128,6 +132,7 @@ class stream_decoder {
 
   state state_ = state::idle;
   std::error_code error_;
+  std::string detail_;
   std::error_code frame_error_;  // reported once the refused frame's payload is skipped
   std::uint64_t length_ = 0;
   std::uint64_t filled_ = 0;

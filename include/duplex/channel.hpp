@@ -42,6 +42,7 @@
 #include <cstddef>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "duplex/buffer.hpp"
@@ -105,6 +106,10 @@ class channel {
 
   // True once a protocol error has broken the channel (every call then returns errc::broken).
   [[nodiscard]] bool is_broken() const noexcept;
+
+  // What the peer broke, in words, once the channel is broken ("message length 4294967295 is
+  // over the maximum 67108864", "frame version 2 is not supported", ...); empty before.
+  [[nodiscard]] std::string error_detail() const;
 
   // Sends one message: the concatenation of parts (scatter/gather; header and parts go out in
   // one sendmsg where the kernel takes them whole), with fds attached (the caller keeps its

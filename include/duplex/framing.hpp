@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <optional>
 #include <span>
+#include <string>
 
 #include "duplex/error.hpp"
 
@@ -58,6 +59,10 @@ struct native_header {
 // not checked here: the receiver compares it with its own maximum.
 [[nodiscard]] result<native_header> decode_native(
     std::span<const std::byte, native_header_size> bytes) noexcept;
+
+// Says in words what is wrong with a native header that decode_native rejects ("version 2 is
+// not supported", ...), or returns an empty string if nothing is.
+[[nodiscard]] std::string explain_native(std::span<const std::byte, native_header_size> bytes);
 
 // Largest Python header: the -1 marker and an 8-byte length.
 inline constexpr std::size_t python_max_header_size = 12;

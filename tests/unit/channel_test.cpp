@@ -440,6 +440,7 @@ struct hostile_case {
   const char* name;
   std::vector<std::byte> bytes;
   errc expected;
+  const char* detail;  // what error_detail() says the peer broke
 };
 
 std::vector<hostile_case> hostile_stream_cases() {
@@ -450,15 +451,23 @@ std::vector<hostile_case> hostile_stream_cases() {
   };
   const std::size_t max = 1000;
   return {
-      {"length at the limit + 1", frame({}, 0, max + 1), errc::message_too_large},
-      {"length 2^32 - 1", frame({}, 0, 0xffffffffULL), errc::message_too_large},
-      {"length 2^64 - 1", frame({}, 0, ~0ULL), errc::message_too_large},
-      {"bad magic", patch(0, 'Z'), errc::protocol_error},
-      {"unknown version", patch(2, 9), errc::protocol_error},
-      {"unknown flag", patch(3, 0x80), errc::protocol_error},
-      {"254 fds announced", patch(4, 254), errc::protocol_error},
-      {"reserved byte set", patch(6, 1), errc::protocol_error},
-      {"fds announced, none sent", frame(text_bytes("x"), 2), errc::protocol_error},
+      {"length at the limit + 1", frame({}, 0, max + 1), errc::message_too_large,
+       "message length 1001 is over the maximum 1000"},
+      {"length 2^32 - 1", frame({}, 0, 0xffffffffULL), errc::message_too_large,
+       "message length 4294967295 is over the maximum 1000"},
+      {"length 2^64 - 1", frame({}, 0, ~0ULL), errc::message_too_large,
+       "message length 18446744073709551615 is over the maximum 1000"},
+      {"bad magic", patch(0, 'Z'), errc::protocol_error,
+       "bad magic 0x5a 0x58 (a native frame starts with \"DX\")"},
+      {"unknown version", patch(2, 9), errc::protocol_error,
+       "frame version 9 is not supported (this end speaks 1)"},
+      {"unknown flag", patch(3, 0x80), errc::protocol_error, "unknown frame flags 0x80"},
+      {"254 fds announced", patch(4, 254), errc::protocol_error,
+       "frame announces 254 fds (at most 253)"},
+      {"reserved byte set", patch(6, 1), errc::protocol_error,
+       "reserved header bytes are not zero"},
+      {"fds announced, none sent", frame(text_bytes("x"), 2), errc::protocol_error,
+       "a frame announced 2 fds and none arrived"},
   };
 }
 
@@ -470,8 +479,10 @@ TEST_F(channel_test, HostileStreamHeadersBreakTheChannelWithoutAllocating) {
     ASSERT_THAT(raw.send_all(c.bytes), Succeeded());
     ASSERT_THAT(raw.send_all(frame(text_bytes("after"))), Succeeded());
     EXPECT_EQ(ch.receive()->text(), "before");
+    EXPECT_TRUE(ch.error_detail().empty());
     EXPECT_THAT(ch.receive(), HasError(c.expected));
     EXPECT_TRUE(ch.is_broken());
+    EXPECT_EQ(ch.error_detail(), c.detail);
     EXPECT_THAT(ch.receive(), HasError(errc::broken));  // every later call says so
     EXPECT_THAT(ch.try_receive(), HasError(errc::broken));
     EXPECT_THAT(ch.send(as_bytes("x")), HasError(errc::broken));
@@ -508,6 +519,7 @@ TEST_F(channel_test, HostileSeqpacketPackets) {
     auto [ch, raw] = make_raw(socket_kind::seqpacket);
     ASSERT_THAT(raw.send(bytes), Succeeded());
     EXPECT_THAT(ch.receive(), HasError(expected));
+    EXPECT_FALSE(ch.error_detail().empty());
     EXPECT_THAT(ch.receive(), HasError(errc::broken));
   }
   // Over the maximum: a packet can be skipped whole, so the channel carries on.
