@@ -25,6 +25,7 @@ class category_impl final : public std::error_category {
       case errc::not_supported: return "not supported by this kernel";
       case errc::wrong_kind: return "wrong kind of socket for this operation";
       case errc::closed: return "this end was closed";
+      case errc::not_inherited: return "no channel was inherited (DUPLEX_FD is not set)";
     }
     return "unknown duplex error " + std::to_string(value);
   }
@@ -62,6 +63,7 @@ std::string_view to_string(errc e) noexcept {
     case errc::not_supported: return "not_supported";
     case errc::wrong_kind: return "wrong_kind";
     case errc::closed: return "closed";
+    case errc::not_inherited: return "not_inherited";
   }
   return "unknown";
 }

@@ -8,6 +8,7 @@
 #include "duplex/fd.hpp"
 #include "duplex/framing.hpp"
 #include "duplex/message.hpp"
+#include "duplex/process.hpp"
 #include "duplex/socket.hpp"
 #include "duplex/socket_pair.hpp"
 #include "duplex/version.hpp"

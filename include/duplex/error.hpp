@@ -56,6 +56,8 @@ enum class errc : int {
   wrong_kind,
   // This end was closed (channel::close); the call was not attempted.
   closed,
+  // No channel was inherited: DUPLEX_FD is not set, or is not a number.
+  not_inherited,
 };
 
 // The category of duplex::errc; its name is "duplex".

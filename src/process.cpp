@@ -1,0 +1,387 @@
+#include "duplex/process.hpp"
+
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <charconv>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "duplex/socket_pair.hpp"
+#include "spawn_child.hpp"
+#include "syscall.hpp"
+
+#ifndef CLONE_PIDFD
+#define CLONE_PIDFD 0x00001000
+#endif
+#ifndef P_PIDFD
+#define P_PIDFD 3
+#endif
+
+extern char** environ;
+
+namespace duplex {
+namespace {
+
+result<exit_status> status_from(const siginfo_t& info) {
+  switch (info.si_code) {
+    case CLD_EXITED: return exit_status::exited(info.si_status);
+    case CLD_KILLED: return exit_status::killed(info.si_status, false);
+    case CLD_DUMPED: return exit_status::killed(info.si_status, true);
+    default: return fail_errno(EINVAL);
+  }
+}
+
+// waitid on a pidfd; nullopt if WNOHANG and the child is still running.
+result<std::optional<exit_status>> wait_pidfd(int pidfd, int options) {
+  for (;;) {
+    siginfo_t info{};
+    if (::waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(pidfd), &info,
+                 WEXITED | options) != 0) {
+      if (errno == EINTR) continue;
+      return fail_errno(errno);
+    }
+    if (info.si_pid == 0) return std::optional<exit_status>{};  // WNOHANG: still running
+    auto s = status_from(info);
+    if (!s) return std::unexpected(s.error());
+    return std::optional<exit_status>{*s};
+  }
+}
+
+// The value of NAME in a list of "NAME=value" entries, or nullptr.
+const char* lookup(const std::vector<std::string>& env, std::string_view name) {
+  for (const auto& e : env) {
+    if (e.size() > name.size() && e.compare(0, name.size(), name) == 0 && e[name.size()] == '=') {
+      return e.c_str() + name.size() + 1;
+    }
+  }
+  return nullptr;
+}
+
+// The child's environment: the parent's (unless cleared), with the additions replacing entries
+// of the same name, and DUPLEX_FD last.
+result<std::vector<std::string>> child_environment(const spawn_options& o) {
+  std::vector<std::string> env;
+  auto name_of = [](std::string_view entry) { return entry.substr(0, entry.find('=')); };
+  for (const auto& add : o.environment) {
+    if (add.find('=') == std::string::npos || add.front() == '=') return fail_errno(EINVAL);
+  }
+  auto overridden = [&](std::string_view entry) {
+    const auto name = name_of(entry);
+    if (name == inherited_fd_variable) return true;
+    for (const auto& add : o.environment) {
+      if (name_of(add) == name) return true;
+    }
+    return false;
+  };
+  if (!o.clear_environment && environ != nullptr) {
+    for (char** e = environ; *e != nullptr; ++e) {
+      if (!overridden(*e)) env.emplace_back(*e);
+    }
+  }
+  for (const auto& add : o.environment) {
+    if (name_of(add) != inherited_fd_variable) env.push_back(add);
+  }
+  env.push_back(std::string(inherited_fd_variable) + "=" + std::to_string(o.child_fd));
+  return env;
+}
+
+// Finds the program as execvp would: as given if it contains '/', else in each PATH entry.
+result<std::string> find_program(const std::string& name, const std::vector<std::string>& env) {
+  if (name.empty()) return fail_errno(ENOENT);
+  if (name.find('/') != std::string::npos) return name;
+  const char* path = lookup(env, "PATH");
+  if (path == nullptr) path = "/usr/local/bin:/usr/bin:/bin";
+  int error = ENOENT;
+  std::string_view dirs(path);
+  for (;;) {
+    const auto colon = dirs.find(':');
+    std::string dir(dirs.substr(0, colon));
+    if (dir.empty()) dir = ".";
+    std::string candidate = dir + "/" + name;
+    struct stat st {};
+    if (::stat(candidate.c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
+      if (::access(candidate.c_str(), X_OK) == 0) return candidate;
+      error = EACCES;
+    }
+    if (colon == std::string_view::npos) break;
+    dirs.remove_prefix(colon + 1);
+  }
+  return fail_errno(error);
+}
+
+// A stack for the clone child, with a guard page below it.
+class child_stack {
+ public:
+  static constexpr std::size_t size = 64 * 1024;
+  child_stack() {
+    void* p = ::mmap(nullptr, size + page(), PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (p == MAP_FAILED) return;
+    base_ = static_cast<char*>(p);
+    ::mprotect(base_, page(), PROT_NONE);
+  }
+  ~child_stack() {
+    if (base_ != nullptr) ::munmap(base_, size + page());
+  }
+  child_stack(const child_stack&) = delete;
+  child_stack& operator=(const child_stack&) = delete;
+  [[nodiscard]] bool ok() const noexcept { return base_ != nullptr; }
+  [[nodiscard]] void* top() const noexcept { return base_ + page() + size; }
+
+ private:
+  static std::size_t page() { return static_cast<std::size_t>(::sysconf(_SC_PAGESIZE)); }
+  char* base_ = nullptr;
+};
+
+using clone_function = int (*)(int (*)(void*), void*, int, void*, ...);
+
+// glibc's own clone(). A sanitizer runtime may interpose clone() (ThreadSanitizer does, and runs
+// its fork bookkeeping in the child, which under CLONE_VM writes the parent's memory); the child
+// here touches nothing but raw syscalls, so it needs no such help.
+clone_function libc_clone() {
+  static const clone_function fn = [] {
+    clone_function found = &::clone;
+    if (void* libc = ::dlopen("libc.so.6", RTLD_LAZY | RTLD_NOLOAD)) {
+      if (void* sym = ::dlsym(libc, "clone")) found = reinterpret_cast<clone_function>(sym);
+      ::dlclose(libc);
+    }
+    return found;
+  }();
+  return fn;
+}
+
+std::vector<char*> c_strings(std::vector<std::string>& strings) {
+  std::vector<char*> out;
+  out.reserve(strings.size() + 1);
+  for (auto& s : strings)
+    out.push_back(s.data());
+  out.push_back(nullptr);
+  return out;
+}
+
+}  // namespace
+
+std::string exit_status::describe() const {
+  if (normal()) return "exited with code " + std::to_string(code_);
+  const char* abbrev = ::sigabbrev_np(signal_);
+  std::string out = "killed by signal " + std::to_string(signal_);
+  if (abbrev != nullptr) out += std::string(" (SIG") + abbrev + ")";
+  if (core_) out += ", core dumped";
+  return out;
+}
+
+child::child(child&& other) noexcept
+    : pid_(std::exchange(other.pid_, -1)),
+      pidfd_(std::move(other.pidfd_)),
+      channel_(std::move(other.channel_)),
+      status_(std::exchange(other.status_, std::nullopt)) {}
+
+child& child::operator=(child&& other) noexcept {
+  if (this != &other) {
+    reap_on_destruction();
+    pid_ = std::exchange(other.pid_, -1);
+    pidfd_ = std::move(other.pidfd_);
+    channel_ = std::move(other.channel_);
+    status_ = std::exchange(other.status_, std::nullopt);
+  }
+  return *this;
+}
+
+child::~child() { reap_on_destruction(); }
+
+void child::reap_on_destruction() noexcept {
+  if (!pidfd_.valid() || status_) return;
+  channel_.close();
+  static_cast<void>(kill(SIGKILL));
+  static_cast<void>(wait());
+}
+
+result<exit_status> child::wait() {
+  if (status_) return *status_;
+  if (!pidfd_.valid()) return fail_errno(ECHILD);
+  auto r = wait_pidfd(pidfd_.get(), 0);
+  if (!r) return std::unexpected(r.error());
+  status_ = **r;
+  return *status_;
+}
+
+result<exit_status> child::wait(std::chrono::nanoseconds timeout) {
+  if (status_) return *status_;
+  if (!pidfd_.valid()) return fail_errno(ECHILD);
+  if (auto ready = detail::wait_for(pidfd_.get(), POLLIN, timeout); !ready) {
+    return std::unexpected(ready.error());
+  }
+  return wait();
+}
+
+result<std::optional<exit_status>> child::try_wait() {
+  if (status_) return status_;
+  if (!pidfd_.valid()) return fail_errno(ECHILD);
+  auto r = wait_pidfd(pidfd_.get(), WNOHANG);
+  if (!r) return std::unexpected(r.error());
+  if (*r) status_ = **r;
+  return *r;
+}
+
+result<void> child::kill(int signal) {
+  if (status_ || !pidfd_.valid()) return fail_errno(ESRCH);
+  if (::syscall(SYS_pidfd_send_signal, pidfd_.get(), signal, nullptr, 0) != 0) {
+    return fail_errno(errno);
+  }
+  return {};
+}
+
+result<child> spawn(std::span<const std::string> argv, const spawn_options& options) {
+  if (argv.empty() || options.child_fd < 3) return fail_errno(EINVAL);
+  auto env = child_environment(options);
+  if (!env) return std::unexpected(env.error());
+  auto path = find_program(argv[0], *env);
+  if (!path) return std::unexpected(path.error());
+
+  auto pair = socket_pair(options.kind);  // close-on-exec; the child moves its end into place
+  if (!pair) return std::unexpected(pair.error());
+  auto parent_end = channel::create(std::move(pair->first), options.channel);
+  if (!parent_end) return std::unexpected(parent_end.error());
+
+  std::vector<std::string> args(argv.begin(), argv.end());
+  std::vector<char*> c_argv = c_strings(args);
+  std::vector<char*> c_envp = c_strings(*env);
+  child_stack stack;
+  if (!stack.ok()) return fail_errno(ENOMEM);
+
+  detail::spawn_plan plan;
+  plan.path = path->c_str();
+  plan.argv = c_argv.data();
+  plan.envp = c_envp.data();
+  plan.cwd = options.working_directory.empty() ? nullptr : options.working_directory.c_str();
+  plan.end_fd = pair->second.native_handle();
+  plan.child_fd = options.child_fd;
+  plan.null_stdin = options.stdin_mode == stdio_mode::null;
+  plan.null_stdout = options.stdout_mode == stdio_mode::null;
+  plan.null_stderr = options.stderr_mode == stdio_mode::null;
+  plan.kill_on_parent_death = options.kill_on_parent_death;
+  plan.parent_pid = ::getpid();
+
+  // Block every signal around the clone, so no handler of ours runs in the child before it has
+  // reset them; the child restores this mask just before exec.
+  sigset_t all;
+  sigfillset(&all);
+  ::pthread_sigmask(SIG_SETMASK, &all, &plan.parent_mask);
+  int pidfd = -1;
+  const int pid = libc_clone()(detail::spawn_child_main, stack.top(),
+                               CLONE_VM | CLONE_VFORK | CLONE_PIDFD | SIGCHLD, &plan, &pidfd);
+  const int clone_errno = errno;
+  ::pthread_sigmask(SIG_SETMASK, &plan.parent_mask, nullptr);
+  if (pid < 0) return fail_errno(clone_errno);
+
+  // CLONE_VFORK: the child has exec'd or exited by now.
+  child c;
+  c.pid_ = pid;
+  c.pidfd_.reset(pidfd);
+  if (plan.error != 0) {
+    static_cast<void>(c.wait());  // reap the failed child: no zombie
+    return fail_errno(plan.error);
+  }
+  pair->second.close();  // the child's copy is its own now
+  c.channel_ = std::move(*parent_end);
+  return c;
+}
+
+result<child> fork_with_channel(const std::function<int(duplex::channel&)>& fn,
+                                const fork_options& options) {
+  auto pair = socket_pair(options.kind);
+  if (!pair) return std::unexpected(pair.error());
+  auto parent_end = channel::create(std::move(pair->first), options.channel);
+  if (!parent_end) return std::unexpected(parent_end.error());
+  const pid_t parent = ::getpid();
+  std::fflush(nullptr);  // nothing buffered may be written twice
+  const pid_t pid = ::fork();
+  if (pid < 0) return fail_errno(errno);
+  if (pid == 0) {
+    *parent_end = channel();  // this process's copy of the parent's end
+    if (options.kill_on_parent_death) {
+      if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || ::getppid() != parent) ::_exit(127);
+    }
+    int code = 70;  // EX_SOFTWARE, if fn throws
+    try {
+      auto mine = channel::create(std::move(pair->second), options.channel);
+      if (mine) code = fn(*mine);
+    } catch (...) {
+    }
+    std::fflush(nullptr);
+    ::_exit(code);
+  }
+  pair->second.close();
+  child c;
+  c.pid_ = pid;
+  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  if (pidfd < 0) {
+    const int err = errno;
+    ::kill(pid, SIGKILL);
+    int status = 0;
+    while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    return fail_errno(err);
+  }
+  c.pidfd_.reset(pidfd);
+  c.channel_ = std::move(*parent_end);
+  return c;
+}
+
+result<channel> inherited_channel(const inherited_options& options) {
+  static std::atomic<bool> taken{false};
+  const char* value = std::getenv(std::string(inherited_fd_variable).c_str());
+  if (value == nullptr) return fail(errc::not_inherited);
+  int fd = -1;
+  const std::string_view text(value);
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), fd);
+  if (ec != std::errc() || end != text.data() + text.size() || fd < 0) {
+    return fail(errc::not_inherited);
+  }
+  // Check before owning: an fd that is not ours to take must not be closed on the way out.
+  if (::fcntl(fd, F_GETFD) < 0) return fail_errno(errno);
+  int domain = 0;
+  int type = 0;
+  socklen_t len = sizeof(int);
+  if (::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0) return fail_errno(errno);
+  len = sizeof(int);
+  if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0) return fail_errno(errno);
+  socket_kind kind{};
+  if (domain != AF_UNIX) return fail(errc::wrong_kind);
+  if (type == SOCK_STREAM) {
+    kind = socket_kind::stream;
+  } else if (type == SOCK_SEQPACKET) {
+    kind = socket_kind::seqpacket;
+  } else {
+    return fail(errc::wrong_kind);
+  }
+  if (options.kind && *options.kind != kind) return fail(errc::wrong_kind);
+  if (options.channel.format == framing::python && kind != socket_kind::stream) {
+    return fail(errc::wrong_kind);
+  }
+  if (taken.exchange(true)) return fail_errno(EBUSY);
+  // Close-on-exec: programs this child starts must not inherit its end.
+  if (::fcntl(fd, F_SETFD, FD_CLOEXEC) != 0) {
+    taken.store(false);
+    return fail_errno(errno);
+  }
+  return channel::create(socket(unique_fd(fd), kind), options.channel);
+}
+
+}  // namespace duplex

@@ -1,0 +1,101 @@
+// Compiled with -fno-sanitize=all (see CMakeLists.txt): this code runs in a vfork-style child on
+// a stack the sanitizers do not know, sharing the parent's memory.
+#include "spawn_child.hpp"
+
+#include <fcntl.h>
+#include <linux/close_range.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+namespace duplex::detail {
+namespace {
+
+// The kernel's struct sigaction (generic layout, as on x86-64 and arm64).
+struct kernel_sigaction {
+  void (*handler)(int);
+  unsigned long flags;
+  void (*restorer)();
+  unsigned long mask;
+};
+
+// A raw syscall: returns the result, or -errno. (No libc wrapper: some are intercepted by the
+// sanitizers, and this child must not reach their runtime.)
+long raw(long number, long a = 0, long b = 0, long c = 0, long d = 0) {
+  const long r = ::syscall(number, a, b, c, d);
+  return r < 0 ? -errno : r;
+}
+
+[[noreturn]] void fail(spawn_plan* p, long negative_errno) {
+  p->error = static_cast<int>(-negative_errno);
+  ::syscall(SYS_exit_group, 127);
+  __builtin_unreachable();
+}
+
+long move_to(int from, int to) {
+  if (from == to) return raw(SYS_fcntl, to, F_SETFD, 0);  // keep it, without close-on-exec
+  return raw(SYS_dup3, from, to, 0);
+}
+
+}  // namespace
+
+int spawn_child_main(void* arg) {
+  auto* p = static_cast<spawn_plan*>(arg);
+
+  // Every signal arrives blocked (the parent blocked them all around clone). A handler of the
+  // parent's must never run here, in the parent's memory: reset each caught signal to default.
+  for (int sig = 1; sig < 65; ++sig) {
+    if (sig == SIGKILL || sig == SIGSTOP) continue;
+    kernel_sigaction old{};
+    if (raw(SYS_rt_sigaction, sig, 0, reinterpret_cast<long>(&old), 8) < 0) continue;
+    if (old.handler == SIG_IGN || old.handler == SIG_DFL) continue;
+    kernel_sigaction dfl{};
+    dfl.handler = SIG_DFL;
+    raw(SYS_rt_sigaction, sig, reinterpret_cast<long>(&dfl), 0, 8);
+  }
+
+  if (p->kill_on_parent_death) {
+    if (long r = raw(SYS_prctl, PR_SET_PDEATHSIG, SIGKILL); r < 0) fail(p, r);
+    // The parent may have died before the request took effect.
+    if (raw(SYS_getppid) != p->parent_pid) fail(p, -ESRCH);
+  }
+
+  // Move our end above every fd number the steps below write to.
+  const int low = p->child_fd + 1 > 10 ? p->child_fd + 1 : 10;
+  long end = raw(SYS_fcntl, p->end_fd, F_DUPFD_CLOEXEC, low);
+  if (end < 0) fail(p, end);
+
+  if (p->null_stdin || p->null_stdout || p->null_stderr) {
+    const long null =
+        raw(SYS_openat, AT_FDCWD, reinterpret_cast<long>("/dev/null"), O_RDWR | O_CLOEXEC);
+    if (null < 0) fail(p, null);
+    const bool want[3] = {p->null_stdin, p->null_stdout, p->null_stderr};
+    for (int fd = 0; fd < 3; ++fd) {
+      if (!want[fd]) continue;
+      if (long r = move_to(static_cast<int>(null), fd); r < 0) fail(p, r);
+    }
+    if (null > 2) raw(SYS_close, null);
+  }
+
+  if (long r = move_to(static_cast<int>(end), p->child_fd); r < 0) fail(p, r);
+
+  // Close every other fd, whatever other threads of the parent had open.
+  if (p->child_fd > 3) raw(SYS_close_range, 3, p->child_fd - 1, 0);
+  if (long r = raw(SYS_close_range, p->child_fd + 1, ~0U, 0); r == -ENOSYS) {
+    for (long fd = p->child_fd + 1; fd < 65536; ++fd)
+      raw(SYS_close, fd);  // before Linux 5.9
+  }
+
+  if (p->cwd != nullptr) {
+    if (long r = raw(SYS_chdir, reinterpret_cast<long>(p->cwd)); r < 0) fail(p, r);
+  }
+
+  raw(SYS_rt_sigprocmask, SIG_SETMASK, reinterpret_cast<long>(&p->parent_mask), 0, 8);
+  const long r = raw(SYS_execve, reinterpret_cast<long>(p->path), reinterpret_cast<long>(p->argv),
+                     reinterpret_cast<long>(p->envp));
+  fail(p, r);
+}
+
+}  // namespace duplex::detail
