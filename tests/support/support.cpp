@@ -121,6 +121,32 @@ int reap(pid_t pid) {
   return status;
 }
 
+std::vector<pid_t> child_processes() {
+  std::vector<pid_t> out;
+  DIR* dir = ::opendir("/proc");
+  if (dir == nullptr) return out;
+  const pid_t self = ::getpid();
+  while (const dirent* entry = ::readdir(dir)) {
+    if (entry->d_name[0] < '0' || entry->d_name[0] > '9') continue;
+    std::FILE* f = std::fopen((std::string("/proc/") + entry->d_name + "/stat").c_str(), "r");
+    if (f == nullptr) continue;
+    char buf[1024];
+    const std::size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+    std::fclose(f);
+    buf[n] = '\0';
+    // The command name may hold spaces and parentheses: the fields after it follow the last ')'.
+    const char* close = std::strrchr(buf, ')');
+    if (close == nullptr) continue;
+    char state = 0;
+    int ppid = 0;
+    if (std::sscanf(close + 1, " %c %d", &state, &ppid) == 2 && ppid == self) {
+      out.push_back(static_cast<pid_t>(std::atoi(entry->d_name)));
+    }
+  }
+  ::closedir(dir);
+  return out;
+}
+
 int run_in_child(const std::function<int()>& fn) {
   std::fflush(nullptr);
   const pid_t pid = ::fork();

@@ -100,6 +100,19 @@ ino_t inode_of(int fd);
 // Waits for a child (EINTR retried) and returns its raw wait status, or -1.
 int reap(pid_t pid);
 
+// The pids of this process's children (running or zombie), from /proc.
+std::vector<pid_t> child_processes();
+
+// Base fixture of process tests: fd accounting, and no child process of this one (running or
+// zombie) may outlive a test.
+class process_checked : public fd_checked {
+ protected:
+  void TearDown() override {
+    fd_checked::TearDown();
+    EXPECT_THAT(child_processes(), ::testing::IsEmpty()) << "a child was left unreaped";
+  }
+};
+
 // Runs fn in a forked child and returns its exit status (or 128 + signal if it was killed).
 // fn's return value is the child's exit code. The child leaves with _exit, skipping gtest's
 // cleanup. Use only async-signal-safe-enough code in fn when other threads exist.

@@ -1,0 +1,413 @@
+// spawn, child, inherited_channel and fork_with_channel, with a real helper program
+// (duplex_test_child) as the child. Every test checks that no fd leaked and no child was left.
+#include "duplex/process.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <spawn.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "duplex/socket_pair.hpp"
+#include "support.hpp"
+
+extern char** environ;
+
+namespace duplex {
+namespace {
+
+using namespace std::chrono_literals;
+using test::HasError;
+using test::Succeeded;
+using test::sys;
+
+const std::string test_child = DUPLEX_TEST_CHILD;
+
+class process_test : public test::process_checked {};
+class process_kind_test : public test::process_checked,
+                          public ::testing::WithParamInterface<socket_kind> {};
+
+INSTANTIATE_TEST_SUITE_P(kinds, process_kind_test,
+                         ::testing::Values(socket_kind::stream, socket_kind::seqpacket),
+                         test::kind_name);
+
+// Spawns the test child in a mode and returns its first message.
+std::string ask(const std::vector<std::string>& args, spawn_options options = {}) {
+  std::vector<std::string> argv{test_child};
+  argv.insert(argv.end(), args.begin(), args.end());
+  auto c = test::must(spawn(argv, options));
+  auto m = c.channel().receive(30s);
+  auto status = c.wait(30s);
+  if (!m) return "error: " + m.error().message();
+  EXPECT_TRUE(status && status->success())
+      << (status ? status->describe() : status.error().message());
+  return std::string(m->text());
+}
+
+// Runs a program with exactly the given environment and returns its stdout.
+std::string run_with_env(const std::vector<std::string>& argv, std::vector<std::string> env) {
+  auto [read_end, write_end] = test::make_pipe();
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, write_end.get(), 1);
+  std::vector<char*> c_argv;
+  for (const auto& a : argv)
+    c_argv.push_back(const_cast<char*>(a.c_str()));
+  c_argv.push_back(nullptr);
+  std::vector<char*> c_env;
+  for (auto& e : env)
+    c_env.push_back(e.data());
+  c_env.push_back(nullptr);
+  pid_t pid = -1;
+  const int r =
+      ::posix_spawn(&pid, argv[0].c_str(), &actions, nullptr, c_argv.data(), c_env.data());
+  posix_spawn_file_actions_destroy(&actions);
+  if (r != 0) return "posix_spawn failed";
+  write_end.reset();
+  std::string out;
+  char buf[256];
+  ssize_t n = 0;
+  while ((n = ::read(read_end.get(), buf, sizeof buf)) > 0)
+    out.append(buf, static_cast<std::size_t>(n));
+  test::reap(pid);
+  if (!out.empty() && out.back() == '\n') out.pop_back();
+  return out;
+}
+
+// --- spawn and the channel -------------------------------------------------------------------
+
+TEST_P(process_kind_test, ASpawnedChildTalksOverItsEnd) {
+  spawn_options o;
+  o.kind = GetParam();
+  auto c = spawn({test_child, "echo"}, o);
+  ASSERT_THAT(c, Succeeded());
+  EXPECT_GT(c->pid(), 0);
+  EXPECT_TRUE(test::fd_is_cloexec(c->pidfd()));
+  for (const char* text : {"one", "", "three"}) {
+    ASSERT_THAT(c->channel().send(as_bytes(text)), Succeeded());
+    auto m = c->channel().receive(30s);
+    ASSERT_THAT(m, Succeeded());
+    EXPECT_EQ(m->text(), text);
+  }
+  ASSERT_THAT(c->channel().shutdown_send(), Succeeded());  // the child's cue to finish
+  auto status = c->wait();
+  ASSERT_THAT(status, Succeeded());
+  EXPECT_TRUE(status->success()) << status->describe();
+  EXPECT_EQ(c->wait().value(), *status);  // reaped once; the status is kept
+}
+
+TEST_F(process_test, TheChildHoldsOnlyStdioAndItsEnd) {
+  EXPECT_EQ(ask({"fds"}), "0 1 2 3");
+  spawn_options o;
+  o.child_fd = 7;
+  EXPECT_EQ(ask({"fds"}, o), "0 1 2 7");
+  EXPECT_EQ(ask({"env", "DUPLEX_FD"}, o), "7");
+  EXPECT_EQ(ask({"cloexec"}), "1");  // inherited_channel() protects it from the child's children
+}
+
+// Class 9: while other threads create channels and pass fds, each child still gets only its own.
+TEST_F(process_test, OnlyItsOwnEndWhileOtherThreadsPassFds) {
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> busy;
+  for (int t = 0; t < 8; ++t) {
+    busy.emplace_back([&stop] {
+      while (!stop.load()) {
+        auto ends = channel_pair(socket_kind::seqpacket);
+        if (!ends) continue;
+        auto [read_end, write_end] = test::make_pipe();
+        const std::array<int, 2> fds{read_end.get(), write_end.get()};
+        if (!ends->first.send(as_bytes("fds"), fds)) continue;
+        auto m = ends->second.receive();  // two more fds in this process, briefly
+      }
+    });
+  }
+  for (int i = 0; i < 40; ++i)
+    EXPECT_EQ(ask({"fds"}), "0 1 2 3") << "spawn " << i;
+  stop = true;
+  for (auto& t : busy)
+    t.join();
+}
+
+TEST_F(process_test, EnvironmentCanBeInheritedAddedToAndReplaced) {
+  spawn_options add;
+  add.environment = {"DUPLEX_TEST_ADDED=yes", "HOME=/nowhere", "DUPLEX_FD=99"};
+  EXPECT_EQ(ask({"env", "DUPLEX_TEST_ADDED"}, add), "yes");
+  EXPECT_EQ(ask({"env", "HOME"}, add), "/nowhere");
+  EXPECT_EQ(ask({"env", "DUPLEX_FD"}, add), "3");  // the contract wins over the caller
+  const char* path = std::getenv("PATH");
+  EXPECT_EQ(ask({"env", "PATH"}), path != nullptr ? path : "<unset>");  // inherited
+  spawn_options clean;
+  clean.clear_environment = true;
+  clean.environment = {"ONLY=this"};
+  EXPECT_EQ(ask({"env", "PATH"}, clean), "<unset>");
+  EXPECT_EQ(ask({"env", "ONLY"}, clean), "this");
+}
+
+TEST_F(process_test, WorkingDirectoryAndStdio) {
+  spawn_options o;
+  o.working_directory = "/";
+  EXPECT_EQ(ask({"cwd"}, o), "/");
+  o.stdin_mode = o.stdout_mode = o.stderr_mode = stdio_mode::null;
+  EXPECT_EQ(ask({"stdio"}, o), "/dev/null /dev/null /dev/null");
+}
+
+TEST_F(process_test, BadOptionsAreRefusedBeforeAnythingStarts) {
+  EXPECT_THAT(spawn(std::vector<std::string>{}), HasError(sys(EINVAL)));
+  spawn_options low;
+  low.child_fd = 2;
+  EXPECT_THAT(spawn({test_child, "fds"}, low), HasError(sys(EINVAL)));
+  spawn_options bad_env;
+  bad_env.environment = {"NO_EQUALS_SIGN"};
+  EXPECT_THAT(spawn({test_child, "fds"}, bad_env), HasError(sys(EINVAL)));
+}
+
+// --- failures to start (class 10) ------------------------------------------------------------
+
+TEST_F(process_test, AProgramThatCannotRunIsAnErrorNotAnExit127) {
+  EXPECT_THAT(spawn({"/nonexistent/program"}), HasError(sys(ENOENT)));
+  EXPECT_THAT(spawn({"duplex-no-such-program-anywhere"}), HasError(sys(ENOENT)));
+  // Not executable, and executable but not a program.
+  const std::string dir = ::testing::TempDir();
+  const std::string plain = dir + "/duplex_not_executable";
+  const std::string garbage = dir + "/duplex_garbage_program";
+  std::ofstream(plain) << "just text\n";
+  std::ofstream(garbage) << "\x01\x02\x03 not an ELF and no #!\n";
+  ::chmod(plain.c_str(), 0644);
+  ::chmod(garbage.c_str(), 0755);
+  EXPECT_THAT(spawn({plain}), HasError(sys(EACCES)));
+  EXPECT_THAT(spawn({garbage}), HasError(sys(ENOEXEC)));
+  spawn_options nowhere;
+  nowhere.working_directory = "/nonexistent/directory";
+  EXPECT_THAT(spawn({test_child, "fds"}, nowhere), HasError(sys(ENOENT)));
+  ::unlink(plain.c_str());
+  ::unlink(garbage.c_str());
+}
+
+// --- lifecycle (class 10) --------------------------------------------------------------------
+
+TEST_P(process_kind_test, AnEarlyExitIsSeenOnTheChannelAndInTheStatus) {
+  spawn_options o;
+  o.kind = GetParam();
+  auto c = test::must(spawn({test_child, "exit", "7"}, o));
+  EXPECT_THAT(c.channel().receive(30s), HasError(errc::peer_closed));
+  auto status = c.wait();
+  ASSERT_THAT(status, Succeeded());
+  EXPECT_TRUE(status->normal());
+  EXPECT_EQ(status->code(), 7);
+  EXPECT_EQ(status->describe(), "exited with code 7");
+}
+
+TEST_F(process_test, ACrashIsSeenOnTheChannelAndInTheStatus) {
+  auto c = test::must(spawn({test_child, "crash"}));
+  EXPECT_THAT(c.channel().receive(30s), HasError(errc::peer_closed));
+  auto status = c.wait();
+  ASSERT_THAT(status, Succeeded());
+  EXPECT_FALSE(status->normal());
+  EXPECT_EQ(status->signal(), SIGSEGV);
+  EXPECT_EQ(status->shell_code(), 128 + SIGSEGV);
+  EXPECT_NE(status->describe().find("SIGSEGV"), std::string::npos) << status->describe();
+}
+
+TEST_F(process_test, KillWaitWithTimeoutAndThePidfd) {
+  auto c = test::must(spawn({test_child, "sleep"}));
+  ASSERT_EQ(c.channel().receive(30s)->text(), "ready");
+  EXPECT_THAT(c.try_wait(), ::testing::Optional(::testing::Eq(std::nullopt)));
+  EXPECT_THAT(c.wait(30ms), HasError(errc::timed_out));
+  pollfd p{c.pidfd(), POLLIN, 0};
+  EXPECT_EQ(::poll(&p, 1, 0), 0) << "the pidfd is readable only once the child exits";
+  ASSERT_THAT(c.kill(SIGTERM), Succeeded());
+  EXPECT_EQ(::poll(&p, 1, 30000), 1);
+  auto status = c.wait(30s);
+  ASSERT_THAT(status, Succeeded());
+  EXPECT_EQ(status->signal(), SIGTERM);
+  EXPECT_THAT(c.kill(SIGTERM), HasError(sys(ESRCH)));  // reaped: nothing can be signalled
+  EXPECT_EQ(c.status(), status.value());
+}
+
+TEST_F(process_test, TheDestructorKillsAndReapsARunningChild) {
+  pid_t pid = -1;
+  {
+    auto c = test::must(spawn({test_child, "sleep"}));
+    pid = c.pid();
+    ASSERT_EQ(c.channel().receive(30s)->text(), "ready");
+  }
+  EXPECT_EQ(::kill(pid, 0), -1);  // gone, and reaped (the fixture checks for zombies)
+  EXPECT_EQ(errno, ESRCH);
+}
+
+TEST_F(process_test, MovingOverAChildReapsIt) {
+  auto a = test::must(spawn({test_child, "sleep"}));
+  auto b = test::must(spawn({test_child, "exit", "0"}));
+  ASSERT_EQ(a.channel().receive(30s)->text(), "ready");
+  a = std::move(b);  // the sleeping child is killed and reaped
+  EXPECT_TRUE(a.wait(30s)->success());
+}
+
+// Parent death: the child learns of it on its channel, or dies with the parent if asked.
+TEST_F(process_test, AChildLearnsOfItsParentsDeath) {
+  struct scenario {
+    const char* kill;
+    const char* mode;
+    int expect;  // shell code of the grandchild's end; 0: still running afterwards
+  };
+  for (const scenario s : {scenario{"kill", "sleep", 128 + SIGKILL}, scenario{"nokill", "hold", 3},
+                           scenario{"nokill", "sleep", 0}}) {
+    SCOPED_TRACE(std::string(s.kill) + " " + s.mode);
+    const int status = test::run_in_child([&s] {
+      // This process adopts orphans, so it can reap the grandchild once its parent is gone.
+      if (::prctl(PR_SET_CHILD_SUBREAPER, 1) != 0) return 10;
+      auto middle = spawn({test_child, "grandchild", s.kill, s.mode});
+      if (!middle) return 11;
+      auto pid_text = middle->channel().receive(30s);
+      if (!pid_text) return 12;
+      const pid_t grandchild = std::stoi(std::string(pid_text->text()));
+      if (!middle->channel().send(as_bytes("go"))) return 13;
+      if (!middle->wait(30s) || !middle->status()->success()) return 14;
+      // The grandchild is ours now.
+      const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, grandchild, 0));
+      if (pidfd < 0) return 15;
+      pollfd p{pidfd, POLLIN, 0};
+      const int ready = ::poll(&p, 1, s.expect == 0 ? 200 : 30000);
+      if (s.expect == 0) {
+        if (ready != 0) return 16;  // it should still be running
+        ::kill(grandchild, SIGKILL);
+      }
+      int wstatus = 0;
+      if (::waitpid(grandchild, &wstatus, 0) != grandchild) return 17;
+      ::close(pidfd);
+      if (s.expect == 0) return 0;
+      const int code = WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : 128 + WTERMSIG(wstatus);
+      return code == s.expect ? 0 : 18;
+    });
+    EXPECT_EQ(status, 0);
+  }
+}
+
+// --- inherited_channel -----------------------------------------------------------------------
+
+TEST_F(process_test, InheritedChannelSaysWhatIsWrong) {
+  EXPECT_EQ(run_with_env({test_child, "inherited"}, {}),
+            "no channel was inherited (DUPLEX_FD is not set)");
+  EXPECT_EQ(run_with_env({test_child, "inherited"}, {"DUPLEX_FD=three"}),
+            "no channel was inherited (DUPLEX_FD is not set)");
+  EXPECT_EQ(run_with_env({test_child, "inherited"}, {"DUPLEX_FD=99"}), "Bad file descriptor");
+  EXPECT_EQ(run_with_env({test_child, "inherited"}, {"DUPLEX_FD=1"}),
+            "Socket operation on non-socket");
+}
+
+TEST_F(process_test, InheritedChannelChecksTheKindAndIsTakenOnce) {
+  // The child prints its verdicts on stdout: capture them through a pipe.
+  auto [read_end, write_end] = test::make_pipe();
+  auto capture = [&](const std::vector<std::string>& args, socket_kind kind) {
+    const int status = test::run_in_child([&] {
+      ::dup2(write_end.get(), 1);
+      spawn_options o;
+      o.kind = kind;
+      std::vector<std::string> argv{test_child};
+      argv.insert(argv.end(), args.begin(), args.end());
+      auto c = spawn(argv, o);
+      return c && c->wait(30s) && c->status()->success() ? 0 : 1;
+    });
+    EXPECT_EQ(status, 0);
+    char buf[256];
+    const ssize_t n = ::read(read_end.get(), buf, sizeof buf);
+    std::string out(buf, n > 0 ? static_cast<std::size_t>(n) : 0);
+    if (!out.empty() && out.back() == '\n') out.pop_back();
+    return out;
+  };
+  EXPECT_EQ(capture({"inherited", "seqpacket"}, socket_kind::seqpacket), "ok");
+  EXPECT_EQ(capture({"inherited", "stream"}, socket_kind::seqpacket),
+            "wrong kind of socket for this operation");
+  EXPECT_EQ(capture({"inherited-twice"}, socket_kind::stream), "ok Device or resource busy");
+}
+
+// --- credentials (class 11) ------------------------------------------------------------------
+
+TEST_F(process_test, PeerCredentialsNameTheCreatorNotTheChild) {
+  auto c = test::must(spawn({test_child, "peercred"}));
+  auto m = c.channel().receive(30s);
+  ASSERT_THAT(m, Succeeded());
+  // In the child: SO_PEERCRED names the parent (who created the pair), as does getppid().
+  const std::string expected =
+      std::to_string(::getpid()) + " " + std::to_string(c.pid()) + " " + std::to_string(::getpid());
+  EXPECT_EQ(m->text(), expected);
+  // In the parent: its own pid, not the child's. The child is known by its pid and pidfd.
+  EXPECT_EQ(c.channel().peer_credentials()->pid, ::getpid());
+  EXPECT_TRUE(c.wait(30s)->success());
+}
+
+// --- fork_with_channel -----------------------------------------------------------------------
+
+TEST_P(process_kind_test, ForkWithChannelRunsTheTutorialsPattern) {
+  fork_options o;
+  o.kind = GetParam();
+  auto c = fork_with_channel(
+      [](channel& parent) {
+        if (!parent.send(as_bytes("Hello from child process!"))) return 1;
+        auto reply = parent.receive();
+        return reply && reply->text() == "Hello from parent process!" ? 0 : 2;
+      },
+      o);
+  ASSERT_THAT(c, Succeeded());
+  EXPECT_EQ(c->channel().receive(30s)->text(), "Hello from child process!");
+  ASSERT_THAT(c->channel().send(as_bytes("Hello from parent process!")), Succeeded());
+  auto status = c->wait(30s);
+  ASSERT_THAT(status, Succeeded());
+  EXPECT_TRUE(status->success()) << status->describe();
+}
+
+TEST_F(process_test, ForkWithChannelReportsAThrowingFunction) {
+  auto c = fork_with_channel([](channel&) -> int { throw std::runtime_error("boom"); });
+  ASSERT_THAT(c, Succeeded());
+  EXPECT_EQ(c->wait(30s)->code(), 70);
+  EXPECT_THAT(c->channel().receive(30s), HasError(errc::peer_closed));
+}
+
+// --- many spawns under load (classes 9, 10) --------------------------------------------------
+
+TEST_F(process_test, AThousandSpawnsWhileEightThreadsUseChannels) {
+  std::atomic<bool> stop{false};
+  std::atomic<long> exchanged{0};
+  std::vector<std::thread> busy;
+  for (int t = 0; t < 8; ++t) {
+    busy.emplace_back([&] {
+      auto ends = test::must(channel_pair(socket_kind::stream));
+      auto [read_end, write_end] = test::make_pipe();
+      const std::array<int, 1> fds{read_end.get()};
+      while (!stop.load()) {
+        if (!ends.first.send(as_bytes("ping"), fds)) return;
+        auto m = ends.second.receive();
+        if (!m || m->fds().size() != 1) return;
+        ++exchanged;
+      }
+    });
+  }
+  int ok = 0;
+  for (int i = 0; i < 1000; ++i) {
+    auto c = spawn({"true"});
+    if (!c) {
+      ADD_FAILURE() << "spawn " << i << ": " << c.error().message();
+      break;
+    }
+    auto status = c->wait(30s);
+    if (status && status->success()) ++ok;
+  }
+  stop = true;
+  for (auto& t : busy)
+    t.join();
+  EXPECT_EQ(ok, 1000);
+  EXPECT_GT(exchanged.load(), 0);
+}
+
+}  // namespace
+}  // namespace duplex
