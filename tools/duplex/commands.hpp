@@ -5,6 +5,9 @@
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <vector>
+
+#include "duplex/channel.hpp"
 
 namespace duplex::cli {
 
@@ -13,6 +16,19 @@ int run_demo(std::string_view scenario);
 
 // Prints this system's facts for the library, as text or as one JSON object.
 int run_info(bool json);
+
+// What `duplex run` was asked to do.
+struct run_options {
+  socket_kind kind = socket_kind::stream;
+  framing format = framing::native;
+  int fd = 3;
+  std::vector<std::string> command;  // argv of the child
+};
+
+// Runs a command holding a channel end: stdin lines become messages to it, its messages become
+// stdout lines. Returns the child's exit code (128 + signal if killed), or 1 if it broke the
+// protocol or could not start.
+int run_command(const run_options& options);
 
 // Prints "duplex: <what>: <error message>" on stderr and returns exit status 1.
 int report_failure(std::string_view what, const std::error_code& ec);

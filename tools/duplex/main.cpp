@@ -47,6 +47,24 @@ int main(int argc, char** argv) {
       "which features work.");
   info->add_flag("--json", json, "Print one JSON object instead of text");
 
+  duplex::cli::run_options run_opts;
+  std::string kind = "stream";
+  std::string format = "native";
+  CLI::App* run = app.add_subcommand(
+      "run",
+      "Start CMD holding one end of a channel (at fd 3, named by DUPLEX_FD): each line of "
+      "stdin is sent as one message, each message received is printed as one line, and "
+      "duplex exits with CMD's status (128 + N if a signal N killed it).");
+  run->add_option("--kind", kind, "Socket kind of the pair: stream or seqpacket")
+      ->check(CLI::IsMember({"stream", "seqpacket"}));
+  run->add_option("--framing", format,
+                  "Wire format: native (duplex's) or python (multiprocessing.connection)")
+      ->check(CLI::IsMember({"native", "python"}));
+  run->add_option("--fd", run_opts.fd, "The fd number of the child's end (default 3)")
+      ->check(CLI::Range(3, 1 << 20));
+  run->add_option("command", run_opts.command, "CMD [ARG...], after --")->required();
+  run->footer("Example: duplex run --framing python -- python3 worker.py < requests.txt");
+
   const auto is_command = [&app](const std::string& name) {
     const auto all = app.get_subcommands([](CLI::App*) { return true; });
     return std::any_of(all.begin(), all.end(), [&](CLI::App* c) { return c->check_name(name); });
@@ -71,6 +89,18 @@ int main(int argc, char** argv) {
   try {
     if (demo->parsed()) return duplex::cli::run_demo(scenario);
     if (info->parsed()) return duplex::cli::run_info(json);
+    if (run->parsed()) {
+      run_opts.kind =
+          kind == "seqpacket" ? duplex::socket_kind::seqpacket : duplex::socket_kind::stream;
+      run_opts.format = format == "python" ? duplex::framing::python : duplex::framing::native;
+      if (run_opts.format == duplex::framing::python &&
+          run_opts.kind != duplex::socket_kind::stream) {
+        fmt::print(stderr,
+                   "duplex: run: --framing python needs --kind stream (see 'duplex run --help')\n");
+        return 2;
+      }
+      return duplex::cli::run_command(run_opts);
+    }
   } catch (const std::exception& e) {
     return duplex::cli::report_failure(e.what());
   }

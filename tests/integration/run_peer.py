@@ -1,0 +1,68 @@
+"""A child for `duplex run` tests: holds its end as multiprocessing.connection.Connection, found
+through DUPLEX_FD (or writes raw bytes to it), and behaves as its first argument says:
+
+  upper          answer each message with its upper-cased copy; at end-of-stream exit with
+                 the code given as second argument (default 0)
+  flood N        send N messages "flood <i>" without reading; then count what arrives until
+                 end-of-stream and send "received <count>"
+  negative       send "good one", then write a raw negative length (-7), then wait
+  huge           send "good one", then a header announcing 2^31 - 1 bytes, then wait
+  garbage        (native framing) write 32 bytes that are not a frame, then wait
+  die SIGNAL     send "about to die", then kill itself with the signal
+  fd             send the value of DUPLEX_FD
+"""
+import os
+import signal
+import struct
+import sys
+import time
+from multiprocessing.connection import Connection
+
+
+def main():
+    fd = int(os.environ["DUPLEX_FD"])
+    mode = sys.argv[1]
+    signal.alarm(60)  # never outlive a broken test
+    if mode == "garbage":
+        os.write(fd, b"this is not a duplex frame at all")
+        time.sleep(30)
+        return 0
+    conn = Connection(fd)
+    if mode == "upper":
+        while True:
+            try:
+                data = conn.recv_bytes()
+            except EOFError:
+                return int(sys.argv[2]) if len(sys.argv) > 2 else 0
+            conn.send_bytes(data.upper())
+    if mode == "flood":
+        for i in range(int(sys.argv[2])):
+            conn.send_bytes(b"flood %d" % i)
+        count = 0
+        while True:
+            try:
+                conn.recv_bytes()
+            except EOFError:
+                break
+            count += 1
+        conn.send_bytes(b"received %d" % count)
+        return 0
+    if mode in ("negative", "huge"):
+        conn.send_bytes(b"good one")
+        os.write(fd, struct.pack("!i", -7 if mode == "negative" else 0x7FFFFFFF))
+        time.sleep(30)
+        return 0
+    if mode == "die":
+        conn.send_bytes(b"about to die")
+        os.kill(os.getpid(), getattr(signal, sys.argv[2]))
+        time.sleep(30)
+        return 0
+    if mode == "fd":
+        conn.send_bytes(str(fd).encode())
+        return 0
+    print(f"run_peer: unknown mode {mode}", file=sys.stderr)
+    return 99
+
+
+if __name__ == "__main__":
+    sys.exit(main())
