@@ -62,9 +62,9 @@ struct spawn_options {
   // The child's environment starts as a copy of the parent's, or empty if clear_environment.
   bool clear_environment = false;
   // Entries "NAME=value" added to the child's environment, replacing any of the same name.
-  std::vector<std::string> environment;
+  std::vector<std::string> environment{};
   // The child's working directory; empty for the parent's.
-  std::string working_directory;
+  std::string working_directory{};
   stdio_mode stdin_mode = stdio_mode::inherit;
   stdio_mode stdout_mode = stdio_mode::inherit;
   stdio_mode stderr_mode = stdio_mode::inherit;
@@ -72,7 +72,7 @@ struct spawn_options {
   int child_fd = 3;
   // The kind of the pair (stream or seqpacket), and the options of the parent's channel.
   socket_kind kind = socket_kind::stream;
-  channel_options channel;
+  channel_options channel{};
   // Kill the child (SIGKILL) when the parent dies (PR_SET_PDEATHSIG). Linux ties this to the
   // *thread* that called spawn(): if that thread exits first, the child is killed then. Spawn
   // from a thread that lives as long as the process (e.g. the main thread).
@@ -187,7 +187,7 @@ class child {
 // How fork_with_channel() starts a child.
 struct fork_options {
   socket_kind kind = socket_kind::stream;
-  channel_options channel;            // for both ends
+  channel_options channel{};          // for both ends
   bool kill_on_parent_death = false;  // as in spawn_options (thread-bound)
 };
 
@@ -204,8 +204,8 @@ struct fork_options {
 // How inherited_channel() checks the end it finds.
 struct inherited_options {
   // The kind the end must be; nullopt accepts stream or seqpacket.
-  std::optional<socket_kind> kind;
-  channel_options channel;
+  std::optional<socket_kind> kind{};
+  channel_options channel{};
 };
 
 // In a child started by spawn (or any parent keeping the DUPLEX_FD contract): takes the end named

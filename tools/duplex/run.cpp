@@ -5,6 +5,7 @@
 
 #include <cstdio>
 #include <iostream>
+#include <memory>
 #include <string>
 #include <thread>
 
@@ -29,14 +30,18 @@ int run_command(const run_options& o) {
   options.kind = o.kind;
   options.child_fd = o.fd;
   options.channel.format = o.format;
-  auto child = spawn(o.command, options);
-  if (!child)
-    return report_failure(fmt::format("run: cannot start '{}'", o.command[0]), child.error());
+  auto started = spawn(o.command, options);
+  if (!started) {
+    return report_failure(fmt::format("run: cannot start '{}'", o.command[0]), started.error());
+  }
+  // Shared with the feeder thread, which may still be inside a send when this function returns:
+  // the channel lives as long as either of them needs it.
+  auto child = std::make_shared<duplex::child>(std::move(*started));
   channel& ch = child->channel();
 
   // Lines of stdin to messages, on a thread of their own, so that a child that sends without
   // reading can never block the messages coming back.
-  std::thread feeder([&ch] {
+  std::thread feeder([child, &ch] {
     std::string line;
     while (std::getline(std::cin, line)) {
       if (!ch.send(as_bytes(line))) return;  // the child is gone: nothing more to feed
