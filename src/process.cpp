@@ -64,24 +64,28 @@ result<std::optional<exit_status>> wait_pidfd(int pidfd, int options) {
 }
 
 // The value of NAME in a list of "NAME=value" entries, or nullptr.
-const char* lookup(const std::vector<std::string>& env, std::string_view name) {
-  for (const auto& e : env) {
-    if (e.size() > name.size() && e.compare(0, name.size(), name) == 0 && e[name.size()] == '=') {
-      return e.c_str() + name.size() + 1;
+const char* lookup(const std::vector<const char*>& env, std::string_view name) {
+  for (const char* e : env) {
+    if (e == nullptr) break;
+    const std::string_view entry(e);
+    if (entry.size() > name.size() && entry.starts_with(name) && entry[name.size()] == '=') {
+      return e + name.size() + 1;
     }
   }
   return nullptr;
 }
 
-// The child's environment: the parent's (unless cleared), with the additions replacing entries
-// of the same name, and DUPLEX_FD last.
-result<std::vector<std::string>> child_environment(const spawn_options& o) {
-  std::vector<std::string> env;
-  auto name_of = [](std::string_view entry) { return entry.substr(0, entry.find('=')); };
+std::string_view name_of(std::string_view entry) { return entry.substr(0, entry.find('=')); }
+
+// The child's environment, as pointers (nothing is copied but DUPLEX_FD=n, which the caller
+// keeps alive): the parent's entries (unless cleared) that the additions do not replace, the
+// additions, and DUPLEX_FD last. Null-terminated.
+result<std::vector<const char*>> child_environment(const spawn_options& o,
+                                                   const std::string& fd_entry) {
   for (const auto& add : o.environment) {
     if (add.find('=') == std::string::npos || add.front() == '=') return fail_errno(EINVAL);
   }
-  auto overridden = [&](std::string_view entry) {
+  auto replaced = [&](std::string_view entry) {
     const auto name = name_of(entry);
     if (name == inherited_fd_variable) return true;
     for (const auto& add : o.environment) {
@@ -89,31 +93,35 @@ result<std::vector<std::string>> child_environment(const spawn_options& o) {
     }
     return false;
   };
+  std::vector<const char*> env;
   if (!o.clear_environment && environ != nullptr) {
     for (char** e = environ; *e != nullptr; ++e) {
-      if (!overridden(*e)) env.emplace_back(*e);
+      if (!replaced(*e)) env.push_back(*e);
     }
   }
   for (const auto& add : o.environment) {
-    if (name_of(add) != inherited_fd_variable) env.push_back(add);
+    if (name_of(add) != inherited_fd_variable) env.push_back(add.c_str());
   }
-  env.push_back(std::string(inherited_fd_variable) + "=" + std::to_string(o.child_fd));
+  env.push_back(fd_entry.c_str());
+  env.push_back(nullptr);
   return env;
 }
 
 // Finds the program as execvp would: as given if it contains '/', else in each PATH entry.
-result<std::string> find_program(const std::string& name, const std::vector<std::string>& env) {
+result<std::string> find_program(const std::string& name, const std::vector<const char*>& env) {
   if (name.empty()) return fail_errno(ENOENT);
   if (name.find('/') != std::string::npos) return name;
   const char* path = lookup(env, "PATH");
   if (path == nullptr) path = "/usr/local/bin:/usr/bin:/bin";
   int error = ENOENT;
   std::string_view dirs(path);
+  std::string candidate;
   for (;;) {
     const auto colon = dirs.find(':');
-    std::string dir(dirs.substr(0, colon));
-    if (dir.empty()) dir = ".";
-    std::string candidate = dir + "/" + name;
+    const std::string_view dir = dirs.substr(0, colon);
+    candidate.assign(dir.empty() ? std::string_view(".") : dir);
+    candidate.push_back('/');
+    candidate.append(name);
     struct stat st {};
     if (::stat(candidate.c_str(), &st) == 0 && S_ISREG(st.st_mode)) {
       if (::access(candidate.c_str(), X_OK) == 0) return candidate;
@@ -125,27 +133,25 @@ result<std::string> find_program(const std::string& name, const std::vector<std:
   return fail_errno(error);
 }
 
-// A stack for the clone child, with a guard page below it.
+// A stack for the clone child. Its few steps need well under a page or two; 32 KiB leaves a
+// wide margin without the cost of a guard page.
 class child_stack {
  public:
-  static constexpr std::size_t size = 64 * 1024;
+  static constexpr std::size_t size = 32 * 1024;
   child_stack() {
-    void* p = ::mmap(nullptr, size + page(), PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
-    if (p == MAP_FAILED) return;
-    base_ = static_cast<char*>(p);
-    ::mprotect(base_, page(), PROT_NONE);
+    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK,
+                     -1, 0);
+    if (p != MAP_FAILED) base_ = static_cast<char*>(p);
   }
   ~child_stack() {
-    if (base_ != nullptr) ::munmap(base_, size + page());
+    if (base_ != nullptr) ::munmap(base_, size);
   }
   child_stack(const child_stack&) = delete;
   child_stack& operator=(const child_stack&) = delete;
   [[nodiscard]] bool ok() const noexcept { return base_ != nullptr; }
-  [[nodiscard]] void* top() const noexcept { return base_ + page() + size; }
+  [[nodiscard]] void* top() const noexcept { return base_ + size; }
 
  private:
-  static std::size_t page() { return static_cast<std::size_t>(::sysconf(_SC_PAGESIZE)); }
   char* base_ = nullptr;
 };
 
@@ -164,15 +170,6 @@ clone_function libc_clone() {
     return found;
   }();
   return fn;
-}
-
-std::vector<char*> c_strings(std::vector<std::string>& strings) {
-  std::vector<char*> out;
-  out.reserve(strings.size() + 1);
-  for (auto& s : strings)
-    out.push_back(s.data());
-  out.push_back(nullptr);
-  return out;
 }
 
 }  // namespace
@@ -249,7 +246,9 @@ result<void> child::kill(int signal) {
 
 result<child> spawn(std::span<const std::string> argv, const spawn_options& options) {
   if (argv.empty() || options.child_fd < 3) return fail_errno(EINVAL);
-  auto env = child_environment(options);
+  const std::string fd_entry =
+      std::string(inherited_fd_variable) + "=" + std::to_string(options.child_fd);
+  auto env = child_environment(options, fd_entry);
   if (!env) return std::unexpected(env.error());
   auto path = find_program(argv[0], *env);
   if (!path) return std::unexpected(path.error());
@@ -259,16 +258,19 @@ result<child> spawn(std::span<const std::string> argv, const spawn_options& opti
   auto parent_end = channel::create(std::move(pair->first), options.channel);
   if (!parent_end) return std::unexpected(parent_end.error());
 
-  std::vector<std::string> args(argv.begin(), argv.end());
-  std::vector<char*> c_argv = c_strings(args);
-  std::vector<char*> c_envp = c_strings(*env);
+  std::vector<const char*> c_argv;
+  c_argv.reserve(argv.size() + 1);
+  for (const auto& a : argv)
+    c_argv.push_back(a.c_str());
+  c_argv.push_back(nullptr);
   child_stack stack;
   if (!stack.ok()) return fail_errno(ENOMEM);
 
   detail::spawn_plan plan;
   plan.path = path->c_str();
-  plan.argv = c_argv.data();
-  plan.envp = c_envp.data();
+  // execve takes char* const*; it does not write the strings.
+  plan.argv = const_cast<char* const*>(c_argv.data());
+  plan.envp = const_cast<char* const*>(env->data());
   plan.cwd = options.working_directory.empty() ? nullptr : options.working_directory.c_str();
   plan.end_fd = pair->second.native_handle();
   plan.child_fd = options.child_fd;
@@ -276,7 +278,7 @@ result<child> spawn(std::span<const std::string> argv, const spawn_options& opti
   plan.null_stdout = options.stdout_mode == stdio_mode::null;
   plan.null_stderr = options.stderr_mode == stdio_mode::null;
   plan.kill_on_parent_death = options.kill_on_parent_death;
-  plan.parent_pid = ::getpid();
+  if (options.kill_on_parent_death) plan.parent_pid = ::getpid();
 
   // Block every signal around the clone, so no handler of ours runs in the child before it has
   // reset them; the child restores this mask just before exec.

@@ -19,8 +19,7 @@ stream_decoder::stream_decoder(framing format, std::size_t max_message_size, std
     : format_(format),
       max_message_(max_message_size),
       max_fds_(max_fds),
-      capacity_(std::max<std::size_t>(buffer_size, 64)),
-      buf_(std::make_unique_for_overwrite<std::byte[]>(capacity_)) {}
+      capacity_(std::max<std::size_t>(buffer_size, 64)) {}
 
 mutable_buffer stream_decoder::read_target() {
   direct_ = false;
@@ -33,6 +32,8 @@ mutable_buffer stream_decoder::read_target() {
       return dest_.subspan(filled_, remaining);
     }
   }
+  // Allocated on the first read: a channel that only sends never needs it.
+  if (!buf_) buf_ = std::make_unique_for_overwrite<std::byte[]>(capacity_);
   if (begin_ == end_) {
     begin_ = end_ = 0;
   } else if (begin_ > 0 && capacity_ - end_ < capacity_ / 4) {

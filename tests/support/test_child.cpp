@@ -89,7 +89,8 @@ int run(const std::vector<std::string>& args) {
     // The directory iterator's own fd is in the list; it is closed by now.
     for (int fd : fds) {
       if (::fcntl(fd, F_GETFD) == -1) continue;
-      list += (list.empty() ? "" : " ") + std::to_string(fd);
+      if (!list.empty()) list.push_back(' ');
+      list.append(std::to_string(fd));
     }
     return reply(list);
   }
