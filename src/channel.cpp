@@ -1,5 +1,6 @@
 #include "duplex/channel.hpp"
 
+#include <fcntl.h>
 #include <limits.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -7,6 +8,7 @@
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
+#include <deque>
 #include <mutex>
 #include <string>
 
@@ -164,7 +166,23 @@ struct channel::impl {
     return {};
   }
 
+  // Outgoing bytes try_send could not write yet (guarded by tx). `queued` counts unsent bytes.
+  struct outgoing {
+    std::vector<std::byte> bytes;  // the rest of one frame
+    std::size_t sent = 0;
+    std::vector<unique_fd> fds;  // duplicates, until the frame's first byte is sent
+  };
+  std::deque<outgoing> queue;
+  std::atomic<std::size_t> queued{0};
+
+  struct frame;
+  result<frame> make_frame(std::span<const const_buffer> parts, std::span<const int> fds) const;
+  result<std::size_t> write(detail::iovec_array& iov, std::span<const int> fds, bool blocking);
+  result<bool> flush_queue(bool blocking);
+  void enqueue(detail::iovec_array& iov, std::span<const int> fds, bool started);
   result<void> send(std::span<const const_buffer> parts, std::span<const int> fds);
+  result<void> try_send(std::span<const const_buffer> parts, std::span<const int> fds);
+  result<bool> flush();
   result<message_info> receive(const wait_spec& w, destination dest);
   result<message_info> receive_stream(const wait_spec& w, destination dest);
   result<message_info> receive_packet(const wait_spec& w, destination dest);
@@ -172,48 +190,57 @@ struct channel::impl {
   void discard_packet() const;
 };
 
-result<void> channel::impl::send(std::span<const const_buffer> parts, std::span<const int> fds) {
-  const call c(*this);
-  if (auto u = usable(c); !u) return u;
+// A frame ready to go out: its header (the payload stays in the caller's buffers). A value: the
+// header is reached through head(), never through a pointer that a copy would leave dangling.
+struct channel::impl::frame {
+  std::array<std::byte, wire::native_header_size> head_storage{};
+  std::size_t head_size = 0;
+  std::uint64_t total = 0;  // header and payload
+
+  [[nodiscard]] const_buffer head() const noexcept {
+    return std::span(head_storage).first(head_size);
+  }
+};
+
+result<channel::impl::frame> channel::impl::make_frame(std::span<const const_buffer> parts,
+                                                       std::span<const int> fds) const {
   if (fds.size() > max_fds_per_message) return fail(errc::too_many_fds);
   if (options.format == framing::python && !fds.empty()) return fail(errc::not_supported);
   if (parts.size() + 1 > IOV_MAX) return fail_errno(EMSGSIZE);
-  std::uint64_t total = 0;
+  std::uint64_t payload = 0;
   for (const auto& p : parts)
-    total += p.size();
-  if (total > options.max_message_size) return fail(errc::message_too_large);
-
+    payload += p.size();
+  if (payload > options.max_message_size) return fail(errc::message_too_large);
   static_assert(wire::native_header_size >= wire::python_max_header_size);
-  std::array<std::byte, wire::native_header_size> head_storage{};
-  const_buffer head;
+  frame f;
   if (options.format == framing::native) {
-    head_storage = wire::encode_native({total, static_cast<std::uint16_t>(fds.size()), 0});
-    head = head_storage;
+    f.head_storage = wire::encode_native({payload, static_cast<std::uint16_t>(fds.size()), 0});
+    f.head_size = wire::native_header_size;
   } else {
-    const auto python_head = std::span(head_storage).first<wire::python_max_header_size>();
-    head = std::span(head_storage).first(wire::encode_python(total, python_head));
+    const auto python_head = std::span(f.head_storage).first<wire::python_max_header_size>();
+    f.head_size = wire::encode_python(payload, python_head);
   }
+  f.total = f.head_size + payload;
+  return f;
+}
 
-  const std::lock_guard lock(tx);
-  if (auto u = usable(c); !u) return u;
-  detail::iovec_array iov(parts, head);
+result<std::size_t> channel::impl::write(detail::iovec_array& iov, std::span<const int> fds,
+                                         bool blocking) {
   const int fd = sock.native_handle();
-  bool fds_sent = false;
-  bool started = false;
+  std::size_t written = 0;
   while (iov.size() > 0) {
-    auto n = detail::send_with_fds(fd, iov.data(), iov.size(),
-                                   fds_sent ? std::span<const int>{} : fds, 0);
+    // The fds go with the first byte, and never again.
+    const auto with = written == 0 ? fds : std::span<const int>{};
+    auto n = detail::send_with_fds(fd, iov.data(), iov.size(), with, blocking ? 0 : MSG_DONTWAIT);
     if (n) {
-      if (*n > 0) {
-        fds_sent = true;  // the fds went with the first byte; never again
-        started = true;
-      }
+      written += *n;
       iov.advance(*n);
       if (sock.kind() == socket_kind::seqpacket) break;  // a packet goes whole
       continue;
     }
-    if (n.error() == errc::would_block) {  // an O_NONBLOCK socket: wait for room
-      auto ready = detail::wait_for(fd, POLLOUT, forever);
+    if (n.error() == errc::would_block) {
+      if (!blocking) return written;
+      auto ready = detail::wait_for(fd, POLLOUT, forever);  // an O_NONBLOCK socket
       if (!ready) return std::unexpected(ready.error());
       continue;
     }
@@ -221,10 +248,102 @@ result<void> channel::impl::send(std::span<const const_buffer> parts, std::span<
     if (peer_gone(n.error())) return fail(errc::peer_closed);
     if (n.error() == std::errc::message_size) return fail(errc::message_too_large);
     // Part of a frame is out: the peer would misread whatever followed.
-    if (started) broken.store(true);
+    if (written > 0) broken.store(true);
     return std::unexpected(n.error());
   }
+  return written;
+}
+
+result<bool> channel::impl::flush_queue(bool blocking) {
+  while (!queue.empty()) {
+    outgoing& q = queue.front();
+    const std::array<const_buffer, 1> rest{std::span(q.bytes).subspan(q.sent)};
+    detail::iovec_array iov{std::span<const const_buffer>(rest)};
+    std::array<int, max_fds_per_message> raw{};
+    for (std::size_t i = 0; i < q.fds.size(); ++i)
+      raw[i] = q.fds[i].get();
+    auto n = write(iov, std::span(raw).first(q.sent == 0 ? q.fds.size() : 0), blocking);
+    if (!n) {
+      // Nothing queued can be delivered any more.
+      queue.clear();
+      queued = 0;
+      return std::unexpected(n.error());
+    }
+    if (*n > 0) q.fds.clear();  // they went with the frame's first byte
+    q.sent += *n;
+    queued -= *n;
+    if (q.sent < q.bytes.size()) return false;
+    queue.pop_front();
+  }
+  return true;
+}
+
+void channel::impl::enqueue(detail::iovec_array& iov, std::span<const int> fds, bool started) {
+  outgoing q;
+  q.bytes.reserve(iov.total());
+  for (std::size_t i = 0; i < iov.size(); ++i) {
+    const auto* p = static_cast<const std::byte*>(iov.data()[i].iov_base);
+    q.bytes.insert(q.bytes.end(), p, p + iov.data()[i].iov_len);
+  }
+  if (!started) {
+    // The caller keeps its fds: the queue holds duplicates until they are sent.
+    for (int fd : fds) {
+      auto copy = duplicate(fd);
+      if (copy) q.fds.push_back(std::move(*copy));
+    }
+  }
+  queued += q.bytes.size();
+  queue.push_back(std::move(q));
+}
+
+result<void> channel::impl::send(std::span<const const_buffer> parts, std::span<const int> fds) {
+  const call c(*this);
+  if (auto u = usable(c); !u) return u;
+  auto f = make_frame(parts, fds);
+  if (!f) return std::unexpected(f.error());
+  const std::lock_guard lock(tx);
+  if (auto u = usable(c); !u) return u;
+  // What try_send queued goes first: messages leave in the order they were given.
+  if (auto flushed = flush_queue(true); !flushed) return std::unexpected(flushed.error());
+  detail::iovec_array iov(parts, f->head());
+  auto n = write(iov, fds, true);
+  if (!n) return std::unexpected(n.error());
   return {};
+}
+
+result<void> channel::impl::try_send(std::span<const const_buffer> parts,
+                                     std::span<const int> fds) {
+  const call c(*this);
+  if (auto u = usable(c); !u) return u;
+  auto f = make_frame(parts, fds);
+  if (!f) return std::unexpected(f.error());
+  for (int fd : fds) {
+    if (::fcntl(fd, F_GETFD) < 0) return fail_errno(EBADF);  // as sendmsg would say
+  }
+  const std::unique_lock lock(tx, std::try_to_lock);
+  if (!lock.owns_lock()) return fail(errc::would_block);  // another thread is sending
+  if (auto u = usable(c); !u) return u;
+  if (auto flushed = flush_queue(false); !flushed) return std::unexpected(flushed.error());
+  detail::iovec_array iov(parts, f->head());
+  if (!queue.empty()) {
+    if (queued + f->total > options.max_queued_bytes) return fail(errc::queue_full);
+    enqueue(iov, fds, false);
+    return {};
+  }
+  auto n = write(iov, fds, false);
+  if (!n) return std::unexpected(n.error());
+  // What the kernel did not take waits in the queue (the first message of an empty queue is
+  // taken whatever its size).
+  if (iov.size() > 0) enqueue(iov, fds, *n > 0);
+  return {};
+}
+
+result<bool> channel::impl::flush() {
+  const call c(*this);
+  if (auto u = usable(c); !u) return std::unexpected(u.error());
+  const std::unique_lock lock(tx, std::try_to_lock);
+  if (!lock.owns_lock()) return false;  // a send in another thread is writing (and flushing)
+  return flush_queue(false);
 }
 
 result<message_info> channel::impl::receive(const wait_spec& w, destination dest) {
@@ -476,6 +595,33 @@ result<void> channel::send(const message& m) {
   return send(std::span(&bytes, 1), fds);
 }
 
+result<void> channel::try_send(std::span<const const_buffer> parts, std::span<const int> fds) {
+  if (!impl_) return fail(errc::closed);
+  return impl_->try_send(parts, fds);
+}
+
+result<void> channel::try_send(const_buffer bytes, std::span<const int> fds) {
+  return try_send(std::span(&bytes, 1), fds);
+}
+
+result<void> channel::try_send(const message& m) {
+  std::vector<int> fds;
+  fds.reserve(m.fds().size());
+  for (const auto& fd : m.fds())
+    fds.push_back(fd.get());
+  const const_buffer bytes = m.bytes();
+  return try_send(std::span(&bytes, 1), fds);
+}
+
+result<bool> channel::flush() {
+  if (!impl_) return fail(errc::closed);
+  return impl_->flush();
+}
+
+bool channel::wants_write() const noexcept { return impl_ && impl_->queued.load() > 0; }
+
+std::size_t channel::queued_bytes() const noexcept { return impl_ ? impl_->queued.load() : 0; }
+
 result<message> channel::receive() { return receive(forever); }
 
 result<message> channel::receive(std::chrono::nanoseconds timeout) {
@@ -524,6 +670,8 @@ result<void> channel::shutdown_send() {
   const impl::call c(*impl_);
   if (!c.ok()) return fail(errc::closed);
   const std::lock_guard lock(impl_->tx);  // never in the middle of someone's frame
+  // Whatever try_send queued goes out before the end-of-stream.
+  if (auto flushed = impl_->flush_queue(true); !flushed) return std::unexpected(flushed.error());
   return impl_->sock.shutdown(shutdown_how::write);
 }
 

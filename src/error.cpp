@@ -26,6 +26,7 @@ class category_impl final : public std::error_category {
       case errc::wrong_kind: return "wrong kind of socket for this operation";
       case errc::closed: return "this end was closed";
       case errc::not_inherited: return "no channel was inherited (DUPLEX_FD is not set)";
+      case errc::queue_full: return "the outgoing queue is full";
     }
     return "unknown duplex error " + std::to_string(value);
   }
@@ -64,6 +65,7 @@ std::string_view to_string(errc e) noexcept {
     case errc::wrong_kind: return "wrong_kind";
     case errc::closed: return "closed";
     case errc::not_inherited: return "not_inherited";
+    case errc::queue_full: return "queue_full";
   }
   return "unknown";
 }

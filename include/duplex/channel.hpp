@@ -68,6 +68,10 @@ struct channel_options {
   // The most fds this end accepts with one message (at most 253); a message with more is
   // refused (errc::too_many_fds), its fds closed.
   std::size_t max_fds = max_fds_per_message;
+  // The outgoing queue of try_send holds at most this many unsent bytes; a message that would
+  // take it past this is refused (errc::queue_full). An empty queue always takes one message,
+  // whatever its size, so a channel holds at most max_message_size + max_queued_bytes.
+  std::size_t max_queued_bytes = std::size_t{1} << 20;
   // Stream channels read through a buffer of this size (at least 64 bytes; many small messages
   // per syscall); payloads of at least half of it are read straight into their message.
   std::size_t receive_buffer_size = std::size_t{64} << 10;
@@ -133,6 +137,33 @@ class channel {
   // Sends a message's bytes and fds (the message keeps its fds).
   [[nodiscard]] result<void> send(const message& m);
 
+  // Sends one message without blocking, for event loops: writes what the kernel takes now and
+  // keeps the rest of the frame (and duplicates of fds not yet sent) in the channel's outgoing
+  // queue; flush() writes it when the socket is writable, and any later send or try_send writes it
+  // first. Messages are never lost, reordered or interleaved. Errors: errc::queue_full (the queue
+  // is at max_queued_bytes: nothing was taken; wait until writable, flush(), retry),
+  // errc::would_block (another thread is sending at this moment), and those of send.
+  [[nodiscard]] result<void> try_send(std::span<const const_buffer> parts,
+                                      std::span<const int> fds);
+
+  // try_send of bytes (with fds) as one message.
+  [[nodiscard]] result<void> try_send(const_buffer bytes, std::span<const int> fds = {});
+
+  // try_send of a message's bytes and fds.
+  [[nodiscard]] result<void> try_send(const message& m);
+
+  // Writes queued bytes without blocking. Returns true once the queue is empty, false if the
+  // socket is full (wait until writable and call again) or another thread is sending. Errors:
+  // errc::peer_closed (the queued messages cannot be delivered and are dropped), errc::broken,
+  // errc::closed.
+  [[nodiscard]] result<bool> flush();
+
+  // True while try_send left bytes to write: wait for POLLOUT on native_handle(), then flush().
+  [[nodiscard]] bool wants_write() const noexcept;
+
+  // How many bytes wait in the outgoing queue.
+  [[nodiscard]] std::size_t queued_bytes() const noexcept;
+
   // Sends a value encoded with codec<T> as one message.
   template <has_codec T>
   [[nodiscard]] result<void> send_value(const T& value) {
@@ -179,11 +210,13 @@ class channel {
   // end-of-stream, or an error pending). Errors: errc::timed_out, errc::closed.
   [[nodiscard]] result<void> wait_readable(std::chrono::nanoseconds timeout = forever) const;
 
-  // Half-close: the peer receives every message sent so far, then errc::peer_closed; this end
-  // can still receive. Errors: errc::closed, ENOTCONN.
+  // Half-close: the peer receives every message sent so far (the outgoing queue is written
+  // first, blocking if need be), then errc::peer_closed; this end can still receive.
+  // Errors: errc::closed, ENOTCONN, those of send.
   [[nodiscard]] result<void> shutdown_send();
 
-  // Closes this end: every later call returns errc::closed. Safe from any thread. The fd is
+  // Closes this end: every later call returns errc::closed, and messages still in the outgoing
+  // queue of try_send are dropped (flush first to deliver them). Safe from any thread. The fd is
   // closed as soon as no other call is inside the channel (at once, in the usual case), so no
   // call can ever act on a reused fd number. If other threads are inside a call at that moment
   // (perhaps blocked in the kernel), close() wakes them with shutdown(SHUT_RDWR) and they return

@@ -58,6 +58,8 @@ enum class errc : int {
   closed,
   // No channel was inherited: DUPLEX_FD is not set, or is not a number.
   not_inherited,
+  // A channel's outgoing queue is full: try_send took nothing; flush when writable and retry.
+  queue_full,
 };
 
 // The category of duplex::errc; its name is "duplex".
