@@ -12,3 +12,4 @@
 #include "duplex/socket.hpp"
 #include "duplex/socket_pair.hpp"
 #include "duplex/version.hpp"
+#include "duplex/waiter.hpp"
