@@ -40,6 +40,43 @@ struct wait_spec {
   }
 };
 
+// Busy-polling before a receive blocks: non-blocking attempts until the budget (or the call's
+// deadline) runs out, then the ordinary wait.
+class spinner {
+ public:
+  spinner(std::chrono::nanoseconds budget, const wait_spec& w) : active_(budget.count() > 0) {
+    if (!active_ || w.kind == wait_kind::try_once) {
+      active_ = false;
+      return;
+    }
+    until_ = std::chrono::steady_clock::now() + budget;
+    if (!w.until.infinite())
+      until_ = std::min(until_, std::chrono::steady_clock::now() + w.until.remaining());
+  }
+  // True while spinning: the next attempt must not block.
+  [[nodiscard]] bool active() const noexcept { return active_; }
+  // After a would-block: true to try again at once, false when the budget is spent.
+  [[nodiscard]] bool again() {
+    if (active_ && std::chrono::steady_clock::now() < until_) {
+      relax();
+      return true;
+    }
+    active_ = false;
+    return false;
+  }
+
+ private:
+  static void relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+  }
+  bool active_;
+  std::chrono::steady_clock::time_point until_{};
+};
+
 // The peer is gone, as a send or receive sees it.
 bool peer_gone(const std::error_code& ec) {
   return ec == std::errc::broken_pipe || ec == std::errc::connection_reset;
@@ -64,6 +101,15 @@ class receive_lock {
   std::mutex m_;
   std::condition_variable cv_;
   bool busy_ = false;
+};
+
+// One framed message of a batch: where it is in the batch's buffer, and its fds.
+struct batch_frame {
+  std::size_t offset;
+  std::size_t size;
+  std::size_t fds_begin;
+  std::size_t fd_count;
+  std::uint64_t payload;
 };
 
 // Where a received message goes: a new message, or a caller's buffer and fd array.
@@ -182,11 +228,15 @@ struct channel::impl {
   void enqueue(detail::iovec_array& iov, std::span<const int> fds, bool started);
   result<void> send(std::span<const const_buffer> parts, std::span<const int> fds);
   result<void> try_send(std::span<const const_buffer> parts, std::span<const int> fds);
+  result<void> send_frames(std::span<const std::byte> wire, std::span<const batch_frame> frames,
+                           std::span<const int> fds);
   result<bool> flush();
+  result<std::size_t> receive_batch(const wait_spec& w, void (*call)(void*, message_view&),
+                                    void* fn, std::size_t max);
   result<message_info> receive(const wait_spec& w, destination dest);
   result<message_info> receive_stream(const wait_spec& w, destination dest);
   result<message_info> receive_packet(const wait_spec& w, destination dest);
-  result<void> read_more(const wait_spec& w);
+  result<void> read_more(const wait_spec& w, spinner& spin);
   void discard_packet() const;
 };
 
@@ -338,6 +388,37 @@ result<void> channel::impl::try_send(std::span<const const_buffer> parts,
   return {};
 }
 
+result<void> channel::impl::send_frames(std::span<const std::byte> wire,
+                                        std::span<const batch_frame> frames,
+                                        std::span<const int> fds) {
+  const call c(*this);
+  if (auto u = usable(c); !u) return u;
+  for (const auto& f : frames) {
+    if (f.payload > options.max_message_size) return fail(errc::message_too_large);
+  }
+  const std::lock_guard lock(tx);
+  if (auto u = usable(c); !u) return u;
+  if (auto flushed = flush_queue(true); !flushed) return std::unexpected(flushed.error());
+  std::size_t i = 0;
+  while (i < frames.size()) {
+    // A stream takes a run of frames in one sendmsg; a frame with fds starts a run, so its fds
+    // go with its own first byte. Seqpacket: one frame, one packet.
+    std::size_t j = i + 1;
+    if (sock.kind() == socket_kind::stream) {
+      while (j < frames.size() && frames[j].fd_count == 0)
+        ++j;
+    }
+    const std::size_t begin = frames[i].offset;
+    const std::size_t end = frames[j - 1].offset + frames[j - 1].size;
+    const std::array<const_buffer, 1> run{wire.subspan(begin, end - begin)};
+    detail::iovec_array iov{std::span<const const_buffer>(run)};
+    auto n = write(iov, fds.subspan(frames[i].fds_begin, frames[i].fd_count), true);
+    if (!n) return std::unexpected(n.error());
+    i = j;
+  }
+  return {};
+}
+
 result<bool> channel::impl::flush() {
   const call c(*this);
   if (auto u = usable(c); !u) return std::unexpected(u.error());
@@ -358,10 +439,10 @@ result<message_info> channel::impl::receive(const wait_spec& w, destination dest
   return r;
 }
 
-result<void> channel::impl::read_more(const wait_spec& w) {
+result<void> channel::impl::read_more(const wait_spec& w, spinner& spin) {
   const int fd = sock.native_handle();
-  const int flags = w.kind == wait_kind::block ? 0 : MSG_DONTWAIT;
   for (;;) {
+    const int flags = w.kind == wait_kind::block && !spin.active() ? 0 : MSG_DONTWAIT;
     const mutable_buffer target = decoder.read_target();
     iovec v{target.data(), target.size()};
     auto r = detail::recv_with_fds(fd, &v, 1, flags, arrived);
@@ -375,6 +456,10 @@ result<void> channel::impl::read_more(const wait_spec& w) {
       return {};
     }
     if (r.error() == errc::would_block) {
+      if (spin.again()) continue;
+      // The spin is over: block in recvmsg itself, unless that attempt already could block (an
+      // O_NONBLOCK socket, or a deadline): then wait for readiness.
+      if (w.kind == wait_kind::block && (flags & MSG_DONTWAIT) != 0) continue;
       if (auto ready = wait(w, POLLIN); !ready) return ready;
       continue;
     }
@@ -386,6 +471,7 @@ result<void> channel::impl::read_more(const wait_spec& w) {
 }
 
 result<message_info> channel::impl::receive_stream(const wait_spec& w, destination dest) {
+  spinner spin(options.busy_poll, w);
   for (;;) {
     switch (decoder.poll()) {
       case detail::stream_decoder::event::complete: {
@@ -416,7 +502,7 @@ result<message_info> channel::impl::receive_stream(const wait_spec& w, destinati
         }
         return std::unexpected(decoder.error());
       case detail::stream_decoder::event::need_more:
-        if (auto r = read_more(w); !r) {
+        if (auto r = read_more(w, spin); !r) {
           // The caller's buffer must not be written to after this call returns.
           decoder.detach();
           return std::unexpected(r.error());
@@ -436,8 +522,9 @@ void channel::impl::discard_packet() const {
 
 result<message_info> channel::impl::receive_packet(const wait_spec& w, destination dest) {
   const int fd = sock.native_handle();
-  const int flags = w.kind == wait_kind::block ? 0 : MSG_DONTWAIT;
+  spinner spin(options.busy_poll, w);
   for (;;) {
+    const int flags = w.kind == wait_kind::block && !spin.active() ? 0 : MSG_DONTWAIT;
     // Look at the header (and learn the packet's size) without consuming anything and without a
     // control buffer, so no fd is installed by the peek.
     std::array<std::byte, wire::native_header_size> head{};
@@ -448,6 +535,8 @@ result<message_info> channel::impl::receive_packet(const wait_spec& w, destinati
     if (n < 0) {
       const int err = errno;
       if (err == EAGAIN || err == EWOULDBLOCK) {
+        if (spin.again()) continue;
+        if (w.kind == wait_kind::block && (flags & MSG_DONTWAIT) != 0) continue;  // as read_more
         if (auto ready = wait(w, POLLIN); !ready) return std::unexpected(ready.error());
         continue;
       }
@@ -536,6 +625,74 @@ result<message_info> channel::impl::receive_packet(const wait_spec& w, destinati
   }
 }
 
+result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
+                                                 void (*call_fn)(void*, message_view&), void* fn,
+                                                 std::size_t max) {
+  const call c(*this);
+  if (auto u = usable(c); !u) return std::unexpected(u.error());
+  if (!rx.acquire(w)) {
+    return fail(w.kind == wait_kind::try_once ? errc::would_block : errc::timed_out);
+  }
+  struct release_rx {
+    receive_lock& l;
+    ~release_rx() { l.release(); }
+  } release{rx};
+  std::size_t count = 0;
+  if (sock.kind() != socket_kind::stream) {
+    // One packet, one read: deliver what can be had without waiting after the first.
+    while (count < max) {
+      message m;
+      auto r = receive_packet(count == 0 ? w : wait_spec::now(), destination{&m, {}, {}});
+      if (!r) {
+        if (count > 0 && r.error() == errc::would_block) return count;
+        if (closed.load()) return fail(errc::closed);
+        return std::unexpected(r.error());
+      }
+      message_view view{m.bytes(), m.fds()};
+      call_fn(fn, view);
+      ++count;
+    }
+    return count;
+  }
+  spinner spin(options.busy_poll, w);
+  while (count < max) {
+    switch (decoder.poll()) {
+      case detail::stream_decoder::event::header_ready:
+        if (decoder.payload_buffered()) {
+          // In place: the bytes stay in the receive buffer, nothing is allocated.
+          message_view view{decoder.buffered_payload(), decoder.pending_fd_span()};
+          call_fn(fn, view);
+          decoder.finish_view();
+          ++count;
+        } else {
+          decoder.accept_owned();
+        }
+        continue;
+      case detail::stream_decoder::event::complete: {
+        message m = decoder.take_message();
+        message_view view{m.bytes(), m.fds()};
+        call_fn(fn, view);
+        ++count;
+        continue;
+      }
+      case detail::stream_decoder::event::failed:
+        if (decoder.fatal()) {
+          set_detail(decoder.detail());
+          broken.store(true);
+        }
+        return std::unexpected(decoder.error());
+      case detail::stream_decoder::event::need_more:
+        if (count > 0) return count;  // no more syscalls once something was delivered
+        if (auto r = read_more(w, spin); !r) {
+          if (closed.load()) return fail(errc::closed);
+          return std::unexpected(r.error());
+        }
+        continue;
+    }
+  }
+  return count;
+}
+
 channel::channel() noexcept = default;
 channel::channel(channel&&) noexcept = default;
 channel& channel::operator=(channel&&) noexcept = default;
@@ -611,6 +768,25 @@ result<void> channel::try_send(const message& m) {
     fds.push_back(fd.get());
   const const_buffer bytes = m.bytes();
   return try_send(std::span(&bytes, 1), fds);
+}
+
+result<void> channel::send(const batch& b) {
+  if (!impl_) return fail(errc::closed);
+  if (b.format() != impl_->options.format) return fail_errno(EINVAL);
+  std::vector<batch_frame> frames;
+  frames.reserve(b.frames_.size());
+  for (const auto& f : b.frames_)
+    frames.push_back({f.offset, f.size, f.fds_begin, f.fd_count, f.payload});
+  return impl_->send_frames(b.wire_, frames, b.fds_);
+}
+
+result<std::size_t> channel::receive_batch_impl(void (*call_fn)(void*, message_view&), void* fn,
+                                                std::size_t max, std::chrono::nanoseconds timeout,
+                                                bool try_only) {
+  if (!impl_) return fail(errc::closed);
+  if (max == 0) return std::size_t{0};
+  return impl_->receive_batch(try_only ? wait_spec::now() : wait_spec::from(timeout), call_fn, fn,
+                              max);
 }
 
 result<bool> channel::flush() {

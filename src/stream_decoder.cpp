@@ -252,6 +252,15 @@ stream_decoder::event stream_decoder::poll() {
   }
 }
 
+void stream_decoder::finish_view() {
+  begin_ += static_cast<std::size_t>(length_);
+  parse_offset_ += length_;
+  filled_ = length_;
+  fds_.clear();  // closes whatever the caller did not take
+  drop_stray_batches_before(parse_offset_);
+  state_ = state::idle;
+}
+
 void stream_decoder::accept_into(mutable_buffer dest) noexcept {
   dest_ = dest.first(static_cast<std::size_t>(length_));
   owned_.reset();

@@ -61,6 +61,18 @@ class stream_decoder {
   [[nodiscard]] std::uint64_t pending_size() const noexcept { return length_; }
   [[nodiscard]] std::size_t pending_fds() const noexcept { return fds_.size(); }
 
+  // After header_ready: true if the whole payload is already in the buffer. Then it can be seen
+  // in place (buffered_payload(), pending_fd_span()) and passed over with finish_view(), with no
+  // copy and no allocation.
+  [[nodiscard]] bool payload_buffered() const noexcept {
+    return state_ == state::header_ready && end_ - begin_ >= length_;
+  }
+  [[nodiscard]] const_buffer buffered_payload() const noexcept {
+    return {buf_.get() + begin_, static_cast<std::size_t>(length_)};
+  }
+  [[nodiscard]] std::span<unique_fd> pending_fd_span() noexcept { return fds_; }
+  void finish_view();
+
   // After header_ready: the payload goes into dest (at least pending_size() bytes).
   void accept_into(mutable_buffer dest) noexcept;
 

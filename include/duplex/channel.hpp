@@ -40,11 +40,14 @@
 
 #include <chrono>
 #include <cstddef>
+#include <cstdint>
 #include <memory>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include "duplex/batch.hpp"
 #include "duplex/buffer.hpp"
 #include "duplex/codec.hpp"
 #include "duplex/error.hpp"
@@ -72,6 +75,10 @@ struct channel_options {
   // take it past this is refused (errc::queue_full). An empty queue always takes one message,
   // whatever its size, so a channel holds at most max_message_size + max_queued_bytes.
   std::size_t max_queued_bytes = std::size_t{1} << 20;
+  // Busy-poll: before a receive blocks, keep trying without blocking for this long. Trades a
+  // CPU core, spinning, for latency: a blocking round trip across cores costs tens of
+  // microseconds (mostly waking the sleeping thread), a spinning one a few. 0: block at once.
+  std::chrono::nanoseconds busy_poll{0};
   // Stream channels read through a buffer of this size (at least 64 bytes; many small messages
   // per syscall); payloads of at least half of it are read straight into their message.
   std::size_t receive_buffer_size = std::size_t{64} << 10;
@@ -164,6 +171,12 @@ class channel {
   // How many bytes wait in the outgoing queue.
   [[nodiscard]] std::size_t queued_bytes() const noexcept;
 
+  // Sends every message of a batch, in order, with as few syscalls as the kernel allows: one
+  // sendmsg per run of messages on a stream (a message with fds starts a new one), sendmmsg on
+  // seqpacket (one packet each). Blocks until all are written. Errors as send, plus EINVAL (a
+  // batch made for the other framing); if one fails, the messages before it were sent.
+  [[nodiscard]] result<void> send(const batch& b);
+
   // Sends a value encoded with codec<T> as one message.
   template <has_codec T>
   [[nodiscard]] result<void> send_value(const T& value) {
@@ -195,6 +208,24 @@ class channel {
   // receive_into, giving up after timeout: errc::timed_out.
   [[nodiscard]] result<message_info> receive_into(mutable_buffer buf, std::span<unique_fd> fds,
                                                   std::chrono::nanoseconds timeout);
+
+  // Receives every whole message available (at least one: waits up to timeout for the first),
+  // calling fn(message_view&) for each, in order, at most max of them. Messages already in the
+  // receive buffer are shown in place: no copy, no allocation; their bytes are valid only during
+  // the callback. Returns how many were delivered. Errors as receive (an error that concerns one
+  // message comes after the messages before it were delivered). On seqpacket, each message is
+  // still one packet and one read: batching saves the allocations there, not the syscalls.
+  template <typename F>
+  [[nodiscard]] result<std::size_t> receive_batch(F&& fn, std::size_t max = SIZE_MAX,
+                                                  std::chrono::nanoseconds timeout = forever) {
+    return receive_batch_impl(&call_view<std::remove_reference_t<F>>, &fn, max, timeout, false);
+  }
+
+  // receive_batch without waiting: errc::would_block if no whole message is available.
+  template <typename F>
+  [[nodiscard]] result<std::size_t> try_receive_batch(F&& fn, std::size_t max = SIZE_MAX) {
+    return receive_batch_impl(&call_view<std::remove_reference_t<F>>, &fn, max, forever, true);
+  }
 
   // Receives one message and decodes it with codec<T>. A message with fds is refused
   // (errc::protocol_error; the fds are closed). Errors as receive, and those of decode.
@@ -232,6 +263,15 @@ class channel {
   [[nodiscard]] result<unique_fd> peer_pidfd() const;
 
  private:
+  template <typename F>
+  static void call_view(void* fn, message_view& view) {
+    (*static_cast<F*>(fn))(view);
+  }
+  [[nodiscard]] result<std::size_t> receive_batch_impl(void (*call)(void*, message_view&), void* fn,
+                                                       std::size_t max,
+                                                       std::chrono::nanoseconds timeout,
+                                                       bool try_only);
+
   struct impl;
   std::unique_ptr<impl> impl_;
 };

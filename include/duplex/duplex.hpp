@@ -1,6 +1,7 @@
 // duplex/duplex.hpp - the whole public interface of duplex in one include.
 #pragma once
 
+#include "duplex/batch.hpp"
 #include "duplex/buffer.hpp"
 #include "duplex/channel.hpp"
 #include "duplex/codec.hpp"

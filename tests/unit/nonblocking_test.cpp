@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "duplex/channel.hpp"
+#include "duplex/socket_pair.hpp"
 #include "duplex/waiter.hpp"
 #include "support.hpp"
 
@@ -179,6 +180,31 @@ TEST_F(nonblocking_test, TrySendSaysWouldBlockWhileAnotherThreadIsSending) {
   sender.join();
   while (a.wants_write())
     ASSERT_THAT(a.flush(), Succeeded());
+}
+
+TEST_P(nonblocking_test, BusyPollReceivesWhatArrivesDuringAndAfterTheSpin) {
+  for (const bool nonblocking_socket : {false, true}) {
+    auto pair = test::must(socket_pair(GetParam(), {.non_blocking = nonblocking_socket}));
+    channel_options o;
+    o.busy_poll = 20ms;
+    auto a = test::must(channel::create(std::move(pair.first), o));
+    auto b = test::must(channel::create(std::move(pair.second), o));
+    for (const auto delay : {1ms, 100ms}) {  // within the spin, and after it gave up
+      std::thread sender([&a, delay] {
+        std::this_thread::sleep_for(delay);
+        EXPECT_THAT(a.send(as_bytes("late")), Succeeded());
+      });
+      auto m = b.receive();
+      sender.join();
+      ASSERT_THAT(m, Succeeded());
+      EXPECT_EQ(m->text(), "late");
+    }
+    // A timeout shorter than the spin still ends the call in time.
+    const auto start = std::chrono::steady_clock::now();
+    EXPECT_THAT(b.receive(5ms), HasError(errc::timed_out));
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 10s);
+    EXPECT_THAT(b.try_receive(), HasError(errc::would_block));
+  }
 }
 
 // Two single-threaded event loops, one per end, each sending 64 MiB to the other while
