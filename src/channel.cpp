@@ -8,12 +8,15 @@
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
+#include <cstring>
 #include <deque>
 #include <mutex>
+#include <optional>
 #include <string>
 
 #include "duplex/socket_pair.hpp"
 #include "io.hpp"
+#include "shm.hpp"
 #include "stream_decoder.hpp"
 #include "syscall.hpp"
 
@@ -221,8 +224,28 @@ struct channel::impl {
   std::deque<outgoing> queue;
   std::atomic<std::size_t> queued{0};
 
+  // Shared memory: this end's pool (pool_mutex), whether the peer has been told of it (tx), the
+  // peer's pool (rx), and a resolved message a caller's buffer was too small for (rx).
+  std::mutex pool_mutex;
+  std::shared_ptr<detail::pool_tx> pool_out;
+  bool pool_announced = false;
+  std::shared_ptr<detail::pool_rx> pool_in;
+  std::optional<message> stash;
+
   struct frame;
-  result<frame> make_frame(std::span<const const_buffer> parts, std::span<const int> fds) const;
+  result<frame> make_frame(std::span<const const_buffer> parts, std::span<const int> fds,
+                           std::uint8_t flags = 0) const;
+  // Under tx: one frame out, blocking, or else written as far as the kernel takes and queued.
+  result<void> put(std::span<const const_buffer> parts, std::span<const int> fds,
+                   std::uint8_t flags, bool blocking);
+  // Under tx: a message, through shared memory if it is large and that is enabled.
+  result<void> send_payload(std::span<const const_buffer> parts, std::span<const int> fds,
+                            bool blocking);
+  result<void> put_shared(const detail::pool_tx::block& b, std::span<const int> fds, bool blocking);
+  result<void> put_memfd(unique_fd memfd, std::uint64_t length, std::span<const int> fds,
+                         bool blocking);
+  // This end's pool, created on first use (nullptr if it cannot be).
+  std::shared_ptr<detail::pool_tx> pool();
   result<std::size_t> write(detail::iovec_array& iov, std::span<const int> fds, bool blocking);
   result<bool> flush_queue(bool blocking);
   void enqueue(detail::iovec_array& iov, std::span<const int> fds, bool started);
@@ -234,6 +257,13 @@ struct channel::impl {
   result<std::size_t> receive_batch(const wait_spec& w, void (*call)(void*, message_view&),
                                     void* fn, std::size_t max);
   result<message_info> receive(const wait_spec& w, destination dest);
+  // A frame with descriptor flags, turned into the message it stands for (nullopt for a pool
+  // announce, which only sets up the peer's pool).
+  result<std::optional<message>> resolve(std::uint8_t flags, const_buffer descriptor,
+                                         std::vector<unique_fd> fds);
+  // Hands a whole message to its destination; if a caller's buffer is too small, the message is
+  // kept (stash) for the next call, so nothing is lost.
+  result<message_info> deliver(message m, destination dest);
   result<message_info> receive_stream(const wait_spec& w, destination dest);
   result<message_info> receive_packet(const wait_spec& w, destination dest);
   result<void> read_more(const wait_spec& w, spinner& spin);
@@ -253,7 +283,8 @@ struct channel::impl::frame {
 };
 
 result<channel::impl::frame> channel::impl::make_frame(std::span<const const_buffer> parts,
-                                                       std::span<const int> fds) const {
+                                                       std::span<const int> fds,
+                                                       std::uint8_t flags) const {
   if (fds.size() > max_fds_per_message) return fail(errc::too_many_fds);
   if (options.format == framing::python && !fds.empty()) return fail(errc::not_supported);
   if (parts.size() + 1 > IOV_MAX) return fail_errno(EMSGSIZE);
@@ -264,7 +295,7 @@ result<channel::impl::frame> channel::impl::make_frame(std::span<const const_buf
   static_assert(wire::native_header_size >= wire::python_max_header_size);
   frame f;
   if (options.format == framing::native) {
-    f.head_storage = wire::encode_native({payload, static_cast<std::uint16_t>(fds.size()), 0});
+    f.head_storage = wire::encode_native({payload, static_cast<std::uint16_t>(fds.size()), flags});
     f.head_size = wire::native_header_size;
   } else {
     const auto python_head = std::span(f.head_storage).first<wire::python_max_header_size>();
@@ -346,35 +377,16 @@ void channel::impl::enqueue(detail::iovec_array& iov, std::span<const int> fds, 
   queue.push_back(std::move(q));
 }
 
-result<void> channel::impl::send(std::span<const const_buffer> parts, std::span<const int> fds) {
-  const call c(*this);
-  if (auto u = usable(c); !u) return u;
-  auto f = make_frame(parts, fds);
+result<void> channel::impl::put(std::span<const const_buffer> parts, std::span<const int> fds,
+                                std::uint8_t flags, bool blocking) {
+  auto f = make_frame(parts, fds, flags);
   if (!f) return std::unexpected(f.error());
-  const std::lock_guard lock(tx);
-  if (auto u = usable(c); !u) return u;
-  // What try_send queued goes first: messages leave in the order they were given.
-  if (auto flushed = flush_queue(true); !flushed) return std::unexpected(flushed.error());
   detail::iovec_array iov(parts, f->head());
-  auto n = write(iov, fds, true);
-  if (!n) return std::unexpected(n.error());
-  return {};
-}
-
-result<void> channel::impl::try_send(std::span<const const_buffer> parts,
-                                     std::span<const int> fds) {
-  const call c(*this);
-  if (auto u = usable(c); !u) return u;
-  auto f = make_frame(parts, fds);
-  if (!f) return std::unexpected(f.error());
-  for (int fd : fds) {
-    if (::fcntl(fd, F_GETFD) < 0) return fail_errno(EBADF);  // as sendmsg would say
+  if (blocking) {
+    auto n = write(iov, fds, true);
+    if (!n) return std::unexpected(n.error());
+    return {};
   }
-  const std::unique_lock lock(tx, std::try_to_lock);
-  if (!lock.owns_lock()) return fail(errc::would_block);  // another thread is sending
-  if (auto u = usable(c); !u) return u;
-  if (auto flushed = flush_queue(false); !flushed) return std::unexpected(flushed.error());
-  detail::iovec_array iov(parts, f->head());
   if (!queue.empty()) {
     if (queued + f->total > options.max_queued_bytes) return fail(errc::queue_full);
     enqueue(iov, fds, false);
@@ -386,6 +398,98 @@ result<void> channel::impl::try_send(std::span<const const_buffer> parts,
   // taken whatever its size).
   if (iov.size() > 0) enqueue(iov, fds, *n > 0);
   return {};
+}
+
+std::shared_ptr<detail::pool_tx> channel::impl::pool() {
+  const std::lock_guard lock(pool_mutex);
+  if (!pool_out) {
+    auto p = detail::pool_tx::create(options.shared_memory.pool_size, options.shared_memory.slots);
+    if (p) pool_out = std::move(*p);
+  }
+  return pool_out;
+}
+
+result<void> channel::impl::put_shared(const detail::pool_tx::block& b, std::span<const int> fds,
+                                       bool blocking) {
+  // The pool goes first, once: a small frame with the pool's memfd.
+  if (!pool_announced) {
+    const auto announce = wire::encode(pool_out->announce());
+    const std::array<const_buffer, 1> parts{const_buffer(announce)};
+    const std::array<int, 1> pool_fd{pool_out->fd()};
+    if (auto r = put(parts, pool_fd, wire::flag_pool, blocking); !r) return r;
+    pool_announced = true;
+  }
+  const auto ref = wire::encode(wire::shared_ref{b.slot, b.offset, b.length});
+  const std::array<const_buffer, 1> parts{const_buffer(ref)};
+  return put(parts, fds, wire::flag_shared, blocking);
+}
+
+result<void> channel::impl::put_memfd(unique_fd memfd, std::uint64_t length,
+                                      std::span<const int> fds, bool blocking) {
+  std::vector<int> all;
+  all.reserve(fds.size() + 1);
+  all.push_back(memfd.get());
+  all.insert(all.end(), fds.begin(), fds.end());
+  const auto ref = wire::encode(wire::memfd_ref{length});
+  const std::array<const_buffer, 1> parts{const_buffer(ref)};
+  return put(parts, all, wire::flag_memfd, blocking);  // our copy of the memfd closes on return
+}
+
+result<void> channel::impl::send_payload(std::span<const const_buffer> parts,
+                                         std::span<const int> fds, bool blocking) {
+  std::uint64_t payload = 0;
+  for (const auto& p : parts)
+    payload += p.size();
+  if (payload > options.max_message_size) return fail(errc::message_too_large);
+  const auto& shm = options.shared_memory;
+  const bool shared = shm.enabled && options.format == framing::native && payload >= shm.threshold;
+  if (!shared) return put(parts, fds, 0, blocking);
+  // Into the pool if it has room; else a sealed memfd of its own (which takes one fd more).
+  if (auto p = pool()) {
+    if (auto b = p->allocate(static_cast<std::size_t>(payload))) {
+      std::size_t at = 0;
+      for (const auto& part : parts) {
+        if (!part.empty()) std::memcpy(b->data + at, part.data(), part.size());
+        at += part.size();
+      }
+      auto r = put_shared(*b, fds, blocking);
+      if (!r) p->discard(*b);
+      return r;
+    }
+  }
+  if (fds.size() < max_fds_per_message) {
+    if (auto memfd = detail::sealed_memfd(parts, static_cast<std::size_t>(payload))) {
+      return put_memfd(std::move(*memfd), payload, fds, blocking);
+    }
+  }
+  return put(parts, fds, 0, blocking);  // no shared memory to be had: inline, as usual
+}
+
+result<void> channel::impl::send(std::span<const const_buffer> parts, std::span<const int> fds) {
+  const call c(*this);
+  if (auto u = usable(c); !u) return u;
+  if (fds.size() > max_fds_per_message) return fail(errc::too_many_fds);
+  const std::lock_guard lock(tx);
+  if (auto u = usable(c); !u) return u;
+  // What try_send queued goes first: messages leave in the order they were given.
+  if (auto flushed = flush_queue(true); !flushed) return std::unexpected(flushed.error());
+  return send_payload(parts, fds, true);
+}
+
+result<void> channel::impl::try_send(std::span<const const_buffer> parts,
+                                     std::span<const int> fds) {
+  const call c(*this);
+  if (auto u = usable(c); !u) return u;
+  if (fds.size() > max_fds_per_message) return fail(errc::too_many_fds);
+  if (options.format == framing::python && !fds.empty()) return fail(errc::not_supported);
+  for (int fd : fds) {
+    if (::fcntl(fd, F_GETFD) < 0) return fail_errno(EBADF);  // as sendmsg would say
+  }
+  const std::unique_lock lock(tx, std::try_to_lock);
+  if (!lock.owns_lock()) return fail(errc::would_block);  // another thread is sending
+  if (auto u = usable(c); !u) return u;
+  if (auto flushed = flush_queue(false); !flushed) return std::unexpected(flushed.error());
+  return send_payload(parts, fds, false);
 }
 
 result<void> channel::impl::send_frames(std::span<const std::byte> wire,
@@ -433,10 +537,99 @@ result<message_info> channel::impl::receive(const wait_spec& w, destination dest
   if (!rx.acquire(w)) {
     return fail(w.kind == wait_kind::try_once ? errc::would_block : errc::timed_out);
   }
-  auto r = sock.kind() == socket_kind::stream ? receive_stream(w, dest) : receive_packet(w, dest);
+  result<message_info> r = fail(errc::would_block);
+  if (stash) {
+    message m = std::move(*stash);
+    stash.reset();
+    r = deliver(std::move(m), dest);
+  } else {
+    r = sock.kind() == socket_kind::stream ? receive_stream(w, dest) : receive_packet(w, dest);
+  }
   rx.release();
   if (!r && closed.load()) return fail(errc::closed);
   return r;
+}
+
+result<message_info> channel::impl::deliver(message m, destination dest) {
+  message_info info{m.size(), m.fds().size()};
+  if (dest.owned != nullptr) {
+    *dest.owned = std::move(m);
+    return info;
+  }
+  if (info.size > dest.buf.size() || info.fds > dest.fds.size()) {
+    const errc why = info.size > dest.buf.size() ? errc::buffer_too_small : errc::too_many_fds;
+    stash = std::move(m);  // kept whole for a call with room for it
+    return fail(why);
+  }
+  if (info.size > 0) std::memcpy(dest.buf.data(), std::as_const(m).bytes().data(), info.size);
+  for (std::size_t i = 0; i < info.fds; ++i)
+    dest.fds[i] = std::move(m.fds()[i]);
+  return info;
+}
+
+result<std::optional<message>> channel::impl::resolve(std::uint8_t flags, const_buffer descriptor,
+                                                      std::vector<unique_fd> fds) {
+  const auto& shm = options.shared_memory;
+  if (!shm.accept) return break_with(errc::protocol_error, "shared memory is not accepted here");
+  switch (flags) {
+    case wire::flag_pool: {
+      if (pool_in) return break_with(errc::protocol_error, "a second pool was announced");
+      auto a = wire::decode_pool_announce(descriptor);
+      if (!a) return break_with(errc::protocol_error, "a malformed pool announce");
+      std::string why;
+      auto mapped = detail::pool_rx::map(std::move(fds.front()), *a, shm.max_peer_pool, why);
+      if (!mapped) return break_with(errc::protocol_error, why);
+      pool_in = std::move(mapped);
+      return std::optional<message>{};
+    }
+    case wire::flag_shared: {
+      auto r = wire::decode_shared_ref(descriptor);
+      if (!r) return break_with(errc::protocol_error, "a malformed shared-memory reference");
+      if (!pool_in)
+        return break_with(errc::protocol_error, "a shared-memory message came before its pool");
+      const auto bytes = pool_in->locate(*r);
+      if (!bytes) {
+        return break_with(errc::protocol_error,
+                          "a shared-memory reference is out of the pool's bounds");
+      }
+      if (r->length > options.max_message_size) {
+        pool_in->release(r->slot);  // refused, and the sender gets its memory back
+        return fail(errc::message_too_large);
+      }
+      if (shm.receive == shared_receive::view) {
+        // Released when the last copy of the message's keeper goes.
+        std::shared_ptr<const void> keeper(
+            pool_in.get(), [pool = pool_in, slot = r->slot](const void*) { pool->release(slot); });
+        return std::optional<message>{
+            message::view(bytes->data(), bytes->size(), std::move(keeper), std::move(fds))};
+      }
+      message m;
+      try {
+        m = message::with_size(bytes->size());
+      } catch (const std::bad_alloc&) {
+        pool_in->release(r->slot);
+        return fail_errno(ENOMEM);
+      }
+      if (!bytes->empty()) std::memcpy(m.bytes().data(), bytes->data(), bytes->size());
+      pool_in->release(r->slot);
+      m.fds() = std::move(fds);
+      return std::optional<message>{std::move(m)};
+    }
+    case wire::flag_memfd: {
+      auto r = wire::decode_memfd_ref(descriptor);
+      if (!r) return break_with(errc::protocol_error, "a malformed memfd reference");
+      if (r->length > options.max_message_size) return fail(errc::message_too_large);
+      std::string why;
+      auto mapped = detail::map_sealed(fds.front().get(), r->length, why);
+      if (!mapped) return break_with(errc::protocol_error, why);
+      fds.erase(fds.begin());  // the mapping outlives the memfd's fd
+      const std::byte* data = mapped->data();
+      // Sealed against writing: safe to show in place, whoever sent it.
+      return std::optional<message>{message::view(data, static_cast<std::size_t>(r->length),
+                                                  std::move(mapped), std::move(fds))};
+    }
+    default: return break_with(errc::protocol_error, "unknown frame flags");
+  }
 }
 
 result<void> channel::impl::read_more(const wait_spec& w, spinner& spin) {
@@ -475,6 +668,13 @@ result<message_info> channel::impl::receive_stream(const wait_spec& w, destinati
   for (;;) {
     switch (decoder.poll()) {
       case detail::stream_decoder::event::complete: {
+        if (const std::uint8_t flags = decoder.pending_flags(); flags != 0) {
+          message d = decoder.take_message();
+          auto resolved = resolve(flags, std::as_const(d).bytes(), d.take_fds());
+          if (!resolved) return std::unexpected(resolved.error());
+          if (!*resolved) continue;  // a pool announce: nothing to deliver
+          return deliver(std::move(**resolved), dest);
+        }
         message_info info{static_cast<std::size_t>(decoder.pending_size()), decoder.pending_fds()};
         if (dest.owned != nullptr) {
           *dest.owned = decoder.take_message();
@@ -486,8 +686,8 @@ result<message_info> channel::impl::receive_stream(const wait_spec& w, destinati
         return info;
       }
       case detail::stream_decoder::event::header_ready:
-        if (dest.owned != nullptr) {
-          decoder.accept_owned();
+        if (dest.owned != nullptr || decoder.pending_flags() != 0) {
+          decoder.accept_owned();  // a descriptor frame is small: resolved at complete
         } else {
           // Nothing is consumed when it does not fit: the message stays for a later call.
           if (decoder.pending_size() > dest.buf.size()) return fail(errc::buffer_too_small);
@@ -562,22 +762,30 @@ result<message_info> channel::impl::receive_packet(const wait_spec& w, destinati
                                                   " bytes and its packet holds " +
                                                   std::to_string(size - head.size()));
     }
+    if (auto why = detail::check_descriptor_frame(h->flags, h->length, h->fd_count); !why.empty()) {
+      discard_packet();
+      return break_with(errc::protocol_error, why);
+    }
     if (h->length > options.max_message_size) {
       discard_packet();  // a packet can be skipped whole: the channel carries on
       return fail(errc::message_too_large);
     }
-    if (dest.owned == nullptr) {
+    // A descriptor frame is small and read into a message of its own, then resolved.
+    const bool into = dest.owned == nullptr && h->flags == 0;
+    if (into) {
       // Nothing is consumed when it does not fit: the message stays for a later call.
       if (h->length > dest.buf.size()) return fail(errc::buffer_too_small);
       if (h->fd_count > dest.fds.size()) return fail(errc::too_many_fds);
     }
-    if (h->fd_count > options.max_fds) {
+    // The memfd of a pool or memfd frame is duplex's, not the caller's.
+    const std::size_t own_fds = h->flags == wire::flag_pool || h->flags == wire::flag_memfd ? 1 : 0;
+    if (h->fd_count - own_fds > options.max_fds) {
       discard_packet();
       return fail(errc::too_many_fds);
     }
     message storage;
-    mutable_buffer body = dest.buf.first(dest.owned == nullptr ? h->length : 0);
-    if (dest.owned != nullptr) {
+    mutable_buffer body = dest.buf.first(into ? h->length : 0);
+    if (!into) {
       try {
         storage = message::with_size(h->length);
       } catch (const std::bad_alloc&) {
@@ -611,6 +819,17 @@ result<message_info> channel::impl::receive_packet(const wait_spec& w, destinati
     }
     auto got = arrived.taken();
     message_info info{h->length, got.size()};
+    if (h->flags != 0) {
+      std::vector<unique_fd> fds;
+      fds.reserve(got.size());
+      for (auto& f : got)
+        fds.push_back(std::move(f));
+      arrived.clear();
+      auto resolved = resolve(h->flags, std::as_const(storage).bytes(), std::move(fds));
+      if (!resolved) return std::unexpected(resolved.error());
+      if (!*resolved) continue;  // a pool announce: nothing to deliver
+      return deliver(std::move(**resolved), dest);
+    }
     if (dest.owned != nullptr) {
       storage.fds().reserve(got.size());
       for (auto& f : got)
@@ -638,6 +857,13 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
     ~release_rx() { l.release(); }
   } release{rx};
   std::size_t count = 0;
+  if (stash) {
+    message m = std::move(*stash);
+    stash.reset();
+    message_view view{std::as_const(m).bytes(), m.fds()};
+    call_fn(fn, view);
+    ++count;
+  }
   if (sock.kind() != socket_kind::stream) {
     // One packet, one read: deliver what can be had without waiting after the first.
     while (count < max) {
@@ -648,7 +874,7 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
         if (closed.load()) return fail(errc::closed);
         return std::unexpected(r.error());
       }
-      message_view view{m.bytes(), m.fds()};
+      message_view view{std::as_const(m).bytes(), m.fds()};
       call_fn(fn, view);
       ++count;
     }
@@ -658,7 +884,7 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
   while (count < max) {
     switch (decoder.poll()) {
       case detail::stream_decoder::event::header_ready:
-        if (decoder.payload_buffered()) {
+        if (decoder.payload_buffered() && decoder.pending_flags() == 0) {
           // In place: the bytes stay in the receive buffer, nothing is allocated.
           message_view view{decoder.buffered_payload(), decoder.pending_fd_span()};
           call_fn(fn, view);
@@ -669,8 +895,15 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
         }
         continue;
       case detail::stream_decoder::event::complete: {
+        const std::uint8_t flags = decoder.pending_flags();
         message m = decoder.take_message();
-        message_view view{m.bytes(), m.fds()};
+        if (flags != 0) {
+          auto resolved = resolve(flags, std::as_const(m).bytes(), m.take_fds());
+          if (!resolved) return std::unexpected(resolved.error());
+          if (!*resolved) continue;  // a pool announce
+          m = std::move(**resolved);
+        }
+        message_view view{std::as_const(m).bytes(), m.fds()};
         call_fn(fn, view);
         ++count;
         continue;
@@ -768,6 +1001,81 @@ result<void> channel::try_send(const message& m) {
     fds.push_back(fd.get());
   const const_buffer bytes = m.bytes();
   return try_send(std::span(&bytes, 1), fds);
+}
+
+struct shared_buffer::state {
+  const void* owner = nullptr;  // the channel it came from (checked at send)
+  std::shared_ptr<detail::pool_tx> pool;
+  detail::pool_tx::block block{};
+  std::unique_ptr<detail::standalone_buffer> standalone;
+  bool sent = false;
+
+  ~state() {
+    if (pool && !sent) pool->discard(block);  // never sent: the pool takes it back
+  }
+};
+
+shared_buffer::shared_buffer() noexcept = default;
+shared_buffer::shared_buffer(shared_buffer&&) noexcept = default;
+shared_buffer& shared_buffer::operator=(shared_buffer&&) noexcept = default;
+shared_buffer::~shared_buffer() = default;
+
+std::span<std::byte> shared_buffer::bytes() noexcept {
+  if (!state_) return {};
+  if (state_->standalone) return state_->standalone->bytes();
+  return {state_->block.data, static_cast<std::size_t>(state_->block.length)};
+}
+
+std::size_t shared_buffer::size() const noexcept {
+  if (!state_) return 0;
+  if (state_->standalone) return state_->standalone->bytes().size();
+  return static_cast<std::size_t>(state_->block.length);
+}
+
+bool shared_buffer::in_pool() const noexcept { return state_ && state_->pool != nullptr; }
+
+result<shared_buffer> channel::allocate(std::size_t size) {
+  if (!impl_) return fail(errc::closed);
+  if (impl_->options.format != framing::native) return fail(errc::not_supported);
+  if (size > impl_->options.max_message_size) return fail(errc::message_too_large);
+  auto st = std::make_unique<shared_buffer::state>();
+  st->owner = impl_.get();
+  if (auto p = impl_->pool()) {
+    if (auto b = p->allocate(size)) {
+      st->pool = std::move(p);
+      st->block = *b;
+    }
+  }
+  if (!st->pool) {
+    auto standalone = detail::standalone_buffer::create(size);
+    if (!standalone) return std::unexpected(standalone.error());
+    st->standalone = std::move(*standalone);
+  }
+  shared_buffer b;
+  b.state_ = std::move(st);
+  return b;
+}
+
+result<void> channel::send(shared_buffer&& buffer, std::span<const int> fds) {
+  if (!impl_) return fail(errc::closed);
+  const shared_buffer consumed = std::move(buffer);  // whatever happens, the caller's is spent
+  auto* st = consumed.state_.get();
+  if (st == nullptr || st->owner != impl_.get()) return fail_errno(EINVAL);
+  const impl::call c(*impl_);
+  if (auto u = impl_->usable(c); !u) return u;
+  if (fds.size() > max_fds_per_message) return fail(errc::too_many_fds);
+  const std::lock_guard lock(impl_->tx);
+  if (auto flushed = impl_->flush_queue(true); !flushed) return std::unexpected(flushed.error());
+  if (st->pool) {
+    auto r = impl_->put_shared(st->block, fds, true);
+    st->sent = r.has_value();
+    return r;
+  }
+  if (fds.size() >= max_fds_per_message) return fail(errc::too_many_fds);  // one is the memfd's
+  const std::size_t length = st->standalone->bytes().size();
+  auto memfd = st->standalone->seal();
+  if (!memfd) return std::unexpected(memfd.error());
+  return impl_->put_memfd(std::move(*memfd), length, fds, true);
 }
 
 result<void> channel::send(const batch& b) {

@@ -50,12 +50,62 @@ result<native_header> decode_native(std::span<const std::byte, native_header_siz
   if (std::to_integer<std::uint8_t>(b[2]) != native_version) return fail(errc::protocol_error);
   native_header h;
   h.flags = std::to_integer<std::uint8_t>(b[3]);
-  if (h.flags != 0) return fail(errc::protocol_error);  // no flag is defined in version 1
+  // Unknown flags, or more than one: a frame this end cannot read correctly.
+  if ((h.flags & ~known_flags) != 0 || (h.flags & (h.flags - 1)) != 0)
+    return fail(errc::protocol_error);
   h.fd_count = static_cast<std::uint16_t>(get_le(&b[4], 2));
   if (h.fd_count > max_fds_per_message) return fail(errc::protocol_error);
   if (b[6] != std::byte{0} || b[7] != std::byte{0}) return fail(errc::protocol_error);
   h.length = get_le(&b[8], 8);
   return h;
+}
+
+std::array<std::byte, pool_announce_size> encode(const pool_announce& p) noexcept {
+  std::array<std::byte, pool_announce_size> out{};
+  put_le(&out[0], p.data_size, 8);
+  put_le(&out[8], p.slots, 4);
+  return out;
+}
+
+std::array<std::byte, shared_ref_size> encode(const shared_ref& r) noexcept {
+  std::array<std::byte, shared_ref_size> out{};
+  put_le(&out[0], r.slot, 4);
+  put_le(&out[8], r.offset, 8);
+  put_le(&out[16], r.length, 8);
+  return out;
+}
+
+std::array<std::byte, memfd_ref_size> encode(const memfd_ref& r) noexcept {
+  std::array<std::byte, memfd_ref_size> out{};
+  put_le(&out[0], r.length, 8);
+  return out;
+}
+
+namespace {
+
+bool zero(std::span<const std::byte> b) noexcept {
+  for (auto x : b) {
+    if (x != std::byte{0}) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+result<pool_announce> decode_pool_announce(std::span<const std::byte> b) noexcept {
+  if (b.size() != pool_announce_size || !zero(b.subspan(12))) return fail(errc::protocol_error);
+  return pool_announce{get_le(&b[0], 8), static_cast<std::uint32_t>(get_le(&b[8], 4))};
+}
+
+result<shared_ref> decode_shared_ref(std::span<const std::byte> b) noexcept {
+  if (b.size() != shared_ref_size || !zero(b.subspan(4, 4))) return fail(errc::protocol_error);
+  return shared_ref{static_cast<std::uint32_t>(get_le(&b[0], 4)), get_le(&b[8], 8),
+                    get_le(&b[16], 8)};
+}
+
+result<memfd_ref> decode_memfd_ref(std::span<const std::byte> b) noexcept {
+  if (b.size() != memfd_ref_size) return fail(errc::protocol_error);
+  return memfd_ref{get_le(&b[0], 8)};
 }
 
 std::string explain_native(std::span<const std::byte, native_header_size> b) {
@@ -71,7 +121,7 @@ std::string explain_native(std::span<const std::byte, native_header_size> b) {
                   byte(2), unsigned{native_version});
     return text;
   }
-  if (byte(3) != 0) {
+  if ((byte(3) & ~unsigned{known_flags}) != 0 || (byte(3) & (byte(3) - 1)) != 0) {
     std::snprintf(text, sizeof text, "unknown frame flags 0x%02x", byte(3));
     return text;
   }

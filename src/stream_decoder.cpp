@@ -115,21 +115,45 @@ void stream_decoder::start_frame(std::uint64_t length, std::uint16_t /*fd_count*
   owned_.reset();
 }
 
+std::string check_descriptor_frame(std::uint8_t flags, std::uint64_t length, std::uint16_t fds) {
+  switch (flags) {
+    case 0: return {};
+    case wire::flag_pool:
+      if (length != wire::pool_announce_size) return "a pool frame's payload is not 16 bytes";
+      if (fds != 1) return "a pool frame does not carry exactly one fd";
+      return {};
+    case wire::flag_shared:
+      if (length != wire::shared_ref_size) return "a shared-memory frame's payload is not 24 bytes";
+      return {};
+    case wire::flag_memfd:
+      if (length != wire::memfd_ref_size) return "a memfd frame's payload is not 8 bytes";
+      if (fds < 1) return "a memfd frame carries no fd";
+      return {};
+    default: return "unknown frame flags";
+  }
+}
+
 stream_decoder::event stream_decoder::parse_header() {
   const std::size_t avail = end_ - begin_;
   const std::span<const std::byte> bytes(buf_.get() + begin_, avail);
   std::uint64_t length = 0;
   std::uint16_t fd_count = 0;
+  std::uint8_t flags = 0;
   std::size_t header_size = 0;
   if (format_ == framing::native) {
     if (avail < wire::native_header_size) return event::need_more;
     auto h = wire::decode_native(bytes.first<wire::native_header_size>());
-    if (!h)
+    if (!h) {
       return fail_for_ever(h.error(),
                            wire::explain_native(bytes.first<wire::native_header_size>()));
+    }
     length = h->length;
     fd_count = h->fd_count;
+    flags = h->flags;
     header_size = wire::native_header_size;
+    if (auto why = check_descriptor_frame(flags, length, fd_count); !why.empty()) {
+      return fail_for_ever(make_error_code(errc::protocol_error), std::move(why));
+    }
   } else {
     auto h = wire::decode_python(bytes);
     if (!h) {
@@ -175,7 +199,12 @@ stream_decoder::event stream_decoder::parse_header() {
     batches_.pop_front();
   }
   start_frame(length, fd_count, header_size);
-  if (!refused && fds_.size() > max_fds_) refused = make_error_code(errc::too_many_fds);
+  flags_ = flags;
+  // The memfd of a pool or memfd frame is duplex's own, not one of the caller's fds.
+  const std::size_t own = flags == wire::flag_pool || flags == wire::flag_memfd ? 1 : 0;
+  if (!refused && fds_.size() - std::min(own, fds_.size()) > max_fds_) {
+    refused = make_error_code(errc::too_many_fds);
+  }
   if (refused) {
     fds_.clear();  // closes them
     frame_error_ = refused;

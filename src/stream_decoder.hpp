@@ -31,6 +31,11 @@
 
 namespace duplex::detail {
 
+// Checks what a frame with descriptor flags must hold (payload size, fd count); returns why it
+// does not, or an empty string. Shared by the stream decoder and the seqpacket path.
+[[nodiscard]] std::string check_descriptor_frame(std::uint8_t flags, std::uint64_t length,
+                                                 std::uint16_t fds);
+
 class stream_decoder {
  public:
   enum class event {
@@ -56,6 +61,9 @@ class stream_decoder {
 
   // Advances over the buffered bytes and says what happened.
   [[nodiscard]] event poll();
+
+  // After header_ready (and until the next frame): the frame's flags (wire::flag_*, or 0).
+  [[nodiscard]] std::uint8_t pending_flags() const noexcept { return flags_; }
 
   // After header_ready: the size and fd count of the message.
   [[nodiscard]] std::uint64_t pending_size() const noexcept { return length_; }
@@ -147,6 +155,7 @@ class stream_decoder {
   std::string detail_;
   std::error_code frame_error_;  // reported once the refused frame's payload is skipped
   std::uint64_t length_ = 0;
+  std::uint8_t flags_ = 0;
   std::uint64_t filled_ = 0;
   std::vector<unique_fd> fds_;
   mutable_buffer dest_;

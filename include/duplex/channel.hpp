@@ -62,6 +62,40 @@ namespace duplex {
 // separation monitor allows 4 MiB, Chromium's Mojo 256 MiB).
 inline constexpr std::size_t default_max_message_size = std::size_t{64} << 20;
 
+// How a channel receives a large message its peer sent through the peer's shared-memory pool.
+enum class shared_receive {
+  // Copy it out at once and give the pool's memory back (the default). The message is then this
+  // process's own: nothing the sender does afterwards can change it. One memcpy.
+  copy,
+  // Show it in place, read-only, until the message is destroyed (message::is_view()): no copy at
+  // all. The sender's pool stays writable by the sender, so a sender that keeps writing to the
+  // block after sending can change the bytes while the receiver reads them: for peers you trust.
+  view,
+};
+
+// Large payloads through shared memory (native framing only). A sender with this enabled puts a
+// payload of at least `threshold` bytes into its pool, a memfd created on the first such message
+// and mapped by both ends, and sends only a small frame naming where it is; blocks are reused as
+// the receiver releases them. A payload the pool cannot take (too large, or the pool is full of
+// unreleased messages) travels in a sealed memfd of its own instead, which any receiver can show
+// in place safely. On seqpacket this also carries messages larger than a packet.
+struct shared_memory_options {
+  // Use shared memory for large sends. Off by default: a pool holds up to pool_size of memory.
+  bool enabled = false;
+  // Payloads of at least this many bytes go through shared memory.
+  std::size_t threshold = std::size_t{256} << 10;
+  // The data region of this end's pool (rounded up to a page), and its number of slots (how
+  // many messages may be in flight in it at once).
+  std::size_t pool_size = std::size_t{64} << 20;
+  std::uint32_t slots = 256;
+  // How messages from the peer's pool are received.
+  shared_receive receive = shared_receive::copy;
+  // Whether this end accepts shared-memory frames at all (a protocol error otherwise), and the
+  // largest peer pool it will map.
+  bool accept = true;
+  std::size_t max_peer_pool = std::size_t{1} << 30;
+};
+
 // How a channel is set up.
 struct channel_options {
   // The wire format. framing::python needs a stream socket and carries no fds.
@@ -79,9 +113,37 @@ struct channel_options {
   // CPU core, spinning, for latency: a blocking round trip across cores costs tens of
   // microseconds (mostly waking the sleeping thread), a spinning one a few. 0: block at once.
   std::chrono::nanoseconds busy_poll{0};
+  // Large payloads through shared memory.
+  shared_memory_options shared_memory{};
   // Stream channels read through a buffer of this size (at least 64 bytes; many small messages
   // per syscall); payloads of at least half of it are read straight into their message.
   std::size_t receive_buffer_size = std::size_t{64} << 10;
+};
+
+// A writable buffer in shared memory, from channel::allocate(): write a payload in place, then
+// channel::send(std::move(buffer)) sends it without any copy. Move-only. Dropped unsent, its
+// memory is given back. Not thread-safe (a value).
+class shared_buffer {
+ public:
+  shared_buffer() noexcept;
+  shared_buffer(shared_buffer&&) noexcept;
+  shared_buffer& operator=(shared_buffer&&) noexcept;
+  ~shared_buffer();
+
+  // The bytes to write (uninitialised).
+  [[nodiscard]] std::span<std::byte> bytes() noexcept;
+
+  // Their number.
+  [[nodiscard]] std::size_t size() const noexcept;
+
+  // True if the buffer is in the channel's pool; false if it is a memfd of its own (the pool
+  // had no room).
+  [[nodiscard]] bool in_pool() const noexcept;
+
+ private:
+  friend class channel;
+  struct state;
+  std::unique_ptr<state> state_;
 };
 
 // What receive_into delivered.
@@ -171,9 +233,20 @@ class channel {
   // How many bytes wait in the outgoing queue.
   [[nodiscard]] std::size_t queued_bytes() const noexcept;
 
+  // A writable buffer of size bytes in this end's shared-memory pool (created on first use,
+  // whatever shared_memory.enabled says), or in a memfd of its own when the pool has no room.
+  // Errors: errc::message_too_large (over max_message_size), errc::not_supported
+  // (framing::python), ENOMEM / EMFILE (memfd_create, mmap).
+  [[nodiscard]] result<shared_buffer> allocate(std::size_t size);
+
+  // Sends a buffer from allocate() as one message, with fds, without copying it (blocking, as
+  // send). The buffer is consumed either way. Errors as send, and EINVAL for an empty buffer or
+  // one from another channel.
+  [[nodiscard]] result<void> send(shared_buffer&& buffer, std::span<const int> fds = {});
+
   // Sends every message of a batch, in order, with as few syscalls as the kernel allows: one
-  // sendmsg per run of messages on a stream (a message with fds starts a new one), sendmmsg on
-  // seqpacket (one packet each). Blocks until all are written. Errors as send, plus EINVAL (a
+  // sendmsg per run of messages on a stream (a message with fds starts a new one), one sendmsg
+  // per packet on seqpacket. Blocks until all are written. Errors as send, plus EINVAL (a
   // batch made for the other framing); if one fails, the messages before it were sent.
   [[nodiscard]] result<void> send(const batch& b);
 

@@ -41,21 +41,63 @@ inline constexpr std::byte native_magic[2] = {std::byte{0x44}, std::byte{0x58}};
 // The native format version this library writes and reads.
 inline constexpr std::uint8_t native_version = 1;
 
+// Frame flags (at most one is set). A frame without flags carries its message's bytes.
+// The others carry a small descriptor instead, for payloads that travel in shared memory:
+inline constexpr std::uint8_t flag_pool = 0x01;    // announces the sender's pool: pool_announce,
+                                                   // with the pool's memfd as its only fd
+inline constexpr std::uint8_t flag_shared = 0x02;  // a message in the pool: shared_ref
+inline constexpr std::uint8_t flag_memfd = 0x04;   // a message in a sealed memfd of its own:
+                                                   // memfd_ref, the memfd being its first fd
+inline constexpr std::uint8_t known_flags = flag_pool | flag_shared | flag_memfd;
+
 // A decoded native header.
 struct native_header {
   std::uint64_t length = 0;    // payload bytes that follow the header
   std::uint16_t fd_count = 0;  // fds attached to the first byte of this frame (0..253)
-  std::uint8_t flags = 0;      // must be 0 in version 1
+  std::uint8_t flags = 0;      // 0, or one of the flags above
 
   friend bool operator==(const native_header&, const native_header&) = default;
 };
+
+// The payload of a flag_pool frame (16 bytes): the layout of the pool memfd that comes with it.
+struct pool_announce {
+  std::uint64_t data_size = 0;  // bytes of the data region
+  std::uint32_t slots = 0;      // entries of the slot table
+  friend bool operator==(const pool_announce&, const pool_announce&) = default;
+};
+inline constexpr std::size_t pool_announce_size = 16;
+
+// The payload of a flag_shared frame (24 bytes): where the message is in the sender's pool.
+struct shared_ref {
+  std::uint32_t slot = 0;    // the slot the receiver marks released when done
+  std::uint64_t offset = 0;  // in the data region
+  std::uint64_t length = 0;  // the message's size
+  friend bool operator==(const shared_ref&, const shared_ref&) = default;
+};
+inline constexpr std::size_t shared_ref_size = 24;
+
+// The payload of a flag_memfd frame (8 bytes): the message's size in its memfd.
+struct memfd_ref {
+  std::uint64_t length = 0;
+  friend bool operator==(const memfd_ref&, const memfd_ref&) = default;
+};
+inline constexpr std::size_t memfd_ref_size = 8;
+
+// Encoders and decoders of the three descriptors (little-endian, reserved bytes zero). The
+// decoders check the size and the reserved bytes: errc::protocol_error.
+[[nodiscard]] std::array<std::byte, pool_announce_size> encode(const pool_announce& p) noexcept;
+[[nodiscard]] std::array<std::byte, shared_ref_size> encode(const shared_ref& r) noexcept;
+[[nodiscard]] std::array<std::byte, memfd_ref_size> encode(const memfd_ref& r) noexcept;
+[[nodiscard]] result<pool_announce> decode_pool_announce(std::span<const std::byte> b) noexcept;
+[[nodiscard]] result<shared_ref> decode_shared_ref(std::span<const std::byte> b) noexcept;
+[[nodiscard]] result<memfd_ref> decode_memfd_ref(std::span<const std::byte> b) noexcept;
 
 // Encodes a native header (little-endian fields). fd_count must be at most 253.
 [[nodiscard]] std::array<std::byte, native_header_size> encode_native(
     const native_header& h) noexcept;
 
-// Decodes and validates a native header: magic, version, flags (none defined in version 1),
-// reserved bytes (zero), fd count (at most 253). Errors: errc::protocol_error. The length is
+// Decodes and validates a native header: magic, version, flags (none, or exactly one known
+// flag), reserved bytes (zero), fd count (at most 253). Errors: errc::protocol_error. The length is
 // not checked here: the receiver compares it with its own maximum.
 [[nodiscard]] result<native_header> decode_native(
     std::span<const std::byte, native_header_size> bytes) noexcept;

@@ -1,7 +1,9 @@
 // duplex/message.hpp - a whole message: bytes plus the fds that travelled with them.
 //
 // A message owns its bytes (one heap block, not zero-filled when received into) and its fds (as
-// unique_fd: closed when the message is destroyed unless taken). It is move-only.
+// unique_fd: closed when the message is destroyed unless taken). A large message received
+// through shared memory may instead be a read-only view of it (is_view()), kept mapped while the
+// message lives. It is move-only.
 //
 //   duplex::message m("hello");                 // bytes copied in
 //   channel.send(m);                             // the channel sends bytes and fds
@@ -40,9 +42,26 @@ class message {
   message(message&&) noexcept = default;
   message& operator=(message&&) noexcept = default;
 
+  // A read-only view of size bytes at data, kept alive (and released) by keeper: how a message
+  // received in place from shared memory is made. fds are taken over.
+  [[nodiscard]] static message view(const std::byte* data, std::size_t size,
+                                    std::shared_ptr<const void> keeper,
+                                    std::vector<unique_fd> fds = {});
+
+  // The bytes, writable. A view (is_view()) is read-only memory: on a non-const message this
+  // copies it out first (throws std::bad_alloc if that memory cannot be had).
+  [[nodiscard]] std::span<std::byte> bytes() {
+    if (keeper_) materialize();
+    return {data_.get(), size_};
+  }
+
   // The bytes.
-  [[nodiscard]] std::span<std::byte> bytes() noexcept { return {data_.get(), size_}; }
-  [[nodiscard]] std::span<const std::byte> bytes() const noexcept { return {data_.get(), size_}; }
+  [[nodiscard]] std::span<const std::byte> bytes() const noexcept {
+    return {keeper_ ? view_ : data_.get(), size_};
+  }
+
+  // True if the bytes are a read-only view of shared memory rather than a copy of their own.
+  [[nodiscard]] bool is_view() const noexcept { return keeper_ != nullptr; }
 
   // The bytes seen as characters (no copy).
   [[nodiscard]] std::string_view text() const noexcept { return as_string_view(bytes()); }
@@ -61,9 +80,13 @@ class message {
   [[nodiscard]] std::vector<unique_fd> take_fds() noexcept { return std::move(fds_); }
 
  private:
+  void materialize();
+
   std::unique_ptr<std::byte[]> data_;
   std::size_t size_ = 0;
   std::vector<unique_fd> fds_;
+  const std::byte* view_ = nullptr;     // the bytes, when a view
+  std::shared_ptr<const void> keeper_;  // keeps a view's memory; set only for views
 };
 
 }  // namespace duplex

@@ -61,13 +61,44 @@ TEST(native_framing, RejectsEveryMalformedField) {
   EXPECT_THAT(with(1, 'x'), HasError(errc::protocol_error));  // magic
   EXPECT_THAT(with(2, 0), HasError(errc::protocol_error));    // version 0
   EXPECT_THAT(with(2, 2), HasError(errc::protocol_error));    // a future version
-  for (int bit = 0; bit < 8; ++bit) {
+  for (int bit = 3; bit < 8; ++bit) {
     EXPECT_THAT(with(3, 1 << bit), HasError(errc::protocol_error)) << "flag bit " << bit;
+  }
+  EXPECT_THAT(with(3, wire::flag_pool | wire::flag_shared), HasError(errc::protocol_error));
+  EXPECT_THAT(with(3, wire::flag_shared | wire::flag_memfd), HasError(errc::protocol_error));
+  for (const std::uint8_t flag : {wire::flag_pool, wire::flag_shared, wire::flag_memfd}) {
+    auto h = with(3, flag);
+    ASSERT_TRUE(h) << int{flag};
+    EXPECT_EQ(h->flags, flag);
   }
   EXPECT_THAT(with(4, 254), HasError(errc::protocol_error));   // 254 fds
   EXPECT_THAT(with(5, 1), HasError(errc::protocol_error));     // 257 fds
   EXPECT_THAT(with(6, 1), HasError(errc::protocol_error));     // reserved
   EXPECT_THAT(with(7, 0x80), HasError(errc::protocol_error));  // reserved
+}
+
+TEST(shared_memory_descriptors, GoldenBytesAndChecks) {
+  EXPECT_EQ(vec(wire::encode(wire::pool_announce{64 << 20, 256})),
+            bytes({0x00, 0x00, 0x00, 0x04, 0x00, 0x00, 0x00, 0x00,     // data size 64 MiB
+                   0x00, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00}));  // 256 slots, reserved
+  EXPECT_EQ(vec(wire::encode(wire::shared_ref{3, 0x1000, 0x20000})),
+            bytes({0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,     // slot 3, reserved
+                   0x00, 0x10, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00,     // offset
+                   0x00, 0x00, 0x02, 0x00, 0x00, 0x00, 0x00, 0x00}));  // length
+  EXPECT_EQ(vec(wire::encode(wire::memfd_ref{16 << 20})),
+            bytes({0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00}));
+  const auto announce = vec(wire::encode(wire::pool_announce{1, 2}));
+  EXPECT_EQ(wire::decode_pool_announce(announce).value(), (wire::pool_announce{1, 2}));
+  auto bad = announce;
+  bad[15] = std::byte{1};
+  EXPECT_THAT(wire::decode_pool_announce(bad), HasError(errc::protocol_error));
+  EXPECT_THAT(wire::decode_pool_announce(std::span(announce).first(15)),
+              HasError(errc::protocol_error));
+  auto ref = vec(wire::encode(wire::shared_ref{1, 2, 3}));
+  EXPECT_EQ(wire::decode_shared_ref(ref).value(), (wire::shared_ref{1, 2, 3}));
+  ref[5] = std::byte{9};
+  EXPECT_THAT(wire::decode_shared_ref(ref), HasError(errc::protocol_error));
+  EXPECT_THAT(wire::decode_memfd_ref(bytes({1, 2, 3})), HasError(errc::protocol_error));
 }
 
 TEST(python_framing, GoldenShortHeader) {
