@@ -340,7 +340,7 @@ void stream_decoder::detach() {
     if (was_complete) filled_ = length_;
     return;
   }
-  std::memcpy(dest_.data(), old.data(), static_cast<std::size_t>(filled_));
+  if (filled_ > 0) std::memcpy(dest_.data(), old.data(), static_cast<std::size_t>(filled_));
   if (was_complete) state_ = state::complete;
 }
 

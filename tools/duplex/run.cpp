@@ -65,7 +65,8 @@ int run_command(const run_options& o) {
       static_cast<void>(child->wait());
       return report_failure("run: " + why);
     }
-    std::fwrite(m->bytes().data(), 1, m->size(), stdout);
+    // An empty message has no storage; fwrite must not be handed its null pointer.
+    if (m->size() != 0) std::fwrite(m->bytes().data(), 1, m->size(), stdout);
     std::fputc('\n', stdout);
     if (interactive) std::fflush(stdout);
   }
