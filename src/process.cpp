@@ -238,9 +238,11 @@ result<std::optional<exit_status>> child::try_wait() {
 
 result<void> child::kill(int signal) {
   if (status_ || !pidfd_.valid()) return fail_errno(ESRCH);
-  if (::syscall(SYS_pidfd_send_signal, pidfd_.get(), signal, nullptr, 0) != 0) {
-    return fail_errno(errno);
-  }
+  if (::syscall(SYS_pidfd_send_signal, pidfd_.get(), signal, nullptr, 0) == 0) return {};
+  if (errno != ENOSYS) return fail_errno(errno);
+  // Before Linux 5.1 (or under an emulator without it): the pid is as safe, because it stays
+  // reserved for this child until it is reaped, and only this object reaps it.
+  if (::kill(pid_, signal) != 0) return fail_errno(errno);
   return {};
 }
 

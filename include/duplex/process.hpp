@@ -149,8 +149,10 @@ class child {
   // The status if the child has exited (reaping it), or nullopt if it is still running.
   [[nodiscard]] result<std::optional<exit_status>> try_wait();
 
-  // Sends a signal through the pidfd. A child that has exited but is not yet reaped accepts the
-  // signal and ignores it. Errors: ESRCH (the child has been reaped), EINVAL (a bad signal).
+  // Sends a signal through the pidfd (through the pid where the kernel lacks pidfd_send_signal:
+  // equally safe, since the pid stays reserved until this object reaps it). A child that has
+  // exited but is not yet reaped accepts the signal and ignores it. Errors: ESRCH (the child has
+  // been reaped), EINVAL (a bad signal).
   [[nodiscard]] result<void> kill(int signal = SIGTERM);
 
   // The status once the child has been reaped.

@@ -150,6 +150,19 @@ inline std::error_code sys(int e) { return {e, std::system_category()}; }
 
 }  // namespace duplex::test
 
+// Prints a result in test output as its error or "a value", rather than as raw bytes (which
+// would also read padding that was never written).
+namespace std {
+template <typename T>
+void PrintTo(const expected<T, error_code>& r, ostream* os) {
+  if (r) {
+    *os << "a value";
+  } else {
+    *os << "error " << r.error() << " (" << r.error().message() << ")";
+  }
+}
+}  // namespace std
+
 namespace duplex {
 // Prints a socket_kind by name in test output.
 inline void PrintTo(socket_kind kind, std::ostream* os) { *os << to_string(kind); }
