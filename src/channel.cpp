@@ -248,7 +248,7 @@ struct channel::impl {
   std::shared_ptr<detail::pool_tx> pool();
   result<std::size_t> write(detail::iovec_array& iov, std::span<const int> fds, bool blocking);
   result<bool> flush_queue(bool blocking);
-  void enqueue(detail::iovec_array& iov, std::span<const int> fds, bool started);
+  result<void> enqueue(detail::iovec_array& iov, std::span<const int> fds, bool started);
   result<void> send(std::span<const const_buffer> parts, std::span<const int> fds);
   result<void> try_send(std::span<const const_buffer> parts, std::span<const int> fds);
   result<void> send_frames(std::span<const std::byte> wire, std::span<const batch_frame> frames,
@@ -359,22 +359,26 @@ result<bool> channel::impl::flush_queue(bool blocking) {
   return true;
 }
 
-void channel::impl::enqueue(detail::iovec_array& iov, std::span<const int> fds, bool started) {
+result<void> channel::impl::enqueue(detail::iovec_array& iov, std::span<const int> fds,
+                                    bool started) {
   outgoing q;
+  if (!started) {
+    // The caller keeps its fds: the queue holds duplicates until they are sent. If one cannot be
+    // made (EBADF, EMFILE), nothing is queued: a frame must never go out short of its fds.
+    for (int fd : fds) {
+      auto copy = duplicate(fd);
+      if (!copy) return std::unexpected(copy.error());
+      q.fds.push_back(std::move(*copy));
+    }
+  }
   q.bytes.reserve(iov.total());
   for (std::size_t i = 0; i < iov.size(); ++i) {
     const auto* p = static_cast<const std::byte*>(iov.data()[i].iov_base);
     q.bytes.insert(q.bytes.end(), p, p + iov.data()[i].iov_len);
   }
-  if (!started) {
-    // The caller keeps its fds: the queue holds duplicates until they are sent.
-    for (int fd : fds) {
-      auto copy = duplicate(fd);
-      if (copy) q.fds.push_back(std::move(*copy));
-    }
-  }
   queued += q.bytes.size();
   queue.push_back(std::move(q));
+  return {};
 }
 
 result<void> channel::impl::put(std::span<const const_buffer> parts, std::span<const int> fds,
@@ -389,14 +393,18 @@ result<void> channel::impl::put(std::span<const const_buffer> parts, std::span<c
   }
   if (!queue.empty()) {
     if (queued + f->total > options.max_queued_bytes) return fail(errc::queue_full);
-    enqueue(iov, fds, false);
-    return {};
+    return enqueue(iov, fds, false);
   }
   auto n = write(iov, fds, false);
   if (!n) return std::unexpected(n.error());
   // What the kernel did not take waits in the queue (the first message of an empty queue is
   // taken whatever its size).
-  if (iov.size() > 0) enqueue(iov, fds, *n > 0);
+  if (iov.size() > 0) {
+    if (auto q = enqueue(iov, fds, *n > 0); !q) {
+      if (*n > 0) broken.store(true);  // part of the frame is out and the rest cannot follow
+      return q;
+    }
+  }
   return {};
 }
 
@@ -482,9 +490,6 @@ result<void> channel::impl::try_send(std::span<const const_buffer> parts,
   if (auto u = usable(c); !u) return u;
   if (fds.size() > max_fds_per_message) return fail(errc::too_many_fds);
   if (options.format == framing::python && !fds.empty()) return fail(errc::not_supported);
-  for (int fd : fds) {
-    if (::fcntl(fd, F_GETFD) < 0) return fail_errno(EBADF);  // as sendmsg would say
-  }
   const std::unique_lock lock(tx, std::try_to_lock);
   if (!lock.owns_lock()) return fail(errc::would_block);  // another thread is sending
   if (auto u = usable(c); !u) return u;
@@ -1100,6 +1105,14 @@ result<std::size_t> channel::receive_batch_impl(void (*call_fn)(void*, message_v
 result<bool> channel::flush() {
   if (!impl_) return fail(errc::closed);
   return impl_->flush();
+}
+
+std::size_t channel::buffered_bytes() const noexcept {
+  if (!impl_ || !impl_->rx.acquire(wait_spec::now())) return 0;
+  std::size_t n = impl_->decoder.buffered();
+  if (impl_->stash) n += impl_->stash->size() + 1;  // a whole message waits, even an empty one
+  impl_->rx.release();
+  return n;
 }
 
 bool channel::wants_write() const noexcept { return impl_ && impl_->queued.load() > 0; }

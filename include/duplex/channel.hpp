@@ -227,6 +227,12 @@ class channel {
   // errc::closed.
   [[nodiscard]] result<bool> flush();
 
+  // Bytes already read from the socket and not yet delivered (0 if another thread is receiving
+  // right now). When it is 0, a receive needs the socket: an event loop can wait for readability
+  // at once instead of first trying a receive that would block. Non-zero does not promise a
+  // whole message (a frame may be partial).
+  [[nodiscard]] std::size_t buffered_bytes() const noexcept;
+
   // True while try_send left bytes to write: wait for POLLOUT on native_handle(), then flush().
   [[nodiscard]] bool wants_write() const noexcept;
 

@@ -1,6 +1,7 @@
 // Non-blocking channels: try_send with its bounded outgoing queue, flush, try_receive, and two
 // single-threaded loops pushing 64 MiB at each other at once.
 #include <poll.h>
+#include <sys/resource.h>
 
 #include <chrono>
 #include <deque>
@@ -155,6 +156,63 @@ TEST_P(nonblocking_test, ClosingOrLosingThePeerDropsTheQueueAndItsFds) {
     c.close();  // queued messages and their fd copies are dropped
   }
   EXPECT_EQ(test::open_fd_count(), before);
+}
+
+TEST_P(nonblocking_test, AnFdThatCannotBeSentOrQueuedFailsTheMessageWhole) {
+  const socket_kind kind = GetParam();
+  const int status = test::run_in_child([kind] {
+    auto [a, b] = test::must(channel_pair(kind));
+    auto [read_end, write_end] = test::make_pipe();
+    const std::array<int, 1> bad{1000};  // not open
+    auto r = a.try_send(as_bytes("bad fd, empty queue"), bad);
+    if (r || r.error() != std::error_code(EBADF, std::system_category())) return 10;
+    while (!a.wants_write()) {
+      if (!a.try_send(pattern(chunk, 1))) return 11;
+    }
+    r = a.try_send(as_bytes("bad fd, queued"), bad);
+    if (r || r.error() != std::error_code(EBADF, std::system_category())) return 12;
+    // At RLIMIT_NOFILE the queue cannot duplicate a good fd: the message is refused whole.
+    int lowest = 0;
+    while (test::fd_is_open(lowest))
+      ++lowest;
+    rlimit old{};
+    ::getrlimit(RLIMIT_NOFILE, &old);
+    const rlimit full{static_cast<rlim_t>(lowest), old.rlim_max};
+    if (::setrlimit(RLIMIT_NOFILE, &full) != 0) return 13;
+    const std::array<int, 1> good{read_end.get()};
+    r = a.try_send(as_bytes("no room to duplicate"), good);
+    ::setrlimit(RLIMIT_NOFILE, &old);
+    if (r || r.error() != std::error_code(EMFILE, std::system_category())) return 14;
+    // Everything queued still arrives intact, and nothing of the refused messages.
+    int received = 0;
+    for (;;) {
+      auto m = b.try_receive();
+      if (!m) {
+        if (m.error() != errc::would_block) return 15;
+        if (!a.wants_write()) break;
+        if (!a.flush()) return 16;
+        continue;
+      }
+      if (m->size() != chunk || !m->fds().empty()) return 17;
+      ++received;
+    }
+    return received > 0 && !a.is_broken() && !b.is_broken() ? 0 : 18;
+  });
+  EXPECT_EQ(status, 0);
+}
+
+TEST_P(nonblocking_test, BufferedBytesSaysWhetherAReceiveNeedsTheSocket) {
+  auto [a, b] = test::must(channel_pair(GetParam()));
+  EXPECT_EQ(b.buffered_bytes(), 0U);
+  ASSERT_THAT(a.send(as_bytes("one")), Succeeded());
+  ASSERT_THAT(a.send(as_bytes("two")), Succeeded());
+  ASSERT_THAT(b.wait_readable(10s), Succeeded());
+  EXPECT_EQ(b.receive()->text(), "one");
+  if (GetParam() == socket_kind::stream) {
+    EXPECT_GT(b.buffered_bytes(), 0U);  // both frames came in one read
+  }
+  EXPECT_EQ(b.receive()->text(), "two");
+  EXPECT_EQ(b.buffered_bytes(), 0U);
 }
 
 TEST_F(nonblocking_test, TrySendSaysWouldBlockWhileAnotherThreadIsSending) {
