@@ -1,0 +1,705 @@
+// duplex::asio: whole messages with fds as Asio operations, with completion handlers and
+// coroutines, on stream and seqpacket channels: fds, errors, cancellation (object-wide,
+// per operation, timeouts), two coroutines pushing 64 MiB at each other on one thread, and
+// round trips on a strand of an io_context run by two threads.
+#include "duplex/asio.hpp"
+
+// Asio's use_future, inlined with sanitizers, trips GCC's -Wmaybe-uninitialized (a false positive
+// inside asio/impl/use_future.hpp): silenced for that header alone.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <asio/use_future.hpp>
+#pragma GCC diagnostic pop
+
+#include <unistd.h>
+
+#include <array>
+#include <asio/bind_cancellation_slot.hpp>
+#include <asio/bind_executor.hpp>
+#include <asio/cancellation_signal.hpp>
+#include <asio/co_spawn.hpp>
+#include <asio/experimental/as_tuple.hpp>
+#include <asio/experimental/awaitable_operators.hpp>
+#include <asio/io_context.hpp>
+#include <asio/post.hpp>
+#include <asio/steady_timer.hpp>
+#include <asio/strand.hpp>
+#include <asio/use_awaitable.hpp>
+#include <atomic>
+#include <chrono>
+#include <exception>
+#include <functional>
+#include <future>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <variant>
+#include <vector>
+
+#include "duplex/duplex.hpp"
+#include "support.hpp"
+
+namespace duplex {
+namespace {
+
+using namespace std::chrono_literals;
+using namespace ::asio::experimental::awaitable_operators;
+using ::asio::use_awaitable;
+using test::HasError;
+using test::pattern;
+using test::same;
+using test::Succeeded;
+
+// Messages of this size fit a seqpacket packet with default buffers.
+constexpr std::size_t packet_chunk = 60000;
+
+// Runs io until it has no work left, at most `limit`; a test fails if work was left (a
+// deadlock or a lost wake-up).
+void run(::asio::io_context& io, std::chrono::seconds limit = 60s) {
+  io.run_for(limit);
+  EXPECT_TRUE(io.stopped()) << "the io_context still had work after " << limit.count() << " s";
+}
+
+// Starts a coroutine; an exception that escapes it fails the test.
+template <typename ExecutorOrContext, typename Awaitable>
+void spawn(ExecutorOrContext&& ex, Awaitable&& a) {
+  ::asio::co_spawn(std::forward<ExecutorOrContext>(ex), std::forward<Awaitable>(a),
+                   [](const std::exception_ptr& e) {
+                     if (!e) return;
+                     try {
+                       std::rethrow_exception(e);
+                     } catch (const std::exception& x) {
+                       ADD_FAILURE() << "a coroutine threw: " << x.what();
+                     }
+                   });
+}
+
+// Both ends of a new pair, each an Asio channel on io.
+struct asio_pair {
+  duplex::asio::channel a;
+  duplex::asio::channel b;
+};
+
+asio_pair make_pair(::asio::io_context& io, socket_kind kind, channel_options options = {}) {
+  auto ends = test::must(channel_pair(kind, options));
+  return {duplex::asio::channel(io, std::move(ends.first)),
+          duplex::asio::channel(io, std::move(ends.second))};
+}
+
+// The outcome of one async_receive, as a handler saw it.
+struct received {
+  bool done = false;
+  std::error_code ec;
+  message m;
+};
+
+auto record(received& r) {
+  return [&r](std::error_code ec, message m) {
+    r.done = true;
+    r.ec = ec;
+    r.m = std::move(m);
+  };
+}
+
+// The outcome of one async_send (or async_flush).
+struct sent {
+  bool done = false;
+  std::error_code ec;
+};
+
+auto record(sent& s) {
+  return [&s](std::error_code ec) {
+    s.done = true;
+    s.ec = ec;
+  };
+}
+
+// A channel's socket filled until try_send had to queue: the next messages wait in the queue.
+void fill(duplex::channel& ch, std::size_t size) {
+  while (!ch.wants_write()) {
+    if (!ch.try_send(pattern(size, 99))) break;
+  }
+  ASSERT_TRUE(ch.wants_write());
+}
+
+class asio_test : public test::kind_test {
+ protected:
+  // A large message: 1 MiB on a stream, what one packet holds on seqpacket.
+  [[nodiscard]] std::size_t big() const {
+    return GetParam() == socket_kind::stream ? std::size_t{1} << 20 : packet_chunk;
+  }
+};
+
+INSTANTIATE_TEST_SUITE_P(kinds, asio_test,
+                         ::testing::Values(socket_kind::stream, socket_kind::seqpacket),
+                         test::kind_name);
+
+class asio_stream_test : public test::fd_checked {};
+
+TEST_P(asio_test, HandlersRoundTrip) {
+  ::asio::io_context io;
+  auto [a, b] = make_pair(io, GetParam());
+  std::vector<std::string> got;
+  // b echoes three messages with "re: " in front, a sends them one by one and collects replies.
+  std::function<void(int)> echo = [&](int left) {
+    if (left == 0) return;
+    b.async_receive([&, left](std::error_code ec, message m) {
+      ASSERT_FALSE(ec) << ec.message();
+      auto reply = std::make_shared<std::string>("re: " + std::string(m.text()));
+      b.async_send(as_bytes(*reply), [&, left, reply](std::error_code ec2) {
+        ASSERT_FALSE(ec2) << ec2.message();
+        echo(left - 1);
+      });
+    });
+  };
+  echo(3);
+  const std::array<std::string, 3> texts{"one", "two", "three"};
+  std::function<void(std::size_t)> ask = [&](std::size_t i) {
+    if (i == texts.size()) return;
+    a.async_send(as_bytes(texts[i]), [&, i](std::error_code ec) {
+      ASSERT_FALSE(ec) << ec.message();
+      a.async_receive([&, i](std::error_code ec2, message m) {
+        ASSERT_FALSE(ec2) << ec2.message();
+        got.emplace_back(m.text());
+        ask(i + 1);
+      });
+    });
+  };
+  ask(0);
+  run(io);
+  EXPECT_THAT(got, ::testing::ElementsAre("re: one", "re: two", "re: three"));
+}
+
+TEST_P(asio_test, CoroutinesRoundTripEveryOverload) {
+  ::asio::io_context io;
+  auto [a, b] = make_pair(io, GetParam());
+  constexpr int rounds = 50;
+  const std::size_t size = big();
+  // b: echoes every message back whole (bytes and fds), until a half-closes.
+  spawn(io, [&]() -> ::asio::awaitable<void> {
+    for (;;) {
+      auto [ec, m] = co_await b.async_receive(::asio::experimental::as_tuple(use_awaitable));
+      if (ec) {
+        EXPECT_THAT(ec, HasError(errc::peer_closed));
+        co_return;
+      }
+      co_await b.async_send(m, use_awaitable);
+    }
+  });
+  // a: a message of every size class, through each overload in turn.
+  spawn(io, [&]() -> ::asio::awaitable<void> {
+    for (int i = 0; i < rounds; ++i) {
+      const std::size_t n = (i % 5 == 4) ? size : static_cast<std::size_t>(i * 37);
+      const auto bytes = pattern(n, static_cast<unsigned>(i));
+      switch (i % 4) {
+        case 0: co_await a.async_send(bytes, use_awaitable); break;
+        case 1: co_await a.async_send(bytes, std::span<const int>{}, use_awaitable); break;
+        case 2: {
+          const std::size_t half = n / 2;
+          const std::array<const_buffer, 2> parts{const_buffer(bytes).first(half),
+                                                  const_buffer(bytes).subspan(half)};
+          co_await a.async_send(parts, {}, use_awaitable);
+          break;
+        }
+        default: {
+          const message m{const_buffer(bytes)};
+          co_await a.async_send(m, use_awaitable);
+          break;
+        }
+      }
+      message echo = co_await a.async_receive(use_awaitable);
+      EXPECT_TRUE(same(echo.bytes(), bytes)) << "round " << i << ", " << n << " bytes";
+    }
+    EXPECT_THAT(a.channel().shutdown_send(), Succeeded());
+  });
+  run(io);
+}
+
+TEST_P(asio_test, FdsTravelAndAreUsableOnTheOtherSide) {
+  ::asio::io_context io;
+  auto [a, b] = make_pair(io, GetParam());
+  auto [read_end, write_end] = test::make_pipe();
+  const ino_t inode = test::inode_of(read_end.get());
+  spawn(io, [&]() -> ::asio::awaitable<void> {
+    // One fd with bytes; then two fds with scatter/gather parts; then a message's own fds.
+    const std::array<int, 1> one{read_end.get()};
+    co_await a.async_send(as_bytes("a pipe"), one, use_awaitable);
+    const std::array<int, 2> two{read_end.get(), write_end.get()};
+    const std::array<const_buffer, 2> parts{as_bytes("both "), as_bytes("ends")};
+    co_await a.async_send(parts, two, use_awaitable);
+    std::vector<unique_fd> own;
+    own.push_back(test::must(duplicate(write_end.get())));
+    const message m(as_bytes("write end"), std::move(own));
+    co_await a.async_send(m, use_awaitable);
+  });
+  spawn(io, [&]() -> ::asio::awaitable<void> {
+    message first = co_await b.async_receive(use_awaitable);
+    EXPECT_EQ(first.text(), "a pipe");
+    EXPECT_EQ(first.fds().size(), 1U);
+    message second = co_await b.async_receive(use_awaitable);
+    EXPECT_EQ(second.text(), "both ends");
+    EXPECT_EQ(second.fds().size(), 2U);
+    message third = co_await b.async_receive(use_awaitable);
+    EXPECT_EQ(third.text(), "write end");
+    EXPECT_EQ(third.fds().size(), 1U);
+    if (first.fds().size() != 1 || third.fds().size() != 1) co_return;
+    // The received fds are the pipe: written through one, read through the other.
+    EXPECT_EQ(test::inode_of(first.fds()[0].get()), inode);
+    EXPECT_TRUE(test::fd_is_cloexec(first.fds()[0].get()));
+    EXPECT_EQ(::write(third.fds()[0].get(), "through", 7), 7);
+    std::array<char, 16> buf{};
+    EXPECT_EQ(::read(first.fds()[0].get(), buf.data(), buf.size()), 7);
+    EXPECT_EQ(std::string_view(buf.data(), 7), "through");
+  });
+  run(io);
+}
+
+TEST_P(asio_test, AnOutcomeKnownAtOnceNeverCompletesInsideTheInitiatingCall) {
+  ::asio::io_context io;
+  auto [a, b] = make_pair(io, GetParam());
+  // A message already waiting, a send the kernel takes at once, and an error known at once.
+  ASSERT_THAT(b.channel().send(as_bytes("waiting")), Succeeded());
+  bool inside = true;
+  received r;
+  a.async_receive([&](std::error_code ec, message m) {
+    EXPECT_FALSE(inside) << "async_receive's handler ran inside async_receive";
+    record(r)(ec, std::move(m));
+  });
+  sent s;
+  a.async_send(as_bytes("taken at once"), [&](std::error_code ec) {
+    EXPECT_FALSE(inside) << "async_send's handler ran inside async_send";
+    record(s)(ec);
+  });
+  duplex::asio::channel closed(io, duplex::channel{});
+  received e;
+  closed.async_receive([&](std::error_code ec, message m) {
+    EXPECT_FALSE(inside);
+    record(e)(ec, std::move(m));
+  });
+  inside = false;
+  EXPECT_FALSE(r.done);
+  EXPECT_FALSE(s.done);
+  EXPECT_FALSE(e.done);
+  run(io);
+  ASSERT_TRUE(r.done && s.done && e.done);
+  EXPECT_FALSE(r.ec);
+  EXPECT_EQ(r.m.text(), "waiting");
+  EXPECT_FALSE(s.ec);
+  EXPECT_THAT(e.ec, HasError(errc::closed));
+  EXPECT_EQ(test::must(b.channel().receive(1s)).text(), "taken at once");
+}
+
+TEST_P(asio_test, EveryMessageThenPeerClosedWhenThePeerDies) {
+  ::asio::io_context io;
+  auto worker = test::must(fork_with_channel(
+      [](channel& parent) {
+        if (!parent.send(as_bytes("last words"))) return 1;
+        ::_exit(0);  // dies without a goodbye
+      },
+      {.kind = GetParam()}));
+  duplex::asio::channel ch(io, std::move(worker.channel()));
+  std::vector<std::error_code> errors;
+  std::string text;
+  spawn(io, [&]() -> ::asio::awaitable<void> {
+    text = (co_await ch.async_receive(use_awaitable)).text();
+    for (int i = 0; i < 2; ++i) {
+      auto [ec, m] = co_await ch.async_receive(::asio::experimental::as_tuple(use_awaitable));
+      errors.push_back(ec);
+    }
+  });
+  run(io);
+  EXPECT_EQ(text, "last words");
+  EXPECT_THAT(errors, ::testing::Each(HasError(errc::peer_closed)));
+  EXPECT_EQ(errors.size(), 2U);
+  EXPECT_TRUE(test::must(worker.wait()).success());
+}
+
+TEST_P(asio_test, ABrokenHeaderGivesProtocolErrorThenBroken) {
+  ::asio::io_context io;
+  auto raw = test::must(socket_pair(GetParam()));
+  duplex::asio::channel ch(io, test::must(channel::create(std::move(raw.first))));
+  auto head = wire::encode_native({.length = 4});
+  head[0] = std::byte{'X'};  // not the magic
+  const std::array<const_buffer, 2> frame{const_buffer(head), as_bytes("oops")};
+  ASSERT_THAT(raw.second.send(frame), Succeeded());
+  received first;
+  received second;
+  ch.async_receive([&](std::error_code ec, message m) {
+    record(first)(ec, std::move(m));
+    ch.async_receive(record(second));
+  });
+  run(io);
+  EXPECT_THAT(first.ec, HasError(errc::protocol_error));
+  EXPECT_THAT(second.ec, HasError(errc::broken));
+  EXPECT_TRUE(ch.channel().is_broken());
+}
+
+TEST_P(asio_test, CancelAbortsBothOperationsAndTheChannelStaysInStep) {
+  ::asio::io_context io;
+  auto [a, b] = make_pair(io, GetParam(), {.max_queued_bytes = 64 << 10});
+  // b's socket is full and its queue too: a send must wait; nothing is coming to b: a receive
+  // must wait.
+  fill(b.channel(), packet_chunk);
+  const auto blocked = pattern(big(), 7);
+  sent s;
+  received r;
+  b.async_send(blocked, record(s));
+  b.async_receive(record(r));
+  ::asio::steady_timer timer(io, 20ms);
+  timer.async_wait([&](std::error_code) { b.cancel(); });
+  run(io);
+  ASSERT_TRUE(s.done && r.done);
+  EXPECT_EQ(s.ec, ::asio::error::operation_aborted);
+  EXPECT_EQ(r.ec, ::asio::error::operation_aborted);
+  EXPECT_TRUE(r.m.empty());
+  // In step: a gets whatever b had queued (never the cancelled message's bytes cut), and b then
+  // receives a's next message whole.
+  io.restart();
+  spawn(io, [&]() -> ::asio::awaitable<void> {
+    co_await b.async_flush(use_awaitable);
+    co_await b.async_send(as_bytes("after"), use_awaitable);
+    message m = co_await b.async_receive(use_awaitable);
+    EXPECT_EQ(m.text(), "next");
+  });
+  spawn(io, [&]() -> ::asio::awaitable<void> {
+    for (;;) {
+      message m = co_await a.async_receive(use_awaitable);
+      if (m.text() == "after") break;
+      EXPECT_TRUE(same(m.bytes(), pattern(packet_chunk, 99)));
+    }
+    co_await a.async_send(as_bytes("next"), use_awaitable);
+  });
+  run(io);
+}
+
+TEST_P(asio_test, PerOperationCancellationOfEveryTypeAbortsAReceive) {
+  ::asio::io_context io;
+  auto [a, b] = make_pair(io, GetParam());
+  for (auto type : {::asio::cancellation_type::terminal, ::asio::cancellation_type::partial,
+                    ::asio::cancellation_type::total}) {
+    ::asio::cancellation_signal signal;
+    received r;
+    a.async_receive(::asio::bind_cancellation_slot(signal.slot(), record(r)));
+    ::asio::post(io, [&] { signal.emit(type); });
+    io.restart();
+    run(io);
+    ASSERT_TRUE(r.done);
+    EXPECT_EQ(r.ec, ::asio::error::operation_aborted) << static_cast<int>(type);
+  }
+  // The channel is in step: the next message arrives whole.
+  ASSERT_THAT(b.channel().send(as_bytes("still here")), Succeeded());
+  received r;
+  a.async_receive(record(r));
+  io.restart();
+  run(io);
+  EXPECT_EQ(r.m.text(), "still here");
+}
+
+TEST_F(asio_stream_test, AMessagePartlyReadWhenCancelledStaysBufferedWhole) {
+  ::asio::io_context io;
+  auto raw = test::must(socket_pair(socket_kind::stream));
+  duplex::asio::channel ch(io, test::must(channel::create(std::move(raw.first))));
+  const auto payload = pattern(1000, 3);
+  const auto head = wire::encode_native({.length = payload.size()});
+  // The header and half the payload: the receive reads them, then waits for the rest.
+  const std::array<const_buffer, 2> half{const_buffer(head), const_buffer(payload).first(500)};
+  ASSERT_THAT(raw.second.send(half), Succeeded());
+  ::asio::cancellation_signal signal;
+  received r;
+  ch.async_receive(::asio::bind_cancellation_slot(signal.slot(), record(r)));
+  io.poll();
+  EXPECT_FALSE(r.done);
+  signal.emit(::asio::cancellation_type::terminal);
+  run(io);
+  ASSERT_TRUE(r.done);
+  EXPECT_EQ(r.ec, ::asio::error::operation_aborted);
+  // The rest, and a second message: both whole.
+  const auto head2 = wire::encode_native({.length = 6});
+  const std::array<const_buffer, 3> rest{const_buffer(payload).subspan(500), const_buffer(head2),
+                                         as_bytes("second")};
+  ASSERT_THAT(raw.second.send(rest), Succeeded());
+  received first;
+  received second;
+  ch.async_receive([&](std::error_code ec, message m) {
+    record(first)(ec, std::move(m));
+    ch.async_receive(record(second));
+  });
+  io.restart();
+  run(io);
+  EXPECT_FALSE(first.ec);
+  EXPECT_TRUE(same(first.m.bytes(), payload));
+  EXPECT_EQ(second.m.text(), "second");
+}
+
+// cancel() while a receive is between two waits (the reactor has woken it, and its next step has
+// not run yet: the reactor holds nothing to cancel) still aborts it. Its steps run on a second
+// io_context (the handler's executor), so the test can call cancel() in between.
+TEST_F(asio_stream_test, CancelBetweenTwoWaitsIsNotLost) {
+  ::asio::io_context io;
+  ::asio::io_context steps;
+  auto raw = test::must(socket_pair(socket_kind::stream));
+  duplex::asio::channel ch(io, test::must(channel::create(std::move(raw.first))));
+  received r;
+  ch.async_receive(::asio::bind_executor(steps, record(r)));
+  const auto head = wire::encode_native({.length = 5});
+  ASSERT_THAT(raw.second.send(const_buffer(head)), Succeeded());  // a header alone
+  io.poll();  // the reactor sees the socket readable and hands the next step to `steps`
+  EXPECT_FALSE(r.done);
+  ch.cancel();
+  steps.poll();  // reads the header, would wait again: aborts instead
+  ASSERT_TRUE(r.done);
+  EXPECT_EQ(r.ec, ::asio::error::operation_aborted);
+  ASSERT_THAT(raw.second.send(as_bytes("whole")), Succeeded());
+  received next;
+  ch.async_receive(record(next));
+  io.restart();
+  run(io);
+  EXPECT_EQ(next.m.text(), "whole");
+}
+
+TEST_P(asio_test, ASendCancelledBeforeTheChannelTookItSentNothing) {
+  ::asio::io_context io;
+  auto [a, b] = make_pair(io, GetParam(), {.max_queued_bytes = 64 << 10});
+  fill(a.channel(), packet_chunk);
+  const std::size_t queued = a.channel().queued_bytes();
+  // The queue is full: the channel does not take this one; every cancellation type applies.
+  const auto refused = pattern(big(), 5);
+  ::asio::cancellation_signal signal;
+  sent s;
+  a.async_send(refused, ::asio::bind_cancellation_slot(signal.slot(), record(s)));
+  io.poll();
+  EXPECT_FALSE(s.done);
+  EXPECT_EQ(a.channel().queued_bytes(), queued);
+  signal.emit(::asio::cancellation_type::total);
+  run(io);
+  EXPECT_EQ(s.ec, ::asio::error::operation_aborted);
+  // b receives the messages that filled the socket and nothing else.
+  io.restart();
+  int filled = 0;
+  spawn(io, [&]() -> ::asio::awaitable<void> {
+    co_await a.async_flush(use_awaitable);
+    co_await a.async_send(as_bytes("end"), use_awaitable);
+  });
+  spawn(io, [&]() -> ::asio::awaitable<void> {
+    for (;;) {
+      message m = co_await b.async_receive(use_awaitable);
+      if (m.text() == "end") break;
+      EXPECT_EQ(m.size(), packet_chunk);
+      ++filled;
+    }
+  });
+  run(io);
+  EXPECT_GT(filled, 0);
+}
+
+TEST_P(asio_test, ASendCancelledAfterTheChannelTookItIsDeliveredWholeByTheNextFlush) {
+  ::asio::io_context io;
+  auto [a, b] = make_pair(io, GetParam(), {.max_queued_bytes = 4 << 20});
+  fill(a.channel(), packet_chunk);
+  // The queue has room: the channel takes the message, which waits behind the others.
+  const auto taken = pattern(big(), 6);
+  ::asio::cancellation_signal signal;
+  sent s;
+  a.async_send(taken, ::asio::bind_cancellation_slot(signal.slot(), record(s)));
+  io.poll();
+  EXPECT_FALSE(s.done);
+  // Total cancellation would need the message unsent: refused. Terminal is honoured.
+  signal.emit(::asio::cancellation_type::total);
+  io.poll();
+  EXPECT_FALSE(s.done);
+  signal.emit(::asio::cancellation_type::terminal);
+  run(io);
+  EXPECT_EQ(s.ec, ::asio::error::operation_aborted);
+  EXPECT_TRUE(a.channel().wants_write());
+  // async_flush delivers it; b receives the filler, then the message whole.
+  io.restart();
+  bool found = false;
+  spawn(io, [&]() -> ::asio::awaitable<void> { co_await a.async_flush(use_awaitable); });
+  spawn(io, [&]() -> ::asio::awaitable<void> {
+    while (!found) {
+      message m = co_await b.async_receive(use_awaitable);
+      found = m.size() == taken.size() && same(m.bytes(), taken);
+      if (!found) {
+        EXPECT_TRUE(same(m.bytes(), pattern(packet_chunk, 99)));
+      }
+    }
+  });
+  run(io);
+  EXPECT_TRUE(found);
+  EXPECT_FALSE(a.channel().wants_write());
+}
+
+TEST_P(asio_test, TimeoutsWithATimer) {
+  ::asio::io_context io;
+  auto [a, b] = make_pair(io, GetParam());
+  spawn(io, [&]() -> ::asio::awaitable<void> {
+    // Nothing comes: the timer wins, the receive is cancelled.
+    ::asio::steady_timer timer(io, 30ms);
+    auto r = co_await (a.async_receive(use_awaitable) || timer.async_wait(use_awaitable));
+    EXPECT_EQ(r.index(), 1U);
+    // Something comes in time: the receive wins.
+    EXPECT_THAT(b.channel().send(as_bytes("in time")), Succeeded());
+    timer.expires_after(10s);
+    auto r2 = co_await (a.async_receive(use_awaitable) || timer.async_wait(use_awaitable));
+    EXPECT_EQ(r2.index(), 0U);
+    if (r2.index() == 0) {
+      EXPECT_EQ(std::get<0>(r2).text(), "in time");
+    }
+  });
+  run(io);
+  // The handler way: a timer that calls cancel().
+  io.restart();
+  ::asio::steady_timer timer(io, 30ms);
+  timer.async_wait([&](std::error_code) { a.cancel(); });
+  received r;
+  a.async_receive([&](std::error_code ec, message m) {
+    timer.cancel();
+    record(r)(ec, std::move(m));
+  });
+  run(io);
+  EXPECT_EQ(r.ec, ::asio::error::operation_aborted);
+}
+
+TEST_P(asio_test, CloseAbortsOutstandingOperationsAndLaterOnesSayClosed) {
+  ::asio::io_context io;
+  auto [a, b] = make_pair(io, GetParam());
+  received r;
+  a.async_receive(record(r));
+  ::asio::post(io, [&] { a.close(); });
+  run(io);
+  EXPECT_EQ(r.ec, ::asio::error::operation_aborted);
+  EXPECT_FALSE(a.is_open());
+  received later;
+  sent later_send;
+  a.async_receive(record(later));
+  a.async_send(as_bytes("x"), record(later_send));
+  io.restart();
+  run(io);
+  EXPECT_THAT(later.ec, HasError(errc::closed));
+  EXPECT_THAT(later_send.ec, HasError(errc::closed));
+  // The peer sees the end at once: the reactor's duplicate fd was closed too.
+  EXPECT_THAT(b.channel().receive(1s), HasError(errc::peer_closed));
+}
+
+TEST_P(asio_test, DefaultTokensMovesFuturesAndStrands) {
+  ::asio::io_context io;
+  auto ends = test::must(channel_pair(GetParam()));
+  // use_awaitable as the default token, through rebind_executor and the converting constructor.
+  auto a = ::asio::use_awaitable.as_default_on(duplex::asio::channel(io, std::move(ends.first)));
+  static_assert(std::is_same_v<decltype(a),
+                               ::asio::use_awaitable_t<>::as_default_on_t<duplex::asio::channel>>);
+  duplex::asio::channel b0(::asio::make_strand(io), std::move(ends.second));
+  std::future<message> first = b0.async_receive(::asio::use_future);
+  // A moved channel keeps its outstanding operation.
+  duplex::asio::channel b(std::move(b0));
+  bool done = false;
+  spawn(io, [&]() -> ::asio::awaitable<void> {
+    co_await a.async_send(as_bytes("default token"));
+    message m = co_await a.async_receive();
+    EXPECT_EQ(m.text(), "future");
+    done = true;
+  });
+  // use_future, with the io_context run by another thread.
+  std::thread runner([&] { run(io); });
+  EXPECT_EQ(first.get().text(), "default token");
+  std::future<void> second = b.async_send(as_bytes("future"), ::asio::use_future);
+  EXPECT_NO_THROW(second.get());
+  runner.join();
+  EXPECT_TRUE(done);
+}
+
+// Two coroutines per end on one single-threaded io_context, each end sending 64 MiB to the other
+// while receiving: no operation ever blocks the thread, so nothing can deadlock.
+TEST_P(asio_test, BothSidesSend64MiBAtOnceOnOneThread) {
+  ::asio::io_context io(1);
+  auto [a, b] = make_pair(io, GetParam());
+  constexpr std::size_t total = 64U << 20;
+  const std::size_t size = big();
+  // A few distinct messages per direction, cycled: cheap to make, and a mix-up would show.
+  auto make = [size](unsigned seed) {
+    std::vector<std::vector<std::byte>> v;
+    for (unsigned i = 0; i < 7; ++i)
+      v.push_back(pattern(size, seed + i));
+    return v;
+  };
+  const auto from_a = make(100);
+  const auto from_b = make(200);
+  std::size_t done = 0;
+  auto sender = [&](duplex::asio::channel& ch,
+                    const std::vector<std::vector<std::byte>>& msgs) -> ::asio::awaitable<void> {
+    for (std::size_t i = 0, sent_bytes = 0; sent_bytes < total; ++i, sent_bytes += size)
+      co_await ch.async_send(msgs[i % msgs.size()], use_awaitable);
+    ++done;
+  };
+  auto receiver = [&](duplex::asio::channel& ch,
+                      const std::vector<std::vector<std::byte>>& msgs) -> ::asio::awaitable<void> {
+    std::size_t bad = 0;
+    for (std::size_t i = 0, got = 0; got < total; ++i) {
+      message m = co_await ch.async_receive(use_awaitable);
+      if (!same(m.bytes(), msgs[i % msgs.size()])) ++bad;
+      got += m.size();
+    }
+    EXPECT_EQ(bad, 0U);
+    ++done;
+  };
+  spawn(io, sender(a, from_a));
+  spawn(io, receiver(a, from_b));
+  spawn(io, sender(b, from_b));
+  spawn(io, receiver(b, from_a));
+  run(io, 120s);
+  EXPECT_EQ(done, 4U);
+}
+
+// An io_context run by two threads; each end on a strand of its own. a sends (with an fd every
+// few messages) and receives at once, from two coroutines on its strand; b echoes.
+TEST_P(asio_test, RoundTripsOnStrandsOfATwoThreadIoContext) {
+  ::asio::io_context io(2);
+  auto ends = test::must(channel_pair(GetParam()));
+  duplex::asio::channel a(::asio::make_strand(io), std::move(ends.first));
+  duplex::asio::channel b(::asio::make_strand(io), std::move(ends.second));
+  constexpr int rounds = 2000;
+  auto [read_end, write_end] = test::make_pipe();
+  std::atomic<int> echoed{0};
+  std::atomic<int> received_ok{0};
+  spawn(b.get_executor(), [&]() -> ::asio::awaitable<void> {
+    for (;;) {
+      auto [ec, m] = co_await b.async_receive(::asio::experimental::as_tuple(use_awaitable));
+      if (ec) {
+        EXPECT_THAT(ec, HasError(errc::peer_closed));
+        co_return;
+      }
+      co_await b.async_send(m, use_awaitable);
+      ++echoed;
+    }
+  });
+  spawn(a.get_executor(), [&]() -> ::asio::awaitable<void> {
+    for (int i = 0; i < rounds; ++i) {
+      const std::string text = "message " + std::to_string(i);
+      const std::array<int, 1> fd{read_end.get()};
+      co_await a.async_send(as_bytes(text),
+                            i % 10 == 0 ? std::span<const int>(fd) : std::span<const int>(),
+                            use_awaitable);
+    }
+  });
+  spawn(a.get_executor(), [&]() -> ::asio::awaitable<void> {
+    for (int i = 0; i < rounds; ++i) {
+      message m = co_await a.async_receive(use_awaitable);
+      const bool ok =
+          m.text() == "message " + std::to_string(i) && m.fds().size() == (i % 10 == 0 ? 1U : 0U);
+      EXPECT_TRUE(ok) << i << ": " << m.text();
+      if (ok) ++received_ok;
+    }
+    EXPECT_THAT(a.channel().shutdown_send(), Succeeded());
+  });
+  std::thread second([&] { io.run_for(60s); });
+  io.run_for(60s);
+  second.join();
+  EXPECT_TRUE(io.stopped());
+  EXPECT_EQ(received_ok.load(), rounds);
+  EXPECT_EQ(echoed.load(), rounds);
+}
+
+}  // namespace
+}  // namespace duplex
