@@ -84,7 +84,8 @@ class iovec_array {
   std::size_t total_ = 0;
 };
 
-// One sendmsg(MSG_NOSIGNAL | flags) with fds attached (none if empty), EINTR retried.
+// One send (no fds, and a single piece or pieces of at most 1 KiB in all, gathered) or one
+// sendmsg with the fds attached, with MSG_NOSIGNAL | flags; EINTR retried.
 // Errors: errc::too_many_fds (over 253), errc::would_block, the errno otherwise.
 [[nodiscard]] result<std::size_t> send_with_fds(int fd, iovec* iov, std::size_t iovlen,
                                                 std::span<const int> fds, int flags) noexcept;
