@@ -1,13 +1,17 @@
-"""End-to-end tests of the duplex command line: exit statuses, help, demo and info output.
+"""End-to-end tests of the duplex command line: exit statuses, help, demo, info, run and bench.
 
 Usage: python3 cli_test.py PATH_TO_DUPLEX
 """
 import json
 import os
+import pty
+import re
 import resource
 import subprocess
 import sys
+import tempfile
 import unittest
+import xml.etree.ElementTree as ET
 
 DUPLEX = None
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "run_peer.py")
@@ -192,6 +196,190 @@ class Info(unittest.TestCase):
             self.assertIn("works", facts["features"][feature])
             if not facts["features"][feature]["works"]:
                 self.assertTrue(facts["features"][feature]["reason"])
+
+
+class Bench(unittest.TestCase):
+    """duplex bench --quick on a few rows (never the full benchmark): table, JSON, SVG, usage."""
+
+    TRANSPORTS = {"raw-stream", "raw-seqpacket", "raw-stream-busypoll", "pipe", "memcpy",
+                  "duplex-stream", "duplex-seqpacket", "duplex-stream-busypoll",
+                  "duplex-stream-batch", "duplex-shm", "duplex-shm-copy", "duplex-python"}
+    # Every transport, and every row the four goals need, in as few rows as that takes; the raw
+    # rows their ratios need come along by themselves.
+    FILTER = ("^rtt/threads/(pipe|duplex-seqpacket|duplex-python)/8B$"
+              "|^rtt/processes/duplex-stream(-busypoll)?/8B$"
+              "|^throughput/threads/(memcpy|duplex-stream-batch)/64B$"
+              "|^throughput/threads/duplex-shm(-copy)?/16MiB$")
+    ROWS = ["rtt/threads/raw-stream/8B", "rtt/threads/raw-seqpacket/8B", "rtt/threads/pipe/8B",
+            "rtt/threads/duplex-seqpacket/8B", "rtt/threads/duplex-python/8B",
+            "rtt/processes/raw-stream/8B", "rtt/processes/duplex-stream/8B",
+            "rtt/processes/raw-stream-busypoll/8B", "rtt/processes/duplex-stream-busypoll/8B",
+            "throughput/threads/raw-stream/64B", "throughput/threads/memcpy/64B",
+            "throughput/threads/duplex-stream-batch/64B", "throughput/threads/raw-stream/16MiB",
+            "throughput/threads/duplex-shm/16MiB", "throughput/threads/duplex-shm-copy/16MiB"]
+
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.json_path = os.path.join(cls.tmp.name, "bench.json")
+        cls.svg_path = os.path.join(cls.tmp.name, "bench.svg")
+        cls.r = run("bench", "--quick", "--filter", cls.FILTER, "--json", cls.json_path,
+                    "--svg", cls.svg_path, timeout=120)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def results(self):
+        self.assertEqual(self.r.returncode, 0, self.r.stderr)
+        with open(self.json_path) as f:
+            return json.load(f)
+
+    def test_runs_quietly_and_prints_the_table(self):
+        self.assertEqual(self.r.returncode, 0, self.r.stderr)
+        self.assertEqual(self.r.stderr, "")  # no progress line: stderr is not a terminal
+        out = self.r.stdout
+        self.assertIn("Round trips", out)
+        self.assertIn("Throughput", out)
+        for name in self.ROWS:
+            self.assertRegex(out, r"\n  " + re.escape(name) + r" +\d", name)
+        self.assertRegex(out, r"rtt/processes/duplex-stream/8B +[\d.]+ (ns|us|ms) +\d+%  "
+                             r"[\d.]+x raw-stream\n")
+        goals = re.findall(r"^  (PASS|FAIL)  \((\d)\) ", out, re.M)
+        self.assertEqual([g[1] for g in goals], ["1", "2", "3", "4"], out)
+
+    def test_json_has_every_field(self):
+        data = self.results()
+        for key in ("kernel", "cpu", "cores", "date"):
+            self.assertIn(key, data["machine"])
+        self.assertTrue(data["machine"]["kernel"].startswith("Linux "))
+        self.assertGreater(data["machine"]["cores"], 0)
+        self.assertRegex(data["machine"]["date"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+        self.assertTrue(data["quick"])
+        rows = {r["name"]: r for r in data["results"]}
+        self.assertEqual(sorted(rows), sorted(self.ROWS))
+        self.assertEqual({r["transport"] for r in data["results"]}, self.TRANSPORTS)
+        for r in data["results"]:
+            with self.subTest(row=r["name"]):
+                self.assertIn(r["pattern"], ("rtt", "throughput"))
+                self.assertIn(r["peers"], ("threads", "processes"))
+                self.assertEqual(r["name"].split("/")[:3], [r["pattern"], r["peers"], r["transport"]])
+                self.assertIsInstance(r["size"], int)
+                self.assertGreater(r["size"], 0)
+                self.assertTrue(r["method"])
+                self.assertGreater(len(r["samples"]), 1)
+                if r["pattern"] == "rtt":
+                    self.assertGreater(r["ns_per_op"], 0)
+                    self.assertNotIn("bytes_per_s", r)
+                else:
+                    self.assertGreater(r["bytes_per_s"], 0)
+                    self.assertAlmostEqual(r["msgs_per_s"] * r["size"] / r["bytes_per_s"], 1, 6)
+
+    def test_duplex_rows_have_a_ratio_to_their_raw_baseline(self):
+        data = self.results()
+        rows = {r["name"]: r for r in data["results"]}
+        expected = {"duplex-stream": "raw-stream", "duplex-python": "raw-stream",
+                    "duplex-stream-batch": "raw-stream", "duplex-shm": "raw-stream",
+                    "duplex-shm-copy": "raw-stream", "duplex-seqpacket": "raw-seqpacket",
+                    "duplex-stream-busypoll": "raw-stream-busypoll"}
+        for r in data["results"]:
+            if not r["transport"].startswith("duplex-"):
+                self.assertNotIn("ratio", r, r["name"])
+                continue
+            with self.subTest(row=r["name"]):
+                self.assertEqual(r["baseline"], expected[r["transport"]])
+                base = rows["/".join([r["pattern"], r["peers"], r["baseline"], r["name"].split("/")[3]])]
+                metric = "ns_per_op" if r["pattern"] == "rtt" else "bytes_per_s"
+                self.assertAlmostEqual(r["ratio"], r[metric] / base[metric], 6)
+        busy = rows["rtt/processes/duplex-stream-busypoll/8B"]
+        self.assertAlmostEqual(busy["ratio_to_blocking"],
+                               busy["ns_per_op"] / rows["rtt/processes/raw-stream/8B"]["ns_per_op"], 6)
+
+    def test_goals(self):
+        goals = self.results()["goals"]
+        self.assertEqual(len(goals), 4)
+        self.assertEqual([g["target"] for g in goals], [1.05, 0.10, 20, 2.5])
+        for g in goals:
+            with self.subTest(goal=g["name"]):
+                self.assertTrue(g["name"])
+                self.assertGreater(g["value"], 0)  # every goal's rows were measured
+                self.assertEqual(g["pass"], g["value"] <= g["target"] if g["comparison"] == "<="
+                                 else g["value"] >= g["target"])
+
+    def test_svg_is_well_formed_and_labelled(self):
+        self.assertEqual(self.r.returncode, 0, self.r.stderr)
+        root = ET.parse(self.svg_path).getroot()
+        self.assertEqual(root.tag, "{http://www.w3.org/2000/svg}svg")
+        text = " ".join("".join(t.itertext()) for t in root.iter("{http://www.w3.org/2000/svg}text"))
+        for word in ("duplex bench", "Round trip", "Throughput", "GB/s", "Goals", "duplex-shm",
+                     "raw-stream"):
+            self.assertIn(word, text)
+        bars = [r for r in root.iter("{http://www.w3.org/2000/svg}rect") if r.find(
+            "{http://www.w3.org/2000/svg}title") is not None]
+        self.assertEqual(len(bars), len(self.ROWS))
+
+    def test_json_to_stdout(self):
+        r = run("bench", "--quick", "--filter", "^throughput/threads/memcpy/64B$", "--json", "-")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        data = json.loads(r.stdout)  # nothing else on stdout
+        self.assertEqual([x["name"] for x in data["results"]], ["throughput/threads/memcpy/64B"])
+        self.assertIsNone(data["goals"][0]["value"])
+        self.assertIsNone(data["goals"][0]["pass"])
+
+    def test_progress_line_on_a_terminal(self):
+        controller, terminal = pty.openpty()
+        p = subprocess.Popen([DUPLEX, "bench", "--quick", "--filter", "memcpy/64B$"],
+                             stdout=subprocess.PIPE, stderr=terminal)
+        os.close(terminal)
+        seen = b""
+        try:
+            while True:
+                try:
+                    chunk = os.read(controller, 65536)
+                except OSError:  # EIO: every end of the terminal is closed, and it is drained
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+        finally:
+            os.close(controller)
+            out, _ = p.communicate(timeout=60)
+        self.assertEqual(p.returncode, 0)
+        self.assertIn(b"throughput/threads/memcpy/64B", out)  # the table still goes to stdout
+        self.assertIn(b"\r\033[Kduplex bench: throughput/threads/memcpy/64B (", seen)
+        self.assertIn(b"1 of 1 rows left", seen)
+        self.assertTrue(seen.endswith(b"\r\033[K"), seen[-40:])  # erased at the end
+
+    def assert_bad_usage(self, *args):
+        r = run("bench", *args)
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertEqual(r.stdout, "")
+        self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+        self.assertTrue(r.stderr.startswith("duplex: "), r.stderr)
+        return r.stderr
+
+    def test_a_bad_regex_is_bad_usage(self):
+        self.assertIn("(rtt", self.assert_bad_usage("--quick", "--filter", "(rtt"))
+
+    def test_a_filter_that_matches_nothing_is_bad_usage(self):
+        self.assertIn("no row matches", self.assert_bad_usage("--quick", "--filter", "^nothing$"))
+
+    def test_an_unknown_option_is_bad_usage(self):
+        self.assert_bad_usage("--quick", "--frobnicate")
+
+    def test_an_unwritable_file_is_a_one_line_failure(self):
+        r = run("bench", "--quick", "--json", "/nonexistent-dir/bench.json")
+        self.assertEqual(r.returncode, 1)
+        self.assertEqual(r.stderr,
+                         "duplex: bench: cannot write '/nonexistent-dir/bench.json': "
+                         "No such file or directory\n")
+
+    def test_help(self):
+        r = run("bench", "--help")
+        self.assertEqual(r.returncode, 0, r.stderr)
+        for word in ("--quick", "--json", "--svg", "--filter", "median", "4 KiB page",
+                     "duplex-stream-busypoll"):
+            self.assertIn(word, r.stdout)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-// duplex - the command-line face of the library: demo, info.
+// duplex - the command-line face of the library: demo, info, run, bench.
 //
 // Exit status: 0 on success, 2 on bad usage, 1 on failure with a one-line error on stderr.
 #include <fmt/core.h>
@@ -65,6 +65,31 @@ int main(int argc, char** argv) {
   run->add_option("command", run_opts.command, "CMD [ARG...], after --")->required();
   run->footer("Example: duplex run --framing python -- python3 worker.py < requests.txt");
 
+  duplex::cli::bench_options bench_opts;
+  CLI::App* bench = app.add_subcommand(
+      "bench",
+      "Measure duplex beside the raw syscalls, pipes and memcpy, in one run: round trips "
+      "(threads and forked processes; blocking and busy-poll) and throughput (64 B to 16 MiB; "
+      "batches; shared memory). Prints a table with each duplex row's ratio to its raw "
+      "baseline, then the project's goals with PASS or FAIL.");
+  bench->add_flag("--quick", bench_opts.quick,
+                  "Fewer sizes, repetitions and iterations (under 20 s); every goal is still "
+                  "measured");
+  bench
+      ->add_option("--json", bench_opts.json,
+                   "Write the results as one JSON object to FILE ('-': to stdout, instead of "
+                   "the table)")
+      ->type_name("FILE");
+  bench->add_option("--svg", bench_opts.svg, "Write a self-contained SVG chart to FILE")
+      ->type_name("FILE");
+  bench
+      ->add_option("--filter", bench_opts.filter,
+                   "Measure only the rows whose name the regular expression matches (searched "
+                   "anywhere in the name), with the raw rows their ratios need")
+      ->type_name("REGEX")
+      ->check(duplex::cli::bench_filter_error);
+  bench->footer(duplex::cli::bench_help());
+
   const auto is_command = [&app](const std::string& name) {
     const auto all = app.get_subcommands([](CLI::App*) { return true; });
     return std::any_of(all.begin(), all.end(), [&](CLI::App* c) { return c->check_name(name); });
@@ -89,6 +114,7 @@ int main(int argc, char** argv) {
   try {
     if (demo->parsed()) return duplex::cli::run_demo(scenario);
     if (info->parsed()) return duplex::cli::run_info(json);
+    if (bench->parsed()) return duplex::cli::run_bench(bench_opts);
     if (run->parsed()) {
       run_opts.kind =
           kind == "seqpacket" ? duplex::socket_kind::seqpacket : duplex::socket_kind::stream;

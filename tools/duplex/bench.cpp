@@ -1,0 +1,441 @@
+// duplex bench: latency and throughput of duplex beside the raw syscalls, pipes and memcpy, in one
+// run. This file chooses the rows, measures them (warm-up and calibration, then repetitions that
+// alternate between the rows of a group), and writes the table, the JSON and the SVG.
+#include <fmt/core.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/utsname.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <ctime>
+#include <fstream>
+#include <memory>
+// GCC 12 at -O1 with sanitizers warns inside <regex>'s own templates (-Wmaybe-uninitialized, a
+// false positive in std::function's move); the warning is theirs, not this file's.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <regex>
+#pragma GCC diagnostic pop
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "bench.hpp"
+#include "commands.hpp"
+
+namespace duplex::cli {
+namespace {
+
+using namespace bench;
+
+machine_info gather_machine() {
+  machine_info m;
+  utsname u{};
+  if (::uname(&u) == 0) m.kernel = fmt::format("Linux {}", u.release);
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(cpuinfo, line)) {
+    if (line.starts_with("model name")) {
+      const auto colon = line.find(':');
+      if (colon != std::string::npos) {
+        m.cpu = line.substr(line.find_first_not_of(" \t", colon + 1));
+        break;
+      }
+    }
+  }
+  if (m.cpu.empty()) m.cpu = u.machine;
+  m.cores = std::thread::hardware_concurrency();
+  std::ifstream loadavg("/proc/loadavg");
+  std::string one, five, fifteen;
+  if (loadavg >> one >> five >> fifteen) m.load = fmt::format("{} {} {}", one, five, fifteen);
+  const std::time_t now = std::time(nullptr);
+  std::tm tm{};
+  ::gmtime_r(&now, &tm);
+  char date[32];
+  std::strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", &tm);
+  m.date = date;
+  return m;
+}
+
+// The main thread's CPU mask, restored when the run ends however it ends.
+class affinity_guard {
+ public:
+  affinity_guard() { saved_ = ::sched_getaffinity(0, sizeof(mask_), &mask_) == 0; }
+  ~affinity_guard() {
+    if (saved_) static_cast<void>(::sched_setaffinity(0, sizeof(mask_), &mask_));
+  }
+  affinity_guard(const affinity_guard&) = delete;
+  affinity_guard& operator=(const affinity_guard&) = delete;
+
+  // The first two CPUs this process may use, or none if it has only one.
+  [[nodiscard]] placement choose() const {
+    placement p;
+    if (!saved_) return p;
+    for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu) {
+      if (!CPU_ISSET(cpu, &mask_)) continue;
+      if (p.a < 0) {
+        p.a = cpu;
+      } else {
+        p.b = cpu;
+        return p;
+      }
+    }
+    return {};
+  }
+
+ private:
+  cpu_set_t mask_{};
+  bool saved_ = false;
+};
+
+// The progress line on stderr: only on a terminal, rewritten in place, erased at the end.
+class progress {
+ public:
+  explicit progress(std::size_t total) : on_(::isatty(STDERR_FILENO) != 0), total_(total) {}
+  ~progress() { clear(); }
+  progress(const progress&) = delete;
+  progress& operator=(const progress&) = delete;
+
+  void show(std::size_t done, const std::string& row, const std::string& what) {
+    if (!on_) return;
+    fmt::print(stderr, "\r\033[Kduplex bench: {} ({}) - {} of {} rows left", row, what,
+               total_ - done, total_);
+    std::fflush(stderr);
+    shown_ = true;
+  }
+  void clear() {
+    if (!on_ || !shown_) return;
+    fmt::print(stderr, "\r\033[K");
+    std::fflush(stderr);
+    shown_ = false;
+  }
+
+ private:
+  bool on_;
+  std::size_t total_;
+  bool shown_ = false;
+};
+
+struct plan {
+  double target;  // seconds per repetition of one row
+  unsigned reps;
+  double warm;  // seconds of warm-up (and calibration) at least
+};
+
+constexpr plan full_plan{0.1, 9, 0.05};
+constexpr plan quick_plan{0.025, 7, 0.01};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 == 1 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+// Warms the session up and finds how many operations make one repetition last about the target.
+std::uint64_t calibrate(session& s, const row_spec& spec, const plan& p) {
+  std::uint64_t n = 1;
+  double spent = 0;
+  std::uint64_t bytes = 0;
+  const double enough = p.target / 4;
+  for (;;) {
+    const double d = s.run(n);
+    spent += d;
+    bytes += n * spec.size;
+    if (d >= enough) {
+      if (spent >= p.warm && bytes >= s.warm_bytes()) {
+        return std::max<std::uint64_t>(
+            1, static_cast<std::uint64_t>(std::llround(static_cast<double>(n) * p.target / d)));
+      }
+      continue;
+    }
+    const double grow = d > 0 ? std::clamp(enough / d * 1.2, 2.0, 100.0) : 100.0;
+    n = static_cast<std::uint64_t>(std::ceil(static_cast<double>(n) * grow));
+  }
+}
+
+const row_result* find(const std::vector<row_result>& rows, const row_spec& like,
+                       const std::string& transport) {
+  for (const auto& r : rows) {
+    const row_spec& s = *r.spec;
+    if (s.pat == like.pat && s.who == like.who && s.size == like.size && s.transport == transport) {
+      return &r;
+    }
+  }
+  return nullptr;
+}
+
+const row_result* find(const std::vector<row_result>& rows, pattern pat, peers who,
+                       std::size_t size, const std::string& transport) {
+  row_spec like;
+  like.pat = pat;
+  like.who = who;
+  like.size = size;
+  return find(rows, like, transport);
+}
+
+double metric(const row_result& r) {
+  return r.spec->pat == pattern::rtt ? r.ns_per_op : r.bytes_per_s;
+}
+
+void compare(std::vector<row_result>& rows) {
+  for (auto& r : rows) {
+    const row_spec& s = *r.spec;
+    if (!s.baseline.empty()) {
+      if (const auto* b = find(rows, s, s.baseline)) r.ratio = metric(r) / metric(*b);
+    }
+    if (s.transport.ends_with("-busypoll")) {
+      if (const auto* b = find(rows, s, "raw-stream")) r.ratio_to_blocking = metric(r) / metric(*b);
+    }
+  }
+}
+
+std::vector<goal> goals_of(const std::vector<row_result>& rows) {
+  std::vector<goal> g(4);
+  g[0].short_name = "duplex-stream rtt vs raw-stream";
+  g[0].name =
+      "duplex-stream round trip of 8 B between processes, blocking, over raw-stream's (ratio)";
+  g[0].target = 1.05;
+  g[0].at_most = true;
+  if (const auto* r = find(rows, pattern::rtt, peers::processes, 8, "duplex-stream")) {
+    g[0].value = r->ratio;
+  }
+  g[1].short_name = "busy-poll rtt vs blocking raw-stream";
+  g[1].name =
+      "duplex-stream-busypoll round trip of 8 B between processes over raw-stream's blocking "
+      "round trip (ratio)";
+  g[1].target = 0.10;
+  g[1].at_most = true;
+  if (const auto* r = find(rows, pattern::rtt, peers::processes, 8, "duplex-stream-busypoll")) {
+    g[1].value = r->ratio_to_blocking;
+  }
+  g[2].short_name = "batch msgs/s vs raw-stream";
+  g[2].name =
+      "duplex-stream-batch 64 B messages per second over raw-stream's, one write per message "
+      "(ratio)";
+  g[2].target = 20;
+  g[2].at_most = false;
+  const auto* batch = find(rows, pattern::throughput, peers::threads, 64, "duplex-stream-batch");
+  const auto* raw64 = find(rows, pattern::throughput, peers::threads, 64, "raw-stream");
+  if (batch != nullptr && raw64 != nullptr) g[2].value = batch->msgs_per_s / raw64->msgs_per_s;
+  g[3].short_name = "shm 16 MiB bytes/s vs raw-stream";
+  g[3].name = "duplex-shm 16 MiB bytes per second over raw-stream's (ratio)";
+  g[3].target = 2.5;
+  g[3].at_most = false;
+  if (const auto* r =
+          find(rows, pattern::throughput, peers::threads, std::size_t{16} << 20, "duplex-shm")) {
+    g[3].value = r->ratio;
+  }
+  return g;
+}
+
+// An output file, opened before the run so that a bad path fails at once.
+struct output {
+  std::string path;
+  std::FILE* f = nullptr;
+  output() = default;
+  output(const output&) = delete;
+  output& operator=(const output&) = delete;
+  ~output() {
+    if (f != nullptr && f != stdout) std::fclose(f);
+  }
+  [[nodiscard]] bool open(const std::string& p, bool dash_is_stdout) {
+    path = p;
+    if (p.empty()) return true;
+    f = p == "-" && dash_is_stdout ? stdout : std::fopen(p.c_str(), "w");
+    return f != nullptr;
+  }
+  [[nodiscard]] bool write(const std::string& text) {
+    if (f == nullptr) return true;
+    const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
+    if (f == stdout) return ok && std::fflush(f) == 0;
+    const bool closed = std::fclose(f) == 0;
+    f = nullptr;
+    return ok && closed;
+  }
+};
+
+}  // namespace
+
+std::string bench_filter_error(const std::string& regex) {
+  try {
+    const std::regex check(regex);
+  } catch (const std::regex_error& e) {
+    return fmt::format("invalid regular expression '{}': {}", regex, e.what());
+  }
+  return {};
+}
+
+std::string bench_help() {
+  return fmt::format(
+      "Rows are named PATTERN/PEERS/TRANSPORT/SIZE, e.g. rtt/processes/duplex-stream/8B or "
+      "throughput/threads/duplex-shm/16MiB. Transports: raw-stream, raw-seqpacket, "
+      "raw-stream-busypoll, pipe, memcpy (baselines); duplex-stream, duplex-seqpacket, "
+      "duplex-python, duplex-stream-busypoll, duplex-stream-batch, duplex-shm, duplex-shm-copy.\n"
+      "\n"
+      "How: the rows of a group (same pattern, peers and size) are open together and their "
+      "repetitions alternate, so that a noisy machine slows them alike; each row is warmed up "
+      "and calibrated, then its value is the median of {} repetitions of about {:g} s ({} of "
+      "{:g} s with --quick). Busy-poll rows run alone. The caller and its peer (a thread, or a "
+      "forked child) are pinned to two CPUs.\n"
+      "rtt: one message each way, echoed by the peer; busy-poll rows spin on both ends "
+      "(recv(MSG_DONTWAIT), or channel_options::busy_poll = 1 s).\n"
+      "Throughput: from the producer's first byte to the consumer's last. Every producer fills "
+      "the whole payload of every message (memset into its own buffer; into the allocate()d "
+      "buffer for duplex-shm) and every consumer reads and checks the first byte of each "
+      "message and one byte per 4 KiB page of it, so no transport can skip work. Raw consumers "
+      "receive in bulk (256 KiB buffers); duplex consumers receive_into() a reused buffer, "
+      "receive_batch() for batches (64 messages per batch), receive() for shared memory.\n"
+      "Ratios: ns_per_op over the baseline's for rtt (lower is better), bytes/s over the "
+      "baseline's for throughput (higher is better). The JSON gives each row's method, samples "
+      "and ratio, and the goals.\n"
+      "\n"
+      "Exit status: 0 when the run completes (whatever the goals say), 2 on bad usage "
+      "(including a --filter that is invalid or matches no row), 1 on failure.",
+      full_plan.reps, full_plan.target, quick_plan.reps, quick_plan.target);
+}
+
+int run_bench(const bench_options& o) {
+  std::regex filter;
+  try {
+    filter = std::regex(o.filter.empty() ? std::string(".") : o.filter);
+  } catch (const std::regex_error& e) {
+    fmt::print(stderr, "duplex: bench: --filter: invalid regular expression '{}': {}\n", o.filter,
+               e.what());
+    return 2;
+  }
+  const std::vector<row_spec> rows = all_rows(o.quick);
+  // The rows asked for, and the rows their ratios refer to.
+  std::vector<bool> chosen(rows.size(), false);
+  bool any = false;
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    if (!std::regex_search(rows[i].name, filter)) continue;
+    chosen[i] = any = true;
+    for (std::size_t j = 0; j < rows.size(); ++j) {
+      const bool same =
+          rows[j].pat == rows[i].pat && rows[j].who == rows[i].who && rows[j].size == rows[i].size;
+      if (same &&
+          (rows[j].transport == rows[i].baseline ||
+           (rows[i].transport.ends_with("-busypoll") && rows[j].transport == "raw-stream"))) {
+        chosen[j] = true;
+      }
+    }
+  }
+  if (!any) {
+    fmt::print(stderr, "duplex: bench: no row matches --filter '{}' (see 'duplex bench --help')\n",
+               o.filter);
+    return 2;
+  }
+  std::vector<const row_spec*> selected;
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    if (chosen[i]) selected.push_back(&rows[i]);
+  }
+
+  output json;
+  output svg;
+  if (!json.open(o.json, true)) {
+    return report_failure(
+        fmt::format("bench: cannot write '{}': {}", o.json, std::strerror(errno)));
+  }
+  if (!svg.open(o.svg, false)) {
+    return report_failure(fmt::format("bench: cannot write '{}': {}", o.svg, std::strerror(errno)));
+  }
+
+  // A peer that dies must be an error of the row, not the end of this process.
+  ::signal(SIGPIPE, SIG_IGN);
+  const plan p = o.quick ? quick_plan : full_plan;
+  report rep;
+  rep.machine = gather_machine();
+  rep.quick = o.quick;
+  rep.repetitions = p.reps;
+  const auto started = std::chrono::steady_clock::now();
+  {
+    const affinity_guard affinity;
+    rep.cpus = affinity.choose();
+    pin_to(rep.cpus.a);
+    progress bar(selected.size());
+    std::size_t done = 0;
+    const row_spec* current = nullptr;
+    try {
+      for (std::size_t g = 0; g < selected.size();) {
+        std::size_t h = g;
+        while (h < selected.size() && selected[h]->group == selected[g]->group)
+          ++h;
+        const std::size_t k = h - g;
+        // Open every row of the group, warm each up, then alternate their repetitions.
+        std::vector<std::unique_ptr<session>> open;
+        std::vector<std::uint64_t> n(k);
+        std::vector<std::vector<double>> samples(k);
+        for (std::size_t i = 0; i < k; ++i) {
+          current = selected[g + i];
+          bar.show(done, current->name, "starting");
+          open.push_back(current->open(rep.cpus));
+        }
+        for (std::size_t i = 0; i < k; ++i) {
+          current = selected[g + i];
+          bar.show(done, current->name, "warming up");
+          n[i] = calibrate(*open[i], *current, p);
+        }
+        for (unsigned r = 0; r < p.reps; ++r) {
+          for (std::size_t j = 0; j < k; ++j) {
+            const std::size_t i = (r + j) % k;  // a different row goes first each time
+            current = selected[g + i];
+            bar.show(done, current->name, fmt::format("repetition {} of {}", r + 1, p.reps));
+            const double d = open[i]->run(n[i]);
+            const auto ops = static_cast<double>(n[i]);
+            samples[i].push_back(current->pat == pattern::rtt
+                                     ? d * 1e9 / ops
+                                     : ops * static_cast<double>(current->size) / d);
+          }
+        }
+        for (std::size_t i = 0; i < k; ++i) {
+          row_result res;
+          res.spec = selected[g + i];
+          res.iterations = n[i];
+          res.notes = open[i]->notes();
+          const double m = median(samples[i]);
+          if (res.spec->pat == pattern::rtt) {
+            res.ns_per_op = m;
+          } else {
+            res.bytes_per_s = m;
+            res.msgs_per_s = m / static_cast<double>(res.spec->size);
+          }
+          res.samples = std::move(samples[i]);
+          rep.rows.push_back(std::move(res));
+        }
+        current = selected[h - 1];
+        bar.show(done, current->name, "finishing");
+        while (!open.empty())
+          open.pop_back();  // the last opened closes first: children end in order
+        done += k;
+        g = h;
+      }
+    } catch (const std::exception& e) {
+      bar.clear();
+      return report_failure(fmt::format("bench: {}: {}", current ? current->name : "", e.what()));
+    }
+  }
+  rep.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  compare(rep.rows);
+  rep.goals = goals_of(rep.rows);
+
+  if (o.json != "-") {
+    fmt::print("{}", format_table(rep));
+    std::fflush(stdout);
+  }
+  if (!json.write(format_json(rep) + "\n")) {
+    return report_failure(
+        fmt::format("bench: cannot write '{}': {}", o.json, std::strerror(errno)));
+  }
+  if (!svg.write(format_svg(rep))) {
+    return report_failure(fmt::format("bench: cannot write '{}': {}", o.svg, std::strerror(errno)));
+  }
+  return 0;
+}
+
+}  // namespace duplex::cli
