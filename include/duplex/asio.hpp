@@ -101,6 +101,14 @@ struct channel_state {
   // Bumped by cancel() and close(): an operation that started before gives up at its next wait,
   // even if cancel() came while it was between two waits (when the reactor holds nothing of it).
   std::atomic<std::uint64_t> cancels{0};
+
+  // True if the operation that started when cancels was `since` has been cancelled, by cancel(),
+  // close() or its own cancellation slot.
+  template <typename Self>
+  bool cancelled(Self& self, std::uint64_t since) const {
+    return cancels.load() != since ||
+           self.get_cancellation_state().cancelled() != ::asio::cancellation_type::none;
+  }
 };
 
 // A duplicate of a channel's fd for the reactor (-1 for a closed channel). Throws
@@ -196,8 +204,7 @@ class receive_op {
           self.complete(ec_, std::move(message_));
           return;
         }
-        if (s_->cancels.load() != cancels_ ||
-            self.get_cancellation_state().cancelled() != ::asio::cancellation_type::none) {
+        if (s_->cancelled(self, cancels_)) {
           self.complete(::asio::error::operation_aborted, message{});
           return;
         }
@@ -261,8 +268,7 @@ class send_op {
           self.complete(ec_);
           return;
         }
-        if (s_->cancels.load() != cancels_ ||
-            self.get_cancellation_state().cancelled() != ::asio::cancellation_type::none) {
+        if (s_->cancelled(self, cancels_)) {
           self.complete(::asio::error::operation_aborted);
           return;
         }
@@ -334,8 +340,7 @@ class flush_op {
           self.complete(flushed ? std::error_code{} : flushed.error());
           return;
         }
-        if (s_->cancels.load() != cancels_ ||
-            self.get_cancellation_state().cancelled() != ::asio::cancellation_type::none) {
+        if (s_->cancelled(self, cancels_)) {
           self.complete(::asio::error::operation_aborted);
           return;
         }

@@ -16,6 +16,7 @@
 #include <ctime>
 #include <fstream>
 #include <memory>
+#include <optional>
 // GCC 12 at -O1 with sanitizers warns inside <regex>'s own templates (-Wmaybe-uninitialized, a
 // false positive in std::function's move); the warning is theirs, not this file's.
 #pragma GCC diagnostic push
@@ -196,42 +197,42 @@ void compare(std::vector<row_result>& rows) {
 }
 
 std::vector<goal> goals_of(const std::vector<row_result>& rows) {
-  std::vector<goal> g(4);
-  g[0].short_name = "duplex-stream rtt vs raw-stream";
-  g[0].name =
-      "duplex-stream round trip of 8 B between processes, blocking, over raw-stream's (ratio)";
-  g[0].target = 1.05;
-  g[0].at_most = true;
-  if (const auto* r = find(rows, pattern::rtt, peers::processes, 8, "duplex-stream")) {
-    g[0].value = r->ratio;
-  }
-  g[1].short_name = "busy-poll rtt vs blocking raw-stream";
-  g[1].name =
-      "duplex-stream-busypoll round trip of 8 B between processes over raw-stream's blocking "
-      "round trip (ratio)";
-  g[1].target = 0.10;
-  g[1].at_most = true;
-  if (const auto* r = find(rows, pattern::rtt, peers::processes, 8, "duplex-stream-busypoll")) {
-    g[1].value = r->ratio_to_blocking;
-  }
-  g[2].short_name = "batch msgs/s vs raw-stream";
-  g[2].name =
-      "duplex-stream-batch 64 B messages per second over raw-stream's, one write per message "
-      "(ratio)";
-  g[2].target = 20;
-  g[2].at_most = false;
+  // A goal, with its value when the rows it needs were measured.
+  const auto make = [](std::string short_name, std::string name, double target, bool at_most,
+                       std::optional<double> value) {
+    goal g;
+    g.short_name = std::move(short_name);
+    g.name = std::move(name);
+    g.target = target;
+    g.at_most = at_most;
+    g.value = value;
+    return g;
+  };
+  const auto* rtt = find(rows, pattern::rtt, peers::processes, 8, "duplex-stream");
+  const auto* spin = find(rows, pattern::rtt, peers::processes, 8, "duplex-stream-busypoll");
   const auto* batch = find(rows, pattern::throughput, peers::threads, 64, "duplex-stream-batch");
   const auto* raw64 = find(rows, pattern::throughput, peers::threads, 64, "raw-stream");
-  if (batch != nullptr && raw64 != nullptr) g[2].value = batch->msgs_per_s / raw64->msgs_per_s;
-  g[3].short_name = "shm 16 MiB bytes/s vs raw-stream";
-  g[3].name = "duplex-shm 16 MiB bytes per second over raw-stream's (ratio)";
-  g[3].target = 2.5;
-  g[3].at_most = false;
-  if (const auto* r =
-          find(rows, pattern::throughput, peers::threads, std::size_t{16} << 20, "duplex-shm")) {
-    g[3].value = r->ratio;
-  }
-  return g;
+  const auto* shm =
+      find(rows, pattern::throughput, peers::threads, std::size_t{16} << 20, "duplex-shm");
+  using opt = std::optional<double>;
+  return {
+      make("duplex-stream rtt vs raw-stream",
+           "duplex-stream round trip of 8 B between processes, blocking, over raw-stream's (ratio)",
+           1.05, true, rtt != nullptr ? opt(rtt->ratio) : std::nullopt),
+      make("busy-poll rtt vs blocking raw-stream",
+           "duplex-stream-busypoll round trip of 8 B between processes over raw-stream's "
+           "blocking round trip (ratio)",
+           0.10, true, spin != nullptr ? opt(spin->ratio_to_blocking) : std::nullopt),
+      make("batch msgs/s vs raw-stream",
+           "duplex-stream-batch 64 B messages per second over raw-stream's, one write per "
+           "message (ratio)",
+           20, false,
+           batch != nullptr && raw64 != nullptr ? opt(batch->msgs_per_s / raw64->msgs_per_s)
+                                                : std::nullopt),
+      make("shm 16 MiB bytes/s vs raw-stream",
+           "duplex-shm 16 MiB bytes per second over raw-stream's (ratio)", 2.5, false,
+           shm != nullptr ? opt(shm->ratio) : std::nullopt),
+  };
 }
 
 // An output file, opened before the run so that a bad path fails at once.
