@@ -450,8 +450,13 @@ result<void> channel::impl::send_payload(std::span<const const_buffer> parts,
     payload += p.size();
   if (payload > options.max_message_size) return fail(errc::message_too_large);
   const auto& shm = options.shared_memory;
-  const bool shared = shm.enabled && options.format == framing::native && payload >= shm.threshold;
-  if (!shared) return put(parts, fds, 0, blocking);
+  const bool can_share = shm.enabled && options.format == framing::native;
+  if (!can_share || payload < shm.threshold) {
+    auto r = put(parts, fds, 0, blocking);
+    // A packet the kernel refuses as too large (seqpacket, below the threshold but above what
+    // one packet holds) still goes, through shared memory, when this channel has it.
+    if (r || r.error() != errc::message_too_large || !can_share) return r;
+  }
   // Into the pool if it has room; else a sealed memfd of its own (which takes one fd more).
   if (auto p = pool()) {
     if (auto b = p->allocate(static_cast<std::size_t>(payload))) {

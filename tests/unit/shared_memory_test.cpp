@@ -2,6 +2,7 @@
 // copy, the two receive modes, and peers that send hostile pools and references.
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <thread>
@@ -52,6 +53,32 @@ TEST_P(shared_memory_test, LargeMessagesGoThroughThePoolByteExact) {
     ASSERT_THAT(a.send(as_bytes("small")), Succeeded());
     EXPECT_EQ(b.receive(10s)->text(), "small");
   }
+}
+
+class shared_memory_seqpacket_test : public test::fd_checked {};
+
+TEST_F(shared_memory_seqpacket_test, APacketTooLargeBelowTheThresholdStillGoesThroughSharedMemory) {
+  // The default threshold (256 KiB) is above what one packet holds with a small send buffer:
+  // a message in between must not be refused while the channel has shared memory.
+  channel_options o;
+  o.shared_memory.enabled = true;
+  auto [a, b] = test::must(channel_pair(socket_kind::seqpacket, o));
+  const int small = 32 * 1024;
+  ASSERT_EQ(::setsockopt(a.native_handle(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small), 0);
+  for (const std::size_t size : {std::size_t{100} << 10, std::size_t{200} << 10}) {
+    ASSERT_LT(size, o.shared_memory.threshold);
+    const auto data = pattern(size, static_cast<unsigned>(size));
+    ASSERT_THAT(a.send(data), Succeeded()) << size;
+    auto m = b.receive(10s);
+    ASSERT_THAT(m, Succeeded()) << size;
+    EXPECT_TRUE(same(std::as_const(*m).bytes(), data)) << size;
+  }
+  // Without shared memory the same message is refused whole, and the channel goes on.
+  auto [c, d] = test::must(channel_pair(socket_kind::seqpacket));
+  ASSERT_EQ(::setsockopt(c.native_handle(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small), 0);
+  EXPECT_THAT(c.send(pattern(std::size_t{100} << 10, 1)), HasError(errc::message_too_large));
+  ASSERT_THAT(c.send(as_bytes("after")), Succeeded());
+  EXPECT_EQ(d.receive(10s)->text(), "after");
 }
 
 TEST_P(shared_memory_test, AFullPoolFallsBackToSealedMemfds) {
