@@ -158,6 +158,37 @@ TEST_P(nonblocking_test, ClosingOrLosingThePeerDropsTheQueueAndItsFds) {
   EXPECT_EQ(test::open_fd_count(), before);
 }
 
+TEST_P(nonblocking_test, TrySendAndFlushToADeadPeerAreErrorsNotSigpipe) {
+  const test::default_sigpipe sigpipe;  // had a write raised it, this process would die
+  auto [read_end, write_end] = test::make_pipe();
+  const std::array<int, 1> fds{read_end.get()};
+  {
+    auto [a, b] = test::must(channel_pair(GetParam()));
+    b = channel();
+    EXPECT_THAT(a.try_send(as_bytes("anyone?")), HasError(errc::peer_closed));
+    EXPECT_THAT(a.try_send(as_bytes("with an fd"), fds), HasError(errc::peer_closed));
+    EXPECT_FALSE(a.wants_write());
+  }
+  // A frame partly written and partly queued (on seqpacket, a whole packet queued), then the
+  // peer dies: flush, and every later try_send, say so.
+  auto [a, b] = test::must(channel_pair(GetParam(), {.max_queued_bytes = 16 << 20}));
+  const std::size_t size = GetParam() == socket_kind::stream ? 4 << 20 : chunk;
+  while (!a.wants_write())
+    ASSERT_THAT(a.try_send(pattern(size, 5), fds), Succeeded());
+  if (GetParam() == socket_kind::stream) {
+    // One try_send of 4 MiB: the kernel took part of it, the rest waits in the queue.
+    EXPECT_GT(a.queued_bytes(), 0U);
+    EXPECT_LT(a.queued_bytes(), size + wire::native_header_size);
+  }
+  ASSERT_THAT(a.flush(), ::testing::Optional(false));  // the socket is still full
+  b = channel();
+  EXPECT_THAT(a.flush(), HasError(errc::peer_closed));
+  EXPECT_FALSE(a.wants_write());
+  EXPECT_EQ(a.queued_bytes(), 0U);
+  EXPECT_THAT(a.try_send(as_bytes("after"), fds), HasError(errc::peer_closed));
+  EXPECT_THAT(a.send(as_bytes("after")), HasError(errc::peer_closed));
+}
+
 TEST_P(nonblocking_test, AnFdThatCannotBeSentOrQueuedFailsTheMessageWhole) {
   const socket_kind kind = GetParam();
   const int status = test::run_in_child([kind] {
