@@ -2,6 +2,10 @@
 // tiny program (spawn_bench_child.cpp: it exits 0 at once):
 //
 //   spawn/raw_posix_spawn/*   posix_spawn + waitpid: the reference, no channel.
+//   spawn/raw_posix_spawn_pair/*  what the same takes by hand with a channel's worth of setup:
+//                             socketpair, posix_spawn with the child's end dup2'ed to fd 3,
+//                             pidfd_open, waitpid: how much of duplex_spawn's cost any
+//                             socketpair-holding child pays.
 //   spawn/duplex_spawn/*      duplex::spawn (a socketpair, a channel, the child's end at fd 3)
 //                             + child::wait().
 //   spawn/fork_exec/*         fork + execve + waitpid: the baseline that copies the parent's
@@ -24,6 +28,8 @@
 #include <benchmark/benchmark.h>
 #include <spawn.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -108,6 +114,28 @@ void raw_posix_spawn(benchmark::State& state) {
   }
 }
 
+void raw_posix_spawn_pair(benchmark::State& state) {
+  std::array<char*, 2> argv{child_program.data(), nullptr};
+  for (auto _ : state) {
+    std::array<int, 2> sv{};
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv.data()) != 0) std::abort();
+    posix_spawn_file_actions_t actions;
+    ::posix_spawn_file_actions_init(&actions);
+    ::posix_spawn_file_actions_adddup2(&actions, sv[1], 3);  // dup2 clears close-on-exec
+    pid_t pid = -1;
+    const int rc =
+        ::posix_spawn(&pid, child_program.c_str(), &actions, nullptr, argv.data(), environ);
+    ::posix_spawn_file_actions_destroy(&actions);
+    if (rc != 0) std::abort();
+    const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+    if (pidfd < 0) std::abort();
+    ::close(sv[1]);
+    reap(pid);
+    ::close(pidfd);
+    ::close(sv[0]);
+  }
+}
+
 void duplex_spawn(benchmark::State& state) {
   const std::array<std::string, 1> argv{child_program};
   for (auto _ : state) {
@@ -135,10 +163,11 @@ struct way {
   const char* name;
   void (*run)(benchmark::State&);
 };
-constexpr std::array<way, 3> ways{{
+constexpr std::array<way, 4> ways{{
     {"raw_posix_spawn", raw_posix_spawn},
     {"duplex_spawn", duplex_spawn},
     {"fork_exec", fork_exec},
+    {"raw_posix_spawn_pair", raw_posix_spawn_pair},
 }};
 
 struct size_case {
@@ -245,12 +274,12 @@ void print_summary(const collecting_reporter& reporter) {
     if (!t || !b || b->real <= 0 || b->cpu <= 0) return;
     if (!any) {
       out << "\nspawn summary (" << child_program << "):\n"
-          << "  " << std::string(44, ' ') << "      real  parent CPU\n";
+          << "  " << std::string(50, ' ') << "      real  parent CPU\n";
     }
     any = true;
     all_medians = all_medians && t->median && b->median;
     char line[200];
-    std::snprintf(line, sizeof line, "  %-44s %8.2fx %10.2fx%s%.*s\n", what.c_str(),
+    std::snprintf(line, sizeof line, "  %-50s %8.2fx %10.2fx%s%.*s\n", what.c_str(),
                   t->real / b->real, t->cpu / b->cpu, note.empty() ? "" : "   ",
                   static_cast<int>(note.size()), note.data());
     out << line;
@@ -258,6 +287,10 @@ void print_summary(const collecting_reporter& reporter) {
   for (const auto& s : sizes) {
     ratio(std::string("duplex_spawn / raw_posix_spawn, ") + s.name, case_name(ways[1], s),
           case_name(ways[0], s), "goal (real) <= 1.10x");
+    ratio(std::string("duplex_spawn / raw_posix_spawn_pair, ") + s.name, case_name(ways[1], s),
+          case_name(ways[3], s), "");
+    ratio(std::string("raw_posix_spawn_pair / raw_posix_spawn, ") + s.name, case_name(ways[3], s),
+          case_name(ways[0], s), "");
     ratio(std::string("fork_exec / raw_posix_spawn, ") + s.name, case_name(ways[2], s),
           case_name(ways[0], s), "");
   }
