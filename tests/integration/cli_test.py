@@ -156,6 +156,17 @@ class Run(unittest.TestCase):
         r = self.py("fd", extra=("--fd", "9"))
         self.assertEqual((r.returncode, r.stdout), (0, "9\n"), r.stderr)
 
+    def test_the_child_holds_only_stdio_and_its_end(self):
+        # duplex run's own fds (its pidfd, its end, whatever the runner passed it) stay out.
+        extra_fd = os.open(os.devnull, os.O_RDONLY)  # inheritable, as a careless caller's would be
+        try:
+            r = subprocess.run([DUPLEX, "run", "--framing", "python", "--", sys.executable, PEER,
+                                "fds"], capture_output=True, text=True, timeout=60, input="",
+                               pass_fds=(extra_fd,))
+        finally:
+            os.close(extra_fd)
+        self.assertEqual((r.returncode, r.stdout), (0, "0 1 2 3\n"), r.stderr)
+
     def test_a_command_that_cannot_start_is_a_one_line_failure(self):
         r = run("run", "--", "duplex-no-such-command")
         self.assertEqual(r.returncode, 1)

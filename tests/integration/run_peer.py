@@ -10,6 +10,7 @@ through DUPLEX_FD (or writes raw bytes to it), and behaves as its first argument
   garbage        (native framing) write 32 bytes that are not a frame, then wait
   die SIGNAL     send "about to die", then kill itself with the signal
   fd             send the value of DUPLEX_FD
+  fds            send the numbers of every fd it holds
 """
 import os
 import signal
@@ -59,6 +60,12 @@ def main():
         return 0
     if mode == "fd":
         conn.send_bytes(str(fd).encode())
+        return 0
+    if mode == "fds":
+        # Every fd this process holds (the listing's own is closed by the time it is checked).
+        held = sorted(int(n) for n in os.listdir("/proc/self/fd")
+                      if os.path.lexists(f"/proc/self/fd/{n}"))
+        conn.send_bytes(" ".join(map(str, held)).encode())
         return 0
     print(f"run_peer: unknown mode {mode}", file=sys.stderr)
     return 99
