@@ -786,6 +786,26 @@ TEST_P(channel_kind_test, CredentialsControlMessagesAreIgnored) {
   EXPECT_EQ(ch.receive()->text(), "with credentials");
 }
 
+// SO_PASSPIDFD (Linux 6.5) makes the kernel attach an SCM_PIDFD to every message: an fd the peer
+// never sent. The channel closes it (the fixture counts fds) and delivers the message alone.
+TEST_P(channel_kind_test, PidfdControlMessagesAreClosedNotDelivered) {
+#ifndef SO_PASSPIDFD
+  constexpr int SO_PASSPIDFD = 76;
+#endif
+  auto [ch, raw] = make_raw(GetParam());
+  const int on = 1;
+  if (::setsockopt(ch.native_handle(), SOL_SOCKET, SO_PASSPIDFD, &on, sizeof(on)) != 0) {
+    GTEST_SKIP() << "SO_PASSPIDFD is not supported by this kernel";
+  }
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_THAT(raw.send(frame(text_bytes("with a pidfd"))), Succeeded());
+    auto m = ch.receive();
+    ASSERT_THAT(m, Succeeded());
+    EXPECT_EQ(m->text(), "with a pidfd");
+    EXPECT_TRUE(m->fds().empty());
+  }
+}
+
 TEST_P(channel_kind_test, FdsCutShortAtRlimitNofileRefuseOneMessageOnly) {
   const socket_kind kind = GetParam();
   const int status = test::run_in_child([kind] {
