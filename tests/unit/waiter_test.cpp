@@ -102,6 +102,37 @@ TEST_F(waiter_test, AChildsExitMakesItsPidfdReadable) {
   EXPECT_TRUE(c.try_wait().value().has_value());  // exited: reaped without blocking
 }
 
+// Under a 10 kHz storm without SA_RESTART, waiter::wait and child::wait(timeout) neither return
+// EINTR nor give up early, and still wake for what they wait for.
+TEST_F(waiter_test, WaitsRideOutASignalStorm) {
+  using std::chrono::steady_clock;
+  auto [a, b] = test::must(channel_pair());
+  auto w = test::must(waiter::create());
+  ASSERT_THAT(w.add(a, 1), Succeeded());
+  auto c = test::must(spawn({"sleep", "0.3"}));
+  test::signal_storm storm;
+  auto start = steady_clock::now();
+  EXPECT_THAT(w.wait(30ms), HasError(errc::timed_out));
+  EXPECT_GE(steady_clock::now() - start, 30ms);
+  std::thread peer([&b] {
+    std::this_thread::sleep_for(50ms);
+    static_cast<void>(b.send(as_bytes("x")));
+  });
+  const auto woken = w.wait(10s);
+  peer.join();
+  ASSERT_THAT(woken, Succeeded());
+  const auto e = w.next();
+  ASSERT_TRUE(e.has_value());
+  EXPECT_EQ(e->key, 1U);
+  start = steady_clock::now();
+  EXPECT_THAT(c.wait(30ms), HasError(errc::timed_out));
+  EXPECT_GE(steady_clock::now() - start, 30ms);
+  const auto status = c.wait(10s);
+  ASSERT_THAT(status, Succeeded());
+  EXPECT_TRUE(status->success());
+  EXPECT_GT(storm.delivered(), 50);
+}
+
 // A thousand channels on one waiter, messages to random ones, and peers dying while waited on.
 TEST_F(waiter_test, AThousandChannelsAndDyingPeers) {
   constexpr int n = 1000;
