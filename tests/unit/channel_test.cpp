@@ -669,7 +669,7 @@ TEST_P(channel_kind_test, ReceivingRidesOutASignalStorm) {
   if (received < count) b.close();  // the receiver gave up: unblock the sender
   sender.join();
   EXPECT_EQ(received, count);
-  EXPECT_GT(delivered, 50) << "the storm did not reach the receiving thread";
+  EXPECT_GT(delivered, 10) << "the storm did not reach the receiving thread";
 }
 
 // The same with the storm at the sending thread: blocking sends of 8 MiB (one message on a
@@ -699,7 +699,7 @@ TEST_P(channel_kind_test, SendingRidesOutASignalStorm) {
   }
   if (sent < count) a.close();  // the sender gave up: end the receiver's wait
   receiver.join();
-  EXPECT_GT(delivered, 50) << "the storm did not reach the sending thread";
+  EXPECT_GT(delivered, 10) << "the storm did not reach the sending thread";
 }
 
 // --- fd passing (class 8) --------------------------------------------------------------------
