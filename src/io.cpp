@@ -52,6 +52,14 @@ void iovec_array::advance(std::size_t n) noexcept {
   }
 }
 
+result<std::size_t> send_bytes(int fd, const void* data, std::size_t size, int flags) noexcept {
+  for (;;) {
+    const ssize_t n = ::send(fd, data, size, flags | MSG_NOSIGNAL);
+    if (n >= 0) return static_cast<std::size_t>(n);
+    if (errno != EINTR) return from_errno(errno);
+  }
+}
+
 result<std::size_t> send_with_fds(int fd, iovec* iov, std::size_t iovlen, std::span<const int> fds,
                                   int flags) noexcept {
   if (fds.size() > max_fds_per_message) return fail(errc::too_many_fds);
@@ -60,25 +68,18 @@ result<std::size_t> send_with_fds(int fd, iovec* iov, std::size_t iovlen, std::s
     // which is measurable on a small message's round trip (see docs/performance.md). A few small
     // pieces (a frame header and its payload) are gathered on the stack first; that copy costs
     // less than the sendmsg it saves.
+    if (iovlen == 1) return send_bytes(fd, iov[0].iov_base, iov[0].iov_len, flags);
     std::size_t total = 0;
     for (std::size_t i = 0; i < iovlen; ++i)
       total += iov[i].iov_len;
-    std::array<char, coalesce_limit> gathered;
-    const void* data = iovlen == 1 ? iov[0].iov_base : gathered.data();
-    if (iovlen == 1 || (iovlen > 1 && total <= coalesce_limit)) {
-      if (iovlen > 1) {
-        std::size_t at = 0;
-        for (std::size_t i = 0; i < iovlen; ++i) {
-          if (iov[i].iov_len != 0)
-            std::memcpy(gathered.data() + at, iov[i].iov_base, iov[i].iov_len);
-          at += iov[i].iov_len;
-        }
+    if (iovlen > 1 && total <= coalesce_limit) {
+      std::array<char, coalesce_limit> gathered;
+      std::size_t at = 0;
+      for (std::size_t i = 0; i < iovlen; ++i) {
+        if (iov[i].iov_len != 0) std::memcpy(gathered.data() + at, iov[i].iov_base, iov[i].iov_len);
+        at += iov[i].iov_len;
       }
-      for (;;) {
-        const ssize_t n = ::send(fd, data, total, flags | MSG_NOSIGNAL);
-        if (n >= 0) return static_cast<std::size_t>(n);
-        if (errno != EINTR) return from_errno(errno);
-      }
+      return send_bytes(fd, gathered.data(), total, flags);
     }
   }
   msghdr msg{};

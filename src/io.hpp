@@ -84,6 +84,11 @@ class iovec_array {
   std::size_t total_ = 0;
 };
 
+// One send(MSG_NOSIGNAL | flags) of size bytes, EINTR retried. Errors: errc::would_block, the
+// errno otherwise.
+[[nodiscard]] result<std::size_t> send_bytes(int fd, const void* data, std::size_t size,
+                                             int flags) noexcept;
+
 // One send (no fds, and a single piece or pieces of at most 1 KiB in all, gathered) or one
 // sendmsg with the fds attached, with MSG_NOSIGNAL | flags; EINTR retried.
 // Errors: errc::too_many_fds (over 253), errc::would_block, the errno otherwise.

@@ -81,12 +81,7 @@ result<socket> socket::from_fd(unique_fd fd) noexcept {
 }
 
 result<std::size_t> socket::send(const_buffer data, io_flags flags) noexcept {
-  for (;;) {
-    const ssize_t n =
-        ::send(fd_.get(), data.data(), data.size(), to_msg_flags(flags) | MSG_NOSIGNAL);
-    if (n >= 0) return static_cast<std::size_t>(n);
-    if (errno != EINTR) return from_errno(errno);
-  }
+  return detail::send_bytes(fd_.get(), data.data(), data.size(), to_msg_flags(flags));
 }
 
 result<std::size_t> socket::send(std::span<const const_buffer> buffers, io_flags flags) {
