@@ -45,8 +45,9 @@ int spawn_child_main(void* arg) {
   auto* p = static_cast<spawn_plan*>(arg);
 
   // Every signal arrives blocked (the parent blocked them all around clone). A handler of the
-  // parent's must never run here, in the parent's memory: reset each caught signal to default.
-  for (int sig = 1; sig < 65; ++sig) {
+  // parent's must never run here, in the parent's memory: reset each caught signal to default,
+  // unless clone3 did so already (64 queries, about 30 us on a VM where a syscall costs 0.5 us).
+  for (int sig = 1; sig < 65 && !p->handlers_reset; ++sig) {
     if (sig == SIGKILL || sig == SIGSTOP) continue;
     kernel_sigaction old{};
     if (raw(SYS_rt_sigaction, sig, 0, reinterpret_cast<long>(&old), 8) < 0) continue;
@@ -99,3 +100,35 @@ int spawn_child_main(void* arg) {
 }
 
 }  // namespace duplex::detail
+
+#if defined(__x86_64__)
+// rdi: args, rsi: size, rdx: fn, rcx: arg. The syscall keeps r8 and r9 (it clobbers rcx and
+// r11), so fn and arg wait there. The child gets rax 0 and rsp at the top of its stack (16-byte
+// aligned), calls fn(arg) (the call's push leaves the alignment the ABI expects) and passes its
+// result to exit_group.
+asm(".pushsection .text\n"
+    ".globl duplex_detail_clone3\n"
+    ".hidden duplex_detail_clone3\n"
+    ".type duplex_detail_clone3, @function\n"
+    "duplex_detail_clone3:\n"
+    "  .cfi_startproc\n"
+    "  mov %rdx, %r8\n"
+    "  mov %rcx, %r9\n"
+    "  mov $435, %eax\n"  // SYS_clone3
+    "  syscall\n"
+    "  test %rax, %rax\n"
+    "  jz 1f\n"
+    "  ret\n"
+    "1:\n"
+    "  .cfi_undefined %rip\n"  // the child's outermost frame: nothing to unwind into
+    "  xor %ebp, %ebp\n"
+    "  mov %r9, %rdi\n"
+    "  call *%r8\n"
+    "  mov %eax, %edi\n"
+    "  mov $231, %eax\n"  // SYS_exit_group
+    "  syscall\n"
+    "  hlt\n"
+    "  .cfi_endproc\n"
+    ".size duplex_detail_clone3, .-duplex_detail_clone3\n"
+    ".popsection\n");
+#endif

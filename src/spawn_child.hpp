@@ -22,11 +22,25 @@ struct spawn_plan {
   bool null_stderr = false;
   bool kill_on_parent_death = false;
   pid_t parent_pid = 0;
-  sigset_t parent_mask{};  // restored just before exec
-  int error = 0;           // written by the child if a step or the exec fails
+  sigset_t parent_mask{};       // restored just before exec
+  bool handlers_reset = false;  // true: the kernel reset them already (CLONE_CLEAR_SIGHAND)
+  int error = 0;                // written by the child if a step or the exec fails
 };
 
 // The child's entry point for clone(); never returns if the exec succeeds.
 int spawn_child_main(void* plan);
+
+// Whether clone3_vfork exists on this architecture (x86-64 only so far).
+#if defined(__x86_64__)
+inline constexpr bool have_clone3_vfork = true;
+#else
+inline constexpr bool have_clone3_vfork = false;
+#endif
+
+// clone3(args, size) that runs fn(arg) in the child, on the stack args names, and exits the child
+// with fn's result if it returns. Returns the child's pid to the parent, or -errno. The raw
+// syscall needs this much assembly: the child starts on a new stack, where no C++ frame exists to
+// return into. Only defined where have_clone3_vfork.
+extern "C" long duplex_detail_clone3(void* args, unsigned long size, int (*fn)(void*), void* arg);
 
 }  // namespace duplex::detail

@@ -19,6 +19,8 @@
 //   inherited-twice report what a second inherited_channel() call gives, on stdout
 //   cloexec         send "1" if its end is close-on-exec after inherited_channel(), else "0"
 //   peercred        send "<SO_PEERCRED pid> <own pid> <parent pid>"
+//   signals         send its blocked and ignored signal sets, the hex masks of /proc/self/status:
+//                   "<SigBlk> <SigIgn>"
 #include <fcntl.h>
 #include <signal.h>
 #include <unistd.h>
@@ -27,6 +29,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -120,6 +123,17 @@ int run(const std::vector<std::string>& args) {
     if (!cred) return 107;
     return reply(std::to_string(cred->pid) + " " + std::to_string(::getpid()) + " " +
                  std::to_string(::getppid()));
+  }
+  if (mode == "signals") {
+    std::ifstream status("/proc/self/status");
+    std::string line;
+    std::string blocked = "?";
+    std::string ignored = "?";
+    while (std::getline(status, line)) {
+      if (line.starts_with("SigBlk:")) blocked = line.substr(line.find_first_not_of(" \t", 7));
+      if (line.starts_with("SigIgn:")) ignored = line.substr(line.find_first_not_of(" \t", 7));
+    }
+    return reply(blocked + " " + ignored);
   }
   if (mode == "sleep") {
     if (reply("ready") != 0) return 101;
