@@ -11,9 +11,10 @@
 //   auto parent = duplex::inherited_channel();    // finds its end through DUPLEX_FD
 //
 // How a child is started. spawn() does not fork the parent's memory: it uses
-// clone(CLONE_VM | CLONE_VFORK | CLONE_PIDFD), like posix_spawn, so its cost does not grow with
-// the parent's size, and the parent learns of a failed exec (with its errno) before spawn()
-// returns. In the child, before exec: signal handlers are reset to their defaults, the signal mask
+// clone3(CLONE_VM | CLONE_VFORK | CLONE_PIDFD | CLONE_CLEAR_SIGHAND) (clone() where clone3 is
+// unavailable), like posix_spawn, so its cost does not grow with the parent's size, and the
+// parent learns of a failed exec (with its errno) before spawn() returns. In the child, before
+// exec: signal handlers are reset to their defaults, the signal mask
 // is the parent's, stdin/stdout/stderr are as asked, the child's end of a new pair is at fd 3 (or
 // spawn_options::child_fd) with DUPLEX_FD naming it, and every other fd is closed (close_range),
 // whatever other threads of the parent are doing.
