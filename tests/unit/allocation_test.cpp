@@ -1,0 +1,222 @@
+// What a peer's lengths make this end allocate (RELIABILITY class 6: "rejected before any
+// allocation, memory flat"). This program replaces the global operator new and delete to record,
+// on the thread that asks, the largest single request and the total requested while a test
+// watches; the channel's own buffers, messages and decoders are all allocated through them. The
+// other tests check the error codes; these check that a hostile length costs no memory on the
+// way to its error, and that an honest one costs no more than its own size.
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <new>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "duplex/channel.hpp"
+#include "duplex/socket_pair.hpp"
+#include "support.hpp"
+
+namespace {
+
+struct allocation_record {
+  bool watching = false;
+  std::size_t largest = 0;
+  std::size_t total = 0;
+};
+thread_local allocation_record record;
+
+void* allocate(std::size_t n, std::size_t alignment = 0) noexcept {
+  if (record.watching) {
+    record.largest = std::max(record.largest, n);
+    record.total += n;
+  }
+  if (n == 0) n = 1;
+  if (alignment <= alignof(std::max_align_t)) return std::malloc(n);
+  return std::aligned_alloc(alignment, (n + alignment - 1) / alignment * alignment);
+}
+
+void* allocate_or_throw(std::size_t n, std::size_t alignment = 0) {
+  void* p = allocate(n, alignment);
+  if (p == nullptr) throw std::bad_alloc();
+  return p;
+}
+
+}  // namespace
+
+// The replacements: every form of new ends in allocate(), every form of delete in free().
+void* operator new(std::size_t n) { return allocate_or_throw(n); }
+void* operator new[](std::size_t n) { return allocate_or_throw(n); }
+void* operator new(std::size_t n, const std::nothrow_t&) noexcept { return allocate(n); }
+void* operator new[](std::size_t n, const std::nothrow_t&) noexcept { return allocate(n); }
+void* operator new(std::size_t n, std::align_val_t a) {
+  return allocate_or_throw(n, static_cast<std::size_t>(a));
+}
+void* operator new[](std::size_t n, std::align_val_t a) {
+  return allocate_or_throw(n, static_cast<std::size_t>(a));
+}
+void* operator new(std::size_t n, std::align_val_t a, const std::nothrow_t&) noexcept {
+  return allocate(n, static_cast<std::size_t>(a));
+}
+void* operator new[](std::size_t n, std::align_val_t a, const std::nothrow_t&) noexcept {
+  return allocate(n, static_cast<std::size_t>(a));
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, const std::nothrow_t&) noexcept { std::free(p); }
+void operator delete[](void* p, const std::nothrow_t&) noexcept { std::free(p); }
+
+namespace duplex {
+namespace {
+
+using test::HasError;
+using test::Succeeded;
+
+// Records this thread's allocations from construction to stop().
+class watch {
+ public:
+  watch() { record = {true, 0, 0}; }
+  ~watch() { record.watching = false; }
+  watch(const watch&) = delete;
+  watch& operator=(const watch&) = delete;
+  const allocation_record& stop() {
+    record.watching = false;
+    return record;
+  }
+};
+
+// Everything a receive may allocate whatever the peer says: the channel's receive buffer and a
+// few small objects. Far below any length the tests below announce.
+constexpr std::size_t receive_budget = (std::size_t{64} << 10) + (std::size_t{16} << 10);
+
+struct raw_peer {
+  channel ch;
+  socket raw;
+};
+
+raw_peer make_raw(socket_kind kind, channel_options options = {}) {
+  auto pair = test::must(socket_pair(kind));
+  return {test::must(channel::create(std::move(pair.first), options)), std::move(pair.second)};
+}
+
+std::vector<std::byte> native_header(std::uint64_t length) {
+  const auto h = wire::encode_native({length, 0, 0});
+  return {h.begin(), h.end()};
+}
+
+std::vector<std::byte> python_header(std::initializer_list<int> bytes) {
+  std::vector<std::byte> out;
+  for (int b : bytes)
+    out.push_back(static_cast<std::byte>(b));
+  return out;
+}
+
+class allocation_test : public test::fd_checked {};
+
+// Lengths over the maximum, in every framing and kind: refused with nothing allocated for them.
+TEST_F(allocation_test, LengthsOverTheMaximumAllocateNothingForThemselves) {
+  struct hostile {
+    std::string name;
+    socket_kind kind;
+    framing format;
+    std::vector<std::byte> bytes;
+  };
+  const std::uint64_t max = default_max_message_size;
+  const std::vector<hostile> cases = {
+      {"native stream, maximum + 1", socket_kind::stream, framing::native, native_header(max + 1)},
+      {"native stream, 2^32 - 1", socket_kind::stream, framing::native,
+       native_header(0xffffffffULL)},
+      {"native stream, 2^64 - 1", socket_kind::stream, framing::native, native_header(~0ULL)},
+      {"seqpacket, 2^32 - 1", socket_kind::seqpacket, framing::native,
+       native_header(0xffffffffULL)},
+      {"seqpacket, 2^64 - 1", socket_kind::seqpacket, framing::native, native_header(~0ULL)},
+      {"python, 2^31 - 1", socket_kind::stream, framing::python,
+       python_header({0x7f, 0xff, 0xff, 0xff})},
+      {"python, -1 then 2^64 - 1", socket_kind::stream, framing::python,
+       python_header({0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff})},
+      {"python, -2", socket_kind::stream, framing::python, python_header({0xff, 0xff, 0xff, 0xfe})},
+      {"python, INT32_MIN", socket_kind::stream, framing::python,
+       python_header({0x80, 0x00, 0x00, 0x00})},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    auto [ch, raw] = make_raw(c.kind, {.format = c.format});
+    if (c.kind == socket_kind::stream) {
+      ASSERT_THAT(raw.send_all(c.bytes), Succeeded());
+    } else {
+      ASSERT_THAT(raw.send(c.bytes), Succeeded());  // one packet
+    }
+    watch w;
+    auto m = ch.receive();
+    const auto seen = w.stop();
+    EXPECT_FALSE(m.has_value());
+    EXPECT_LE(seen.largest, receive_budget);
+    EXPECT_LE(seen.total, receive_budget);
+  }
+}
+
+// This process's resident set, in bytes (from /proc/self/statm).
+std::size_t resident_bytes() {
+  std::FILE* f = std::fopen("/proc/self/statm", "r");
+  if (f == nullptr) return 0;
+  unsigned long total = 0;
+  unsigned long resident = 0;
+  const int got = std::fscanf(f, "%lu %lu", &total, &resident);
+  std::fclose(f);
+  return got == 2 ? resident * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE)) : 0;
+}
+
+// A length within the maximum whose bytes never come. The channel allocates the message when its
+// header arrives (bounded by max_message_size, which the receiver chose), but without filling it:
+// the pages are committed only as the peer's bytes land in them, so a 16-byte header announcing
+// 64 MiB costs address space, not memory. Then the peer leaves: truncated_message.
+TEST_F(allocation_test, AnHonestLengthWhoseBytesNeverComeCommitsNoMemory) {
+  const std::size_t max = default_max_message_size;
+  auto [ch, raw] = make_raw(socket_kind::stream);
+  auto header = native_header(max);
+  header.resize(header.size() + 16, std::byte{7});  // and a few bytes of the payload
+  ASSERT_THAT(raw.send_all(header), Succeeded());
+  const std::size_t before = resident_bytes();
+  watch w;
+  EXPECT_THAT(ch.try_receive(), HasError(errc::would_block));  // holds the message now
+  const auto seen = w.stop();
+  const std::size_t after = resident_bytes();
+  EXPECT_LE(seen.largest, max + receive_budget);
+  // Filling the buffer would commit all 64 MiB; a sanitizer's shadow of it is an eighth.
+  EXPECT_LT(after - std::min(after, before), max / 4)
+      << "resident set grew from " << before << " to " << after << " bytes";
+  raw.close();
+  EXPECT_THAT(ch.receive(), HasError(errc::truncated_message));
+}
+
+// The control: a real message is allocated once, at its size, so the record sees what it must.
+TEST_F(allocation_test, AMessageCostsItsOwnSizeOnce) {
+  for (const auto kind : {socket_kind::stream, socket_kind::seqpacket}) {
+    const std::size_t size = kind == socket_kind::stream ? std::size_t{8} << 20 : 100000;
+    auto pair = test::must(channel_pair(kind));
+    const auto payload = test::pattern(size, 3);
+    std::thread sender([&] { ASSERT_THAT(pair.first.send(payload), Succeeded()); });
+    watch w;
+    auto m = pair.second.receive();
+    const auto seen = w.stop();
+    sender.join();
+    ASSERT_THAT(m, Succeeded());
+    EXPECT_EQ(m->size(), size);
+    EXPECT_GE(seen.largest, size);
+    EXPECT_LE(seen.total, size + receive_budget);
+  }
+}
+
+}  // namespace
+}  // namespace duplex
