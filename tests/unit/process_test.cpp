@@ -20,6 +20,7 @@
 #include <cstdio>
 #include <fstream>
 #include <functional>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -238,6 +239,61 @@ TEST_F(process_test, KillWaitWithTimeoutAndThePidfd) {
   EXPECT_EQ(status->signal(), SIGTERM);
   EXPECT_THAT(c.kill(SIGTERM), HasError(sys(ESRCH)));  // reaped: nothing can be signalled
   EXPECT_EQ(c.status(), status.value());
+}
+
+// The pidfd refers to this very child: its fdinfo names the child's pid.
+TEST_F(process_test, ThePidfdNamesTheChild) {
+  auto c = test::must(spawn({test_child, "sleep"}));
+  ASSERT_EQ(c.channel().receive(30s)->text(), "ready");
+  std::ifstream info("/proc/self/fdinfo/" + std::to_string(c.pidfd()));
+  std::string line;
+  std::string pid_line;
+  while (std::getline(info, line)) {
+    if (line.starts_with("Pid:")) pid_line = line;
+  }
+  EXPECT_EQ(pid_line, "Pid:\t" + std::to_string(c.pid()));
+}
+
+// kill_on_parent_death is tied to the thread that spawned (PR_SET_PDEATHSIG), as process.hpp
+// warns: when that thread exits, the child is killed though the process lives on.
+TEST_F(process_test, KillOnParentDeathFollowsTheSpawningThread) {
+  std::optional<child> c;
+  std::thread spawner([&c] {
+    spawn_options o;
+    o.kill_on_parent_death = true;
+    c.emplace(test::must(spawn({test_child, "sleep"}, o)));
+    ASSERT_EQ(c->channel().receive(30s)->text(), "ready");
+  });
+  spawner.join();
+  ASSERT_TRUE(c.has_value());
+  auto status = c->wait(30s);
+  ASSERT_THAT(status, Succeeded());
+  EXPECT_EQ(status->signal(), SIGKILL);
+}
+
+// The reaping hazards process.hpp names, as it describes them: with SIGCHLD ignored the kernel
+// reaps the child itself, and a waitpid(-1) elsewhere takes it; either way wait() says ECHILD,
+// the destructor does not hang, and no zombie is left.
+TEST_F(process_test, ReapingHazardsGiveEchildNotAHang) {
+  EXPECT_EQ(test::run_in_child([] {
+              if (::signal(SIGCHLD, SIG_IGN) == SIG_ERR) return 10;
+              auto c = spawn({test_child, "exit", "0"});
+              if (!c) return 11;
+              auto status = c->wait();
+              if (status || status.error() != sys(ECHILD)) return 12;
+              return 0;
+            }),
+            0);
+  EXPECT_EQ(test::run_in_child([] {
+              auto c = spawn({test_child, "exit", "0"});
+              if (!c) return 20;
+              int wstatus = 0;
+              if (::waitpid(-1, &wstatus, 0) != c->pid()) return 21;
+              auto status = c->wait();
+              if (status || status.error() != sys(ECHILD)) return 22;
+              return ::waitpid(-1, &wstatus, WNOHANG) == -1 && errno == ECHILD ? 0 : 23;
+            }),
+            0);
 }
 
 TEST_F(process_test, TheDestructorKillsAndReapsARunningChild) {
