@@ -1,14 +1,20 @@
 // Non-blocking channels: try_send with its bounded outgoing queue, flush, try_receive, and two
 // single-threaded loops pushing 64 MiB at each other at once.
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/resource.h>
 
+#include <algorithm>
+#include <array>
 #include <chrono>
 #include <deque>
+#include <filesystem>
+#include <string>
 #include <thread>
 #include <vector>
 
 #include "duplex/channel.hpp"
+#include "duplex/process.hpp"
 #include "duplex/socket_pair.hpp"
 #include "duplex/waiter.hpp"
 #include "support.hpp"
@@ -93,6 +99,62 @@ TEST_P(nonblocking_test, QueuedFdsAreDuplicatesTheCallerMayCloseAtOnce) {
     }
   }
   EXPECT_FALSE(a.wants_write());
+}
+
+// The fds this process holds (numbers), from /proc/self/fd.
+std::vector<int> held_fds() {
+  std::vector<int> out;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/fd")) {
+    out.push_back(std::stoi(e.path().filename().string()));
+  }
+  return out;  // includes the directory's own fd, closed again by now
+}
+
+// Every fd duplex opens on its own is close-on-exec (RELIABILITY class 9): shared-memory pools
+// of both ends, a sealed memfd for a payload too big for the pool, the outgoing queue's
+// duplicates, a waiter's epoll fd, a child's pidfd, and the ends themselves.
+TEST_P(nonblocking_test, EveryFdTheLibraryOpensIsCloseOnExec) {
+  const auto before = held_fds();
+  channel_options o;
+  o.max_queued_bytes = 1 << 20;
+  o.shared_memory.enabled = true;
+  o.shared_memory.pool_size = std::size_t{4} << 20;
+  o.shared_memory.receive = shared_receive::view;
+  auto [a, b] = test::must(channel_pair(GetParam(), o));
+  ASSERT_THAT(a.send(pattern(std::size_t{1} << 20, 1)), Succeeded());  // a's pool
+  ASSERT_THAT(b.send(pattern(std::size_t{1} << 20, 2)), Succeeded());  // b's pool
+  ASSERT_THAT(a.send(pattern(std::size_t{6} << 20, 3)), Succeeded());  // over the pool: a memfd
+  auto m1 = test::must(b.receive());
+  auto m2 = test::must(a.receive());
+  auto m3 = test::must(b.receive());  // views: they keep what they map
+  while (a.try_send(pattern(chunk, 4)) && !a.wants_write()) {
+  }
+  ASSERT_TRUE(a.wants_write());
+  {
+    auto [read_end, write_end] = test::make_pipe();
+    const std::array<int, 2> fds{read_end.get(), write_end.get()};
+    ASSERT_THAT(a.try_send(as_bytes("queued with fds"), fds), Succeeded());
+  }  // only the queue's duplicates are left
+  auto w = test::must(waiter::create());
+  ASSERT_THAT(w.add(a, 1), Succeeded());
+  auto c = test::must(spawn({DUPLEX_TEST_CHILD, "exit", "0"}));
+  ASSERT_THAT(w.add_exit(c, 2), Succeeded());
+
+  int checked = 0;
+  for (const int fd : held_fds()) {
+    if (std::find(before.begin(), before.end(), fd) != before.end()) continue;
+    const int flags = ::fcntl(fd, F_GETFD);
+    if (flags < 0) continue;  // the directory fd of held_fds itself, closed since
+    ++checked;
+    std::error_code ec;
+    EXPECT_NE(flags & FD_CLOEXEC, 0)
+        << "fd " << fd << " ("
+        << std::filesystem::read_symlink("/proc/self/fd/" + std::to_string(fd), ec).string()
+        << ") is not close-on-exec";
+  }
+  // The 4 ends, the queue's 2 duplicates, the epoll fd and the pidfd at least.
+  EXPECT_GE(checked, 8);
+  EXPECT_THAT(c.wait(), Succeeded());
 }
 
 TEST_P(nonblocking_test, ABlockingSendWritesTheQueueFirst) {
