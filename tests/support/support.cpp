@@ -14,6 +14,8 @@
 #include <stdexcept>
 #include <system_error>
 
+#include "duplex/socket_pair.hpp"
+
 namespace duplex::test {
 namespace {
 
@@ -157,6 +159,11 @@ int run_in_child(const std::function<int()>& fn) {
   if (WIFEXITED(status)) return WEXITSTATUS(status);
   if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
   return -1;
+}
+
+raw_peer make_raw(socket_kind kind, channel_options options) {
+  auto pair = must(socket_pair(kind));
+  return {must(channel::create(std::move(pair.first), options)), std::move(pair.second)};
 }
 
 }  // namespace duplex::test

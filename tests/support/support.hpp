@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "duplex/channel.hpp"
 #include "duplex/error.hpp"
 #include "duplex/fd.hpp"
 #include "duplex/socket.hpp"
@@ -84,6 +85,13 @@ T must(result<T> r) {
   if (!r) throw std::system_error(r.error());
   return std::move(*r);
 }
+
+// A channel on one end of a new pair and the raw socket of the other, for writing hostile bytes.
+struct raw_peer {
+  channel ch;
+  socket raw;
+};
+raw_peer make_raw(socket_kind kind, channel_options options = {});
 
 // Deterministic bytes that depend on both n and seed (a 64-bit xorshift, 8 bytes a step).
 std::vector<std::byte> pattern(std::size_t n, unsigned seed = 1);

@@ -81,6 +81,7 @@ namespace duplex {
 namespace {
 
 using test::HasError;
+using test::make_raw;
 using test::Succeeded;
 
 // Records this thread's allocations from construction to stop().
@@ -99,16 +100,6 @@ class watch {
 // Everything a receive may allocate whatever the peer says: the channel's receive buffer and a
 // few small objects. Far below any length the tests below announce.
 constexpr std::size_t receive_budget = (std::size_t{64} << 10) + (std::size_t{16} << 10);
-
-struct raw_peer {
-  channel ch;
-  socket raw;
-};
-
-raw_peer make_raw(socket_kind kind, channel_options options = {}) {
-  auto pair = test::must(socket_pair(kind));
-  return {test::must(channel::create(std::move(pair.first), options)), std::move(pair.second)};
-}
 
 std::vector<std::byte> native_header(std::uint64_t length) {
   const auto h = wire::encode_native({length, 0, 0});

@@ -32,6 +32,7 @@ using namespace std::chrono_literals;
 using test::HasError;
 using test::inode_of;
 using test::make_pipe;
+using test::make_raw;
 using test::pattern;
 using test::reap;
 using test::same;
@@ -40,17 +41,6 @@ using test::sys;
 
 connected_channels make(socket_kind kind, channel_options options = {}) {
   return test::must(channel_pair(kind, options));
-}
-
-// A channel on one end and the raw socket of the other, for writing hostile bytes.
-struct raw_peer {
-  channel ch;
-  socket raw;
-};
-
-raw_peer make_raw(socket_kind kind, channel_options options = {}) {
-  auto pair = test::must(socket_pair(kind));
-  return {test::must(channel::create(std::move(pair.first), options)), std::move(pair.second)};
 }
 
 std::vector<std::byte> frame(const std::vector<std::byte>& body, std::uint16_t fds = 0,
