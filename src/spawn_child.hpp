@@ -30,7 +30,7 @@ struct spawn_plan {
 // The child's entry point for clone(); never returns if the exec succeeds.
 int spawn_child_main(void* plan);
 
-// Whether clone3_vfork exists on this architecture (x86-64 only so far).
+// Whether duplex_detail_clone3 exists on this architecture (x86-64 only so far).
 #if defined(__x86_64__)
 inline constexpr bool have_clone3_vfork = true;
 #else

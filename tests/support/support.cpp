@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <system_error>
@@ -25,16 +26,20 @@ void count_signal(int /*signal*/) { g_signals.fetch_add(1, std::memory_order_rel
 
 }  // namespace
 
-std::size_t open_fd_count() {
+std::vector<int> open_fds() {
   DIR* dir = ::opendir("/proc/self/fd");
   if (dir == nullptr) throw std::runtime_error("cannot open /proc/self/fd");
-  std::size_t count = 0;
+  std::vector<int> fds;
   while (const dirent* entry = ::readdir(dir)) {
-    if (entry->d_name[0] != '.') ++count;
+    if (entry->d_name[0] == '.') continue;
+    const int fd = std::atoi(entry->d_name);
+    if (fd != ::dirfd(dir)) fds.push_back(fd);
   }
   ::closedir(dir);
-  return count - 1;  // the directory's own fd
+  return fds;
 }
+
+std::size_t open_fd_count() { return open_fds().size(); }
 
 bool fd_is_open(int fd) { return ::fcntl(fd, F_GETFD) != -1; }
 

@@ -22,7 +22,10 @@
 
 namespace duplex::test {
 
-// The number of open fds of this process, from /proc/self/fd.
+// The open fds of this process, from /proc/self/fd (without the fd used to read it).
+std::vector<int> open_fds();
+
+// The number of open fds of this process: open_fds().size().
 std::size_t open_fd_count();
 
 // True if fd is open in this process (fcntl(F_GETFD) succeeds).

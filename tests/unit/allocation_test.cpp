@@ -4,11 +4,9 @@
 // watches; the channel's own buffers, messages and decoders are all allocated through them. The
 // other tests check the error codes; these check that a hostile length costs no memory on the
 // way to its error, and that an honest one costs no more than its own size.
-#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>

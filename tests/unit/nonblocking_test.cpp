@@ -1,6 +1,5 @@
 // Non-blocking channels: try_send with its bounded outgoing queue, flush, try_receive, and two
 // single-threaded loops pushing 64 MiB at each other at once.
-#include <fcntl.h>
 #include <poll.h>
 #include <sys/resource.h>
 
@@ -101,20 +100,11 @@ TEST_P(nonblocking_test, QueuedFdsAreDuplicatesTheCallerMayCloseAtOnce) {
   EXPECT_FALSE(a.wants_write());
 }
 
-// The fds this process holds (numbers), from /proc/self/fd.
-std::vector<int> held_fds() {
-  std::vector<int> out;
-  for (const auto& e : std::filesystem::directory_iterator("/proc/self/fd")) {
-    out.push_back(std::stoi(e.path().filename().string()));
-  }
-  return out;  // includes the directory's own fd, closed again by now
-}
-
 // Every fd duplex opens on its own is close-on-exec (RELIABILITY class 9): shared-memory pools
 // of both ends, a sealed memfd for a payload too big for the pool, the outgoing queue's
 // duplicates, a waiter's epoll fd, a child's pidfd, and the ends themselves.
 TEST_P(nonblocking_test, EveryFdTheLibraryOpensIsCloseOnExec) {
-  const auto before = held_fds();
+  const auto before = test::open_fds();
   channel_options o;
   o.max_queued_bytes = 1 << 20;
   o.shared_memory.enabled = true;
@@ -141,13 +131,11 @@ TEST_P(nonblocking_test, EveryFdTheLibraryOpensIsCloseOnExec) {
   ASSERT_THAT(w.add_exit(c, 2), Succeeded());
 
   int checked = 0;
-  for (const int fd : held_fds()) {
+  for (const int fd : test::open_fds()) {
     if (std::find(before.begin(), before.end(), fd) != before.end()) continue;
-    const int flags = ::fcntl(fd, F_GETFD);
-    if (flags < 0) continue;  // the directory fd of held_fds itself, closed since
     ++checked;
     std::error_code ec;
-    EXPECT_NE(flags & FD_CLOEXEC, 0)
+    EXPECT_TRUE(test::fd_is_cloexec(fd))
         << "fd " << fd << " ("
         << std::filesystem::read_symlink("/proc/self/fd/" + std::to_string(fd), ec).string()
         << ") is not close-on-exec";
