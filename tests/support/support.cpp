@@ -9,10 +9,12 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <system_error>
 
 #include "duplex/socket_pair.hpp"
@@ -40,6 +42,41 @@ std::vector<int> open_fds() {
 }
 
 std::size_t open_fd_count() { return open_fds().size(); }
+
+std::vector<open_file> open_files() {
+  std::vector<int> fds = open_fds();
+  std::sort(fds.begin(), fds.end());
+  std::vector<open_file> files;
+  files.reserve(fds.size());
+  for (const int fd : fds) {
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) continue;  // closed since it was listed (by another thread)
+    files.push_back({fd, st.st_dev, st.st_ino});
+  }
+  return files;
+}
+
+std::string fd_changes(const std::vector<open_file>& before, const std::vector<open_file>& after) {
+  std::string out;
+  const auto line = [&out](int fd, const std::string& what) {
+    out += "fd " + std::to_string(fd) + " " + what + "\n";
+  };
+  std::size_t i = 0;
+  std::size_t j = 0;
+  while (i < before.size() || j < after.size()) {
+    if (j == after.size() || (i < before.size() && before[i].fd < after[j].fd)) {
+      line(before[i++].fd, "was closed");
+    } else if (i == before.size() || after[j].fd < before[i].fd) {
+      line(after[j].fd, "was left open (inode " + std::to_string(after[j].ino) + ")");
+      ++j;
+    } else {
+      if (before[i] != after[j]) line(after[j].fd, "now refers to another file");
+      ++i;
+      ++j;
+    }
+  }
+  return out;
+}
 
 bool fd_is_open(int fd) { return ::fcntl(fd, F_GETFD) != -1; }
 

@@ -34,16 +34,34 @@ bool fd_is_open(int fd);
 // True if fd has FD_CLOEXEC set.
 bool fd_is_cloexec(int fd);
 
-// Base fixture: every test derived from it fails if it changes the number of open fds.
+// An open fd and the file it refers to (device and inode, from fstat).
+struct open_file {
+  int fd;
+  dev_t dev;
+  ino_t ino;
+  friend bool operator==(const open_file&, const open_file&) = default;
+};
+
+// The open fds of this process with their files, in fd order.
+std::vector<open_file> open_files();
+
+// What differs between two open_files() snapshots, one line per fd ("fd 7 was left open (inode
+// 1234)", "fd 5 was closed", "fd 5 now refers to another file"); empty if nothing.
+std::string fd_changes(const std::vector<open_file>& before, const std::vector<open_file>& after);
+
+// Base fixture: every test derived from it fails if it leaves an fd open, closes one it did not
+// open, or leaves an fd number referring to another file than before (fds are compared by number
+// and identity, so a leak offset by closing some other fd is caught too).
 class fd_checked : public ::testing::Test {
  protected:
-  void SetUp() override { fds_before_ = open_fd_count(); }
+  void SetUp() override { before_ = open_files(); }
   void TearDown() override {
-    EXPECT_EQ(open_fd_count(), fds_before_) << "the test leaked (or closed) file descriptors";
+    EXPECT_EQ(fd_changes(before_, open_files()), "")
+        << "the test leaked, closed or replaced file descriptors";
   }
 
  private:
-  std::size_t fds_before_ = 0;
+  std::vector<open_file> before_;
 };
 
 // Base fixture of tests run once per socket kind (GetParam()), with fd accounting.

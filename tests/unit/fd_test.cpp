@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <string>
 #include <type_traits>
 
 #include "support.hpp"
@@ -132,6 +133,33 @@ TEST_F(unique_fd_test, DuplicateIsCloseOnExec) {
   ASSERT_THAT(copy, Succeeded());
   EXPECT_NE(copy->get(), raw);
   EXPECT_TRUE(fd_is_cloexec(copy->get()));
+}
+
+// The fd accounting every fixture relies on must itself catch each kind of change, including a
+// leak that a closed fd offsets (same count, different files).
+TEST_F(unique_fd_test, FdAccountingNamesLeakedClosedAndReplacedFds) {
+  auto [r, w] = test::make_pipe();
+  const auto before = test::open_files();
+  EXPECT_EQ(test::fd_changes(before, test::open_files()), "");
+
+  const int leaked = make_pipe_end();
+  const std::string leak = test::fd_changes(before, test::open_files());
+  EXPECT_THAT(leak, testing::HasSubstr("fd " + std::to_string(leaked) + " was left open"));
+
+  // Closing the write end offsets the leak in a count of fds; the identities still differ.
+  const int write_end = w.get();
+  w.reset();
+  const std::string offset = test::fd_changes(before, test::open_files());
+  EXPECT_THAT(offset, testing::HasSubstr("fd " + std::to_string(write_end) + " was closed"));
+  EXPECT_THAT(offset, testing::HasSubstr("fd " + std::to_string(leaked) + " was left open"));
+
+  // The same number, now another file.
+  ::close(leaked);
+  const int other = make_pipe_end();
+  ASSERT_EQ(::dup2(other, r.get()), r.get());
+  ::close(other);
+  EXPECT_THAT(test::fd_changes(before, test::open_files()),
+              testing::HasSubstr("fd " + std::to_string(r.get()) + " now refers to another file"));
 }
 
 TEST_F(unique_fd_test, DuplicateOfAClosedFdIsEbadf) {
