@@ -124,7 +124,9 @@ void fill(duplex::channel& ch, std::size_t size) {
   ASSERT_TRUE(ch.wants_write());
 }
 
-class asio_test : public test::kind_test {
+// Each test runs on both kinds, with fd accounting, and fails if it leaves a child process,
+// running or zombie (some fork a peer).
+class asio_test : public test::process_checked, public ::testing::WithParamInterface<socket_kind> {
  protected:
   // A large message: 1 MiB on a stream, what one packet holds on seqpacket.
   [[nodiscard]] std::size_t big() const {
@@ -314,6 +316,40 @@ TEST_P(asio_test, EveryMessageThenPeerClosedWhenThePeerDies) {
   EXPECT_THAT(errors, ::testing::Each(HasError(errc::peer_closed)));
   EXPECT_EQ(errors.size(), 2U);
   EXPECT_TRUE(test::must(worker.wait()).success());
+}
+
+// SIGPIPE at its default (class 2): async_send to a dead peer completes with peer_closed, the
+// process surviving, whether the peer is gone before the call (the first try_send fails) or goes
+// while the message waits for room (the flush after the wait fails).
+TEST_P(asio_test, AsyncSendToADeadPeerIsAnErrorNotSigpipe) {
+  const test::default_sigpipe sigpipe;  // had a write raised it, this process would die
+  const auto large = pattern(big(), 7);
+  {
+    ::asio::io_context io;
+    auto [a, b] = make_pair(io, GetParam());
+    b.close();
+    std::vector<std::error_code> errors;
+    spawn(io, [&]() -> ::asio::awaitable<void> {
+      for (const const_buffer bytes : {as_bytes("anyone?"), const_buffer(large)}) {
+        auto [ec] = co_await a.async_send(bytes, ::asio::experimental::as_tuple(use_awaitable));
+        errors.push_back(ec);
+      }
+    });
+    run(io);
+    EXPECT_EQ(errors.size(), 2U);
+    EXPECT_THAT(errors, ::testing::Each(HasError(errc::peer_closed)));
+  }
+  ::asio::io_context io;
+  auto [a, b] = make_pair(io, GetParam());
+  fill(a.channel(), big());  // the socket is full and a message waits in the queue
+  sent s;
+  a.async_send(large, record(s));
+  ASSERT_FALSE(s.done);
+  ::asio::post(io, [&b] { b.close(); });  // the peer goes while the send waits
+  run(io);
+  EXPECT_TRUE(s.done);
+  EXPECT_THAT(s.ec, HasError(errc::peer_closed));
+  EXPECT_THAT(a.channel().send(as_bytes("later")), HasError(errc::peer_closed));
 }
 
 TEST_P(asio_test, ABrokenHeaderGivesProtocolErrorThenBroken) {

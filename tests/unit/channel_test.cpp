@@ -351,6 +351,55 @@ TEST_F(channel_test, APeerKilledInsideAFrameGivesTruncatedMessage) {
   EXPECT_FALSE(ch->is_broken());
 }
 
+// The peer is killed with our messages unread in its queue (class 1), so its end goes with
+// ECONNRESET for us: on a stream after the peer's last byte, here inside a frame; on seqpacket
+// before the packets still queued. Either way every whole message arrives, then (on a stream,
+// whose last frame was cut) truncated_message, then peer_closed; the channel is not broken.
+TEST_P(channel_kind_test, APeerKilledWithOurMessagesUnreadStillDeliversEveryWholeMessage) {
+  const bool stream = GetParam() == socket_kind::stream;
+  const auto one = frame(text_bytes("one"));
+  const auto two = frame(pattern(5000, 8));
+  const auto cut = frame(pattern(100000, 9));
+  auto pair = test::must(socket_pair(GetParam()));
+  auto [written_read, written_write] = make_pipe();
+  const pid_t pid = fork_or_throw();
+  if (pid == 0) {
+    pair.first.close();
+    written_read.reset();
+    // Two whole messages; on a stream then a header and 1000 bytes of a 100000-byte frame.
+    if (!pair.second.send_all(one) || !pair.second.send_all(two)) ::_exit(1);
+    if (stream && !pair.second.send_all(std::span(cut).first(16 + 1000))) ::_exit(1);
+    const char done = 'x';
+    if (::write(written_write.get(), &done, 1) != 1) ::_exit(1);
+    ::pause();  // until killed, never reading what the parent sends
+    ::_exit(2);
+  }
+  pair.second.close();
+  written_write.reset();
+  auto ch = test::must(channel::create(std::move(pair.first)));
+  for (int i = 0; i < 3; ++i)
+    EXPECT_THAT(ch.send(as_bytes("never read")), Succeeded());
+  char done = 0;
+  const ssize_t got = ::read(written_read.get(), &done, 1);  // the peer has written everything
+  ::kill(pid, SIGKILL);
+  const int status = reap(pid);
+  ASSERT_EQ(got, 1);
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+  auto first = ch.receive(10s);
+  ASSERT_THAT(first, Succeeded());
+  EXPECT_EQ(first->text(), "one");
+  auto second = ch.receive(10s);
+  ASSERT_THAT(second, Succeeded());
+  EXPECT_TRUE(same(second->bytes(), pattern(5000, 8)));
+  if (stream) {
+    EXPECT_THAT(ch.receive(10s), HasError(errc::truncated_message));
+  }
+  EXPECT_THAT(ch.receive(10s), HasError(errc::peer_closed));
+  EXPECT_THAT(ch.receive(10s), HasError(errc::peer_closed));
+  EXPECT_FALSE(ch.is_broken());
+  EXPECT_THAT(ch.send(as_bytes("after")), HasError(errc::peer_closed));
+}
+
 TEST_F(channel_test, APeerKilledBetweenHeaderAndPayload) {
   auto [ch, raw] = make_raw(socket_kind::stream);
   const auto first = frame(text_bytes("complete"));

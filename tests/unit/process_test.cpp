@@ -548,6 +548,56 @@ TEST_F(process_test, ForkWithChannelReportsAThrowingFunction) {
   EXPECT_THAT(c->channel().receive(30s), HasError(errc::peer_closed));
 }
 
+// Parent death with fork_with_channel (class 10), as AChildLearnsOfItsParentsDeath does for
+// spawn. A subreaper forks a middle process, which forks a grandchild with fork_with_channel and
+// exits. The grandchild blocks in receive on its channel (end-of-stream when the middle dies),
+// then in receive on the middle's channel to the subreaper (end-of-stream only when the
+// subreaper closes its end, which it does after reaping the middle: by then the middle's death
+// has sent any PR_SET_PDEATHSIG signal). So with kill_on_parent_death the grandchild dies of
+// SIGKILL, and without it it sees peer_closed twice and exits 3, with no race either way.
+TEST_F(process_test, ForkWithChannelKillsTheChildOnParentDeathOnlyIfAsked) {
+  for (const bool kill : {true, false}) {
+    SCOPED_TRACE(kill ? "kill_on_parent_death" : "no kill_on_parent_death");
+    const int code = test::run_in_child([kill] {
+      // This process adopts orphans, so it can reap the grandchild once its parent is gone.
+      if (::prctl(PR_SET_CHILD_SUBREAPER, 1) != 0) return 10;
+      auto middle = fork_with_channel([kill](channel& up) {
+        fork_options o;
+        o.kill_on_parent_death = kill;
+        auto grandchild = fork_with_channel(
+            [&up](channel& down) {
+              if (!down.send(as_bytes("ready"))) return 4;
+              auto first = down.receive();  // until the middle process dies
+              auto second = up.receive();   // until the subreaper closes its end
+              if (first || first.error() != errc::peer_closed) return 5;
+              return !second && second.error() == errc::peer_closed ? 3 : 6;
+            },
+            o);
+        if (!grandchild) return 1;
+        // "ready": the grandchild is past its PR_SET_PDEATHSIG, inside the function.
+        auto ready = grandchild->channel().receive(30s);
+        if (!ready || ready->text() != "ready") return 2;
+        if (!up.send(as_bytes(std::to_string(grandchild->pid())))) return 3;
+        // Leave without the child's destructor (which would kill and reap the grandchild).
+        std::fflush(nullptr);
+        ::_exit(0);
+      });
+      if (!middle) return 11;
+      auto pid_text = middle->channel().receive(30s);
+      if (!pid_text) return 12;
+      const pid_t grandchild = std::stoi(std::string(pid_text->text()));
+      auto status = middle->wait(30s);
+      if (!status || !status->success()) return 13;
+      middle->channel().close();                   // the grandchild's second receive ends
+      const int wstatus = test::reap(grandchild);  // ours now: we are its subreaper
+      if (wstatus == -1) return 14;
+      if (!test::child_processes().empty()) return 15;
+      return WIFEXITED(wstatus) ? WEXITSTATUS(wstatus) : 128 + WTERMSIG(wstatus);
+    });
+    EXPECT_EQ(code, kill ? 128 + SIGKILL : 3);
+  }
+}
+
 // --- many spawns under load (classes 9, 10) --------------------------------------------------
 
 TEST_F(process_test, AThousandSpawnsWhileEightThreadsUseChannels) {

@@ -185,6 +185,34 @@ TEST_P(shared_memory_test, TrySendUsesSharedMemoryToo) {
   EXPECT_TRUE(same(std::as_const(*m).bytes(), pattern(2U << 20, 3)));
 }
 
+// SIGPIPE at its default (class 2): every way a payload leaves through shared memory returns
+// peer_closed when the peer is dead, and the process survives. The first large send (the pool's
+// announce, with its memfd); after the pool was announced, a pool reference, a payload too large
+// for the pool (a sealed memfd of its own), allocate()d buffers of both kinds, and try_send.
+TEST_P(shared_memory_test, SendingThroughSharedMemoryToADeadPeerIsAnErrorNotSigpipe) {
+  const test::default_sigpipe sigpipe;  // had a write raised it, this process would die
+  const auto large = pattern(1U << 20, 3);
+  {
+    auto [a, b] = test::must(channel_pair(GetParam(), with_shm()));
+    b = channel();
+    EXPECT_THAT(a.send(large), HasError(errc::peer_closed));
+    EXPECT_THAT(a.send(large), HasError(errc::peer_closed));
+  }
+  auto [a, b] = test::must(channel_pair(GetParam(), with_shm(2U << 20)));
+  ASSERT_THAT(a.send(large), Succeeded());
+  ASSERT_THAT(b.receive(10s), Succeeded());  // the pool is announced, its block given back
+  b = channel();
+  EXPECT_THAT(a.send(large), HasError(errc::peer_closed));
+  EXPECT_THAT(a.send(pattern(3U << 20, 4)), HasError(errc::peer_closed));
+  auto in_pool = test::must(a.allocate(1U << 20));
+  EXPECT_TRUE(in_pool.in_pool());  // the failed sends gave their blocks back
+  EXPECT_THAT(a.send(std::move(in_pool)), HasError(errc::peer_closed));
+  auto own = test::must(a.allocate(3U << 20));
+  EXPECT_FALSE(own.in_pool());
+  EXPECT_THAT(a.send(std::move(own)), HasError(errc::peer_closed));
+  EXPECT_THAT(a.try_send(large), HasError(errc::peer_closed));
+}
+
 // --- the trust model, and hostile senders ------------------------------------------------------
 
 // A sender that builds its own pool by hand, to do what duplex never does.
