@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cerrno>
 #include <condition_variable>
+#include <cstdint>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -148,12 +149,18 @@ struct channel::impl {
 
   socket sock;
   channel_options options;
-  std::atomic<bool> closed{false};
   std::atomic<bool> broken{false};
-  // Calls inside the channel right now. The fd is released only when none is, so no call can
-  // ever act on a closed (and perhaps reused) fd number.
-  std::atomic<int> active{0};
+  // Bit 0: closed. Above it, the calls inside the channel right now (one_call each). One word, so
+  // that "closed, and no call inside" is made true by exactly one atomic step, which releases the
+  // fd: no call that found the channel open can ever act on a closed (and perhaps reused) fd
+  // number. (With a flag and a count apart, a call could enter between the last call's leaving
+  // and its look at the flag, and have the fd closed under it.)
+  static constexpr std::uint64_t closed_bit = 1;
+  static constexpr std::uint64_t one_call = 2;
+  std::atomic<std::uint64_t> state{0};
   std::atomic<bool> released{false};
+
+  [[nodiscard]] bool is_closed() const noexcept { return (state.load() & closed_bit) != 0; }
   std::atomic<int> fd_copy{sock.native_handle()};  // for native_handle(); -1 once released
   std::mutex tx;
   receive_lock rx;
@@ -164,12 +171,10 @@ struct channel::impl {
   // closed: the call must then not touch the socket.
   class call {
    public:
-    explicit call(impl& i) : i_(i) {
-      i_.active.fetch_add(1);  // before looking at `closed`: see close()
-      ok_ = !i_.closed.load();
-    }
+    explicit call(impl& i) : i_(i), ok_((i.state.fetch_add(one_call) & closed_bit) == 0) {}
     ~call() {
-      if (i_.active.fetch_sub(1) == 1 && i_.closed.load()) i_.release_fd();
+      // The last call out of a closed channel releases the fd (later ones find it released).
+      if (i_.state.fetch_sub(one_call) == (one_call | closed_bit)) i_.release_fd();
     }
     call(const call&) = delete;
     call& operator=(const call&) = delete;
@@ -177,13 +182,18 @@ struct channel::impl {
 
    private:
     impl& i_;
-    bool ok_ = false;
+    bool ok_;
   };
 
+  // Closes the fd, and drops what try_send left queued (with its fd duplicates). Called once no
+  // call is inside a closed channel, and none that touches either can enter again.
   void release_fd() noexcept {
     if (released.exchange(true)) return;
     fd_copy.store(-1);
     sock.close();
+    const std::lock_guard lock(tx);
+    queue.clear();
+    queued.store(0);
   }
 
   [[nodiscard]] result<void> usable(const call& c) const {
@@ -325,7 +335,7 @@ result<std::size_t> channel::impl::write(detail::iovec_array& iov, std::span<con
       if (!ready) return std::unexpected(ready.error());
       continue;
     }
-    if (closed.load()) return fail(errc::closed);
+    if (is_closed()) return fail(errc::closed);
     if (peer_gone(n.error())) return fail(errc::peer_closed);
     if (n.error() == std::errc::message_size) return fail(errc::message_too_large);
     // Part of a frame is out: the peer would misread whatever followed.
@@ -556,7 +566,7 @@ result<message_info> channel::impl::receive(const wait_spec& w, destination dest
     r = sock.kind() == socket_kind::stream ? receive_stream(w, dest) : receive_packet(w, dest);
   }
   rx.release();
-  if (!r && closed.load()) return fail(errc::closed);
+  if (!r && is_closed()) return fail(errc::closed);
   return r;
 }
 
@@ -880,8 +890,11 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
       message m;
       auto r = receive_packet(count == 0 ? w : wait_spec::now(), destination{&m, {}, {}});
       if (!r) {
-        if (count > 0 && r.error() == errc::would_block) return count;
-        if (closed.load()) return fail(errc::closed);
+        // The count first when the next call will hear the same again (as on a stream).
+        if (count > 0 && (r.error() == errc::would_block || r.error() == errc::peer_closed)) {
+          return count;
+        }
+        if (is_closed()) return fail(errc::closed);
         return std::unexpected(r.error());
       }
       message_view view{std::as_const(m).bytes(), m.fds()};
@@ -923,11 +936,14 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
           set_detail(decoder.detail());
           broken.store(true);
         }
+        // close() from another thread shuts the socket down to wake this call: it reads as the
+        // end of the stream, but what the caller must hear is closed.
+        if (is_closed()) return fail(errc::closed);
         return std::unexpected(decoder.error());
       case detail::stream_decoder::event::need_more:
         if (count > 0) return count;  // no more syscalls once something was delivered
         if (auto r = read_more(w, spin); !r) {
-          if (closed.load()) return fail(errc::closed);
+          if (is_closed()) return fail(errc::closed);
           return std::unexpected(r.error());
         }
         continue;
@@ -1163,7 +1179,7 @@ result<void> channel::wait_readable(std::chrono::nanoseconds timeout) const {
     if (buffered) return {};
   }
   auto r = detail::wait_for(impl_->sock.native_handle(), POLLIN, timeout);
-  if (!r) return std::unexpected(impl_->closed.load() ? make_error_code(errc::closed) : r.error());
+  if (!r) return std::unexpected(impl_->is_closed() ? make_error_code(errc::closed) : r.error());
   return {};
 }
 
@@ -1178,11 +1194,14 @@ result<void> channel::shutdown_send() {
 }
 
 void channel::close() noexcept {
-  if (!impl_ || impl_->closed.exchange(true)) return;
+  if (!impl_) return;
   // close() counts as a call itself, so the fd stays valid while it looks at it; whichever call
   // leaves last releases the fd.
   const impl::call c(*impl_);
-  if (impl_->active.load() > 1) {
+  if (!c.ok()) return;  // closed already
+  const std::uint64_t before = impl_->state.fetch_or(impl::closed_bit);
+  if ((before & impl::closed_bit) != 0) return;  // another thread's close() came first
+  if (before > impl::one_call) {
     // Other threads are inside and may be blocked in the kernel: only a shutdown wakes them.
     static_cast<void>(impl_->sock.shutdown(shutdown_how::both));
   }

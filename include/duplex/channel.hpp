@@ -297,13 +297,15 @@ class channel {
   template <typename F>
   [[nodiscard]] result<std::size_t> receive_batch(F&& fn, std::size_t max = SIZE_MAX,
                                                   std::chrono::nanoseconds timeout = forever) {
-    return receive_batch_impl(&call_view<std::remove_reference_t<F>>, &fn, max, timeout, false);
+    return receive_batch_impl(&call_view<std::remove_reference_t<F>>, erase(fn), max, timeout,
+                              false);
   }
 
   // receive_batch without waiting: errc::would_block if no whole message is available.
   template <typename F>
   [[nodiscard]] result<std::size_t> try_receive_batch(F&& fn, std::size_t max = SIZE_MAX) {
-    return receive_batch_impl(&call_view<std::remove_reference_t<F>>, &fn, max, forever, true);
+    return receive_batch_impl(&call_view<std::remove_reference_t<F>>, erase(fn), max, forever,
+                              true);
   }
 
   // Receives one message and decodes it with codec<T>. A message with fds is refused
@@ -342,6 +344,11 @@ class channel {
   [[nodiscard]] result<unique_fd> peer_pidfd() const;
 
  private:
+  // fn's address as the void* receive_batch_impl passes back to call_view<F> (F may be const).
+  template <typename F>
+  static void* erase(F& fn) noexcept {
+    return const_cast<void*>(static_cast<const void*>(std::addressof(fn)));
+  }
   template <typename F>
   static void call_view(void* fn, message_view& view) {
     (*static_cast<F*>(fn))(view);
