@@ -56,6 +56,24 @@ std::vector<std::byte> text_bytes(std::string_view s) {
   return {b.begin(), b.end()};
 }
 
+// A Python frame: a 4-byte big-endian length, or (long_form) -1 and an 8-byte big-endian length,
+// the form CPython writes above 2 GiB - 1 and that a receiver accepts for any length.
+std::vector<std::byte> python_frame(const std::vector<std::byte>& body, bool long_form = false) {
+  std::vector<std::byte> out;
+  auto put_be = [&out](std::uint64_t v, int bytes) {
+    for (int i = bytes - 1; i >= 0; --i)
+      out.push_back(static_cast<std::byte>((v >> (8 * i)) & 0xff));
+  };
+  if (long_form) {
+    put_be(0xffffffffU, 4);
+    put_be(body.size(), 8);
+  } else {
+    put_be(body.size(), 4);
+  }
+  out.insert(out.end(), body.begin(), body.end());
+  return out;
+}
+
 // A new memfd (close-on-exec) holding content, its file offset back at 0.
 unique_fd memfd_holding(std::string_view content) {
   unique_fd fd(::memfd_create("duplex-test", MFD_CLOEXEC));
@@ -178,6 +196,67 @@ TEST_P(channel_kind_test, SizesAtTheSocketBufferEdge) {
     EXPECT_THAT(b.try_receive(), HasError(errc::would_block));
     ASSERT_THAT(a.send(as_bytes("after")), Succeeded());
     EXPECT_EQ(b.receive()->text(), "after");
+  }
+}
+
+// Class 7: every size from 0 to 16 KiB in Python framing (stream only), byte-exact, boundaries
+// kept.
+TEST_F(channel_test, EverySizeFromZeroTo16KiBInPythonFraming) {
+  auto [a, b] = make(socket_kind::stream, {.format = framing::python});
+  constexpr std::size_t top = 16 * 1024;
+  // Message n is n bytes of `source` starting at n % 251: contents differ from size to size.
+  const auto source = pattern(top + 251, 98);
+  auto expected = [&source](std::size_t n) { return std::span(source).subspan(n % 251, n); };
+  std::thread sender([&a, &expected] {
+    for (std::size_t n = 0; n <= top; ++n) {
+      if (!a.send(expected(n))) {
+        ADD_FAILURE() << "send " << n;
+        return;
+      }
+    }
+  });
+  [&] {
+    for (std::size_t n = 0; n <= top; ++n) {
+      auto m = b.receive(30s);
+      ASSERT_THAT(m, Succeeded()) << "size " << n;
+      ASSERT_EQ(m->size(), n);
+      ASSERT_TRUE(same(m->bytes(), expected(n))) << "size " << n;
+    }
+  }();
+  if (HasFailure()) b.close();  // the receiver gave up: unblock the sender
+  sender.join();
+}
+
+// Class 7: Python frames at the edges of the socket buffer (what one packet would hold, and
+// SO_SNDBUF, each -1, exact and +1, also less the 4-byte header) and of the receiver's buffer
+// (half of it, where payloads start to be read straight into their message, and all of it),
+// byte-exact, each followed by a small message that must arrive intact too.
+TEST_F(channel_test, PythonFramingSizesAtTheBufferEdges) {
+  const std::size_t receive_buffer = channel_options{}.receive_buffer_size;
+  auto [a, b] = make(socket_kind::stream, {.format = framing::python});
+  auto probe = socket_pair(socket_kind::stream);
+  const std::size_t sndbuf = probe->first.send_buffer_size().value();
+  std::vector<std::size_t> sizes;
+  for (const std::size_t edge :
+       {sndbuf - 32, sndbuf, receive_buffer / 2, receive_buffer, 2 * receive_buffer}) {
+    for (const std::size_t n : {edge - 5, edge - 4, edge - 3, edge - 1, edge, edge + 1})
+      sizes.push_back(n);
+  }
+  for (const std::size_t n : sizes) {
+    const auto data = pattern(n, static_cast<unsigned>(n));
+    std::thread sender([&a, &data] {
+      EXPECT_THAT(a.send(data), Succeeded());
+      EXPECT_THAT(a.send(as_bytes("next")), Succeeded());
+    });
+    auto m = b.receive(30s);
+    auto next = b.receive(30s);
+    if (!m || !next) b.close();  // unblock the sender
+    sender.join();
+    ASSERT_THAT(m, Succeeded()) << n;
+    EXPECT_EQ(m->size(), n);
+    EXPECT_TRUE(same(m->bytes(), data)) << n;
+    ASSERT_THAT(next, Succeeded()) << n;
+    EXPECT_EQ(next->text(), "next") << n;
   }
 }
 
@@ -536,6 +615,42 @@ TEST_F(channel_test, OddSlicesOnBothSidesWithFds) {
       EXPECT_EQ(inode_of(fd.get()), pipe_inode);
   }
   writer.join();
+}
+
+// Class 3: the same for Python framing (which carries no fds): 300 raw frames in both header
+// forms (a 4-byte length; -1 then an 8-byte length, every third frame) written in 143-byte
+// slices and read through a 137-byte buffer. Payloads from 0 to 1500 bytes, and every 50th of
+// 70,000 (read straight into its message, past the buffer); each arrives byte-exact, in order.
+TEST_F(channel_test, OddSlicesOnBothSidesInPythonFraming) {
+  auto [ch, raw] =
+      make_raw(socket_kind::stream, {.format = framing::python, .receive_buffer_size = 137});
+  constexpr int count = 300;
+  auto body = [](int i) {
+    const std::size_t size = i % 50 == 49 ? 70000 : static_cast<std::size_t>(i * 37 % 1500);
+    return pattern(size, static_cast<unsigned>(i) + 1000);
+  };
+  std::thread writer([&raw, &body] {
+    for (int i = 0; i < count; ++i) {
+      const auto bytes = python_frame(body(i), i % 3 == 1);
+      for (std::size_t at = 0; at < bytes.size(); at += 143) {
+        const auto slice =
+            std::span(bytes).subspan(at, std::min<std::size_t>(143, bytes.size() - at));
+        ASSERT_THAT(raw.send_all(slice), Succeeded());
+      }
+    }
+  });
+  [&] {
+    for (int i = 0; i < count; ++i) {
+      auto m = ch.receive(30s);
+      ASSERT_THAT(m, Succeeded()) << "message " << i;
+      const auto expected = body(i);
+      ASSERT_EQ(m->size(), expected.size()) << "message " << i;
+      EXPECT_TRUE(same(m->bytes(), expected)) << "message " << i;
+    }
+  }();
+  if (HasFailure()) ch.close();  // the reader gave up: unblock the writer
+  writer.join();
+  EXPECT_THAT(ch.try_receive(), HasError(errc::would_block));  // nothing more, nothing left over
 }
 
 // Both ends non-blocking with tiny buffers: sends are cut short by the kernel again and again,

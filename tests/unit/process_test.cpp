@@ -8,6 +8,7 @@
 #include <poll.h>
 #include <spawn.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -18,14 +19,19 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <functional>
+#include <latch>
+#include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
 #include "duplex/socket_pair.hpp"
+#include "duplex/waiter.hpp"
 #include "support.hpp"
 
 extern char** environ;
@@ -143,6 +149,189 @@ TEST_F(process_test, OnlyItsOwnEndWhileOtherThreadsPassFds) {
   stop = true;
   for (auto& t : busy)
     t.join();
+}
+
+// Starts the test child in "fds" mode with plain posix_spawn, as code that knows nothing of duplex
+// starts a program: nothing is closed in the child but the close-on-exec fds. Its end of a new
+// pair is dup2'ed to fd 3 (DUPLEX_FD=3). Returns the fds it reports: every fd of this process
+// that was not close-on-exec at the moment of the spawn shows up there.
+std::string fds_of_a_plain_child() {
+  auto pair = test::must(socket_pair(socket_kind::stream));
+  std::vector<std::string> env;
+  for (char** e = environ; *e != nullptr; ++e) {
+    if (!std::string_view(*e).starts_with("DUPLEX_FD=")) env.emplace_back(*e);
+  }
+  env.emplace_back("DUPLEX_FD=3");
+  std::vector<char*> c_env;
+  for (auto& e : env)
+    c_env.push_back(e.data());
+  c_env.push_back(nullptr);
+  std::string mode = "fds";
+  std::string path = test_child;
+  std::array<char*, 3> c_argv{path.data(), mode.data(), nullptr};
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, pair.second.native_handle(), 3);
+  pid_t pid = -1;
+  const int r = ::posix_spawn(&pid, path.c_str(), &actions, nullptr, c_argv.data(), c_env.data());
+  posix_spawn_file_actions_destroy(&actions);
+  if (r != 0) return "posix_spawn failed";
+  pair.second.close();
+  auto ch = test::must(channel::create(std::move(pair.first)));
+  auto m = ch.receive(30s);
+  const int status = test::reap(pid);
+  if (!m) return "error: " + m.error().message();
+  EXPECT_EQ(status, 0);
+  return std::string(m->text());
+}
+
+// What an fd of this process refers to, as /proc/self/fd shows it ("pipe:[123]", ...).
+std::string target_of(int fd) {
+  std::error_code ec;
+  return std::filesystem::read_symlink("/proc/self/fd/" + std::to_string(fd), ec).string();
+}
+
+// Class 9: every other kind of fd duplex opens, opened while children start. Before the spawns,
+// fds of each kind are opened and kept open across all of them: shared-memory pools (both ways,
+// on both kinds), try_send's queued duplicates of a message's fds, a waiter's epoll fd, and the
+// channel ends and pidfds of a spawned and of a forked child (started from another thread). During
+// the spawns, threads keep opening and closing more of each: pools and sealed memfds (a send over
+// the pool's size), queued duplicates, waiters, and spawned children. Each child started
+// with spawn holds only fds 0 to 3, and each started with plain posix_spawn (which closes nothing
+// but close-on-exec fds) holds only what such a child held before any of this was open: so none
+// of those fds was inheritable, not even for an instant.
+TEST_F(process_test, OnlyItsOwnEndWhileOtherThreadsOpenEveryKindOfFd) {
+  const std::string baseline = fds_of_a_plain_child();
+  ASSERT_THAT(baseline, ::testing::StartsWith("0 1 2 3"));
+  const auto before = test::open_fds();
+
+  channel_options shm;
+  shm.shared_memory.enabled = true;
+  shm.shared_memory.threshold = 64 * 1024;
+  shm.shared_memory.pool_size = 1U << 20;
+  const auto pooled = test::pattern(256 * 1024, 1);   // into the pool
+  const auto own_memfd = test::pattern(2U << 20, 2);  // over the pool: a sealed memfd
+  const auto chunk = test::pattern(16 * 1024, 3);
+  // A stream channel whose socket is full, so try_send queues duplicates of the fds it is given.
+  auto fill = [&chunk](channel& ch) {
+    const int small = 4096;
+    if (::setsockopt(ch.native_handle(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small) != 0)
+      return false;
+    while (!ch.wants_write()) {
+      if (!ch.try_send(chunk)) return false;
+    }
+    auto [read_end, write_end] = test::make_pipe();
+    const std::array<int, 2> fds{read_end.get(), write_end.get()};
+    return ch.try_send(as_bytes("queued with fds"), fds).has_value();
+  };  // the pipe is closed: only the queue's duplicates are left
+
+  // Kept open across every spawn. The two children are started from another thread.
+  std::optional<child> forked;
+  std::optional<child> held;
+  std::thread([&forked, &held] {
+    auto f = fork_with_channel([](channel& parent) {
+      if (!parent.send(as_bytes("ready"))) return 1;
+      auto m = parent.receive();  // until the parent closes its end
+      return !m && m.error() == errc::peer_closed ? 0 : 2;
+    });
+    if (f) forked.emplace(std::move(*f));
+    auto h = spawn({test_child, "hold"});
+    if (h) held.emplace(std::move(*h));
+  }).join();
+  ASSERT_TRUE(forked && held);
+  ASSERT_EQ(forked->channel().receive(30s)->text(), "ready");
+  ASSERT_EQ(held->channel().receive(30s)->text(), "ready");
+  std::vector<connected_channels> pools;
+  for (const auto kind : {socket_kind::stream, socket_kind::seqpacket}) {
+    auto ends = test::must(channel_pair(kind, shm));
+    ASSERT_THAT(ends.first.send(pooled), Succeeded());
+    ASSERT_THAT(ends.second.send(pooled), Succeeded());
+    ASSERT_THAT(ends.second.receive(30s), Succeeded());
+    ASSERT_THAT(ends.first.receive(30s), Succeeded());
+    pools.push_back(std::move(ends));
+  }
+  auto queued = test::must(channel_pair(socket_kind::stream));
+  ASSERT_TRUE(fill(queued.first));
+  auto watching = test::must(waiter::create());
+  ASSERT_THAT(watching.add(queued.first, 1, readiness::writable), Succeeded());
+  ASSERT_THAT(watching.add_exit(*held, 2), Succeeded());
+  std::map<std::string, int> kinds;
+  for (const int fd : test::open_fds()) {
+    if (std::ranges::find(before, fd) != before.end()) continue;
+    const std::string target = target_of(fd);
+    for (const char* kind : {"memfd:duplex-pool", "pipe:", "eventpoll", "pidfd", "socket:"}) {
+      if (target.find(kind) != std::string::npos) ++kinds[kind];
+    }
+  }
+  EXPECT_EQ(kinds["memfd:duplex-pool"], 8);  // each end's own pool and its peer's, on both kinds
+  EXPECT_EQ(kinds["pipe:"], 2);              // the queue's duplicates
+  EXPECT_EQ(kinds["eventpoll"], 1);
+  EXPECT_EQ(kinds["pidfd"], 2);
+  EXPECT_EQ(kinds["socket:"], 4 + 2 + 2);  // the pools' pairs, the full pair, the children's ends
+
+  // Opened and closed again and again while the children start; each thread goes round once
+  // before the first spawn.
+  std::atomic<bool> stop{false};
+  std::atomic<int> failures{0};
+  std::vector<std::function<bool()>> churn;
+  for (const auto kind : {socket_kind::stream, socket_kind::seqpacket}) {
+    churn.emplace_back([&, kind] {
+      auto ends = channel_pair(kind, shm);
+      if (!ends || !ends->first.send(pooled) || !ends->first.send(own_memfd)) return false;
+      auto first = ends->second.receive(30s);
+      auto second = ends->second.receive(30s);
+      return first && first->size() == pooled.size() && second &&
+             second->size() == own_memfd.size();
+    });
+  }
+  churn.emplace_back([&fill] {
+    auto ends = channel_pair(socket_kind::stream);
+    return ends && fill(ends->first);
+  });
+  churn.emplace_back([&queued] {
+    auto w = waiter::create();
+    return w && w->add(queued.second, 1) && w->wait(0ms);  // readable: data waits there
+  });
+  churn.emplace_back([] {
+    auto c = spawn({test_child, "exit", "0"});
+    if (!c) return false;
+    auto status = c->wait(30s);
+    return status && status->success();
+  });
+  std::latch started(static_cast<std::ptrdiff_t>(churn.size()));
+  std::vector<std::thread> busy;
+  for (const auto& round : churn) {
+    busy.emplace_back([&stop, &failures, &started, &round] {
+      bool first = true;
+      do {
+        if (!round()) ++failures;
+        if (std::exchange(first, false)) started.count_down();
+      } while (!stop.load());
+    });
+  }
+  started.wait();
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  constexpr int rounds = 8;  // every child (and this process's work) runs instrumented, slowly
+#else
+  constexpr int rounds = 20;
+#endif
+  for (int i = 0; i < rounds; ++i) {
+    EXPECT_EQ(ask({"fds"}), "0 1 2 3") << "spawn " << i;
+    EXPECT_EQ(fds_of_a_plain_child(), baseline) << "posix_spawn " << i;
+  }
+  stop = true;
+  for (auto& t : busy)
+    t.join();
+  EXPECT_EQ(failures.load(), 0);
+
+  forked->channel().close();
+  held->channel().close();
+  auto forked_status = forked->wait(30s);
+  auto held_status = held->wait(30s);
+  ASSERT_THAT(forked_status, Succeeded());
+  ASSERT_THAT(held_status, Succeeded());
+  EXPECT_EQ(forked_status->code(), 0);
+  EXPECT_EQ(held_status->code(), 3);  // "hold" exits 3 at end-of-stream
 }
 
 TEST_F(process_test, EnvironmentCanBeInheritedAddedToAndReplaced) {
