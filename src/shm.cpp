@@ -211,6 +211,9 @@ result<std::unique_ptr<standalone_buffer>> standalone_buffer::create(std::size_t
   if (size > 0) {
     void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd->get(), 0);
     if (p == MAP_FAILED) return fail_errno(errno);
+    // Not inherited by a fork in another thread: a child holding this writable mapping would make
+    // F_SEAL_WRITE fail (EBUSY) until it exits or execs, and the send fall back to inline bytes.
+    ::madvise(p, size, MADV_DONTFORK);
     b->data_ = static_cast<std::byte*>(p);
   }
   b->fd_ = std::move(*fd);
