@@ -240,9 +240,10 @@ class channel {
   [[nodiscard]] std::size_t queued_bytes() const noexcept;
 
   // A writable buffer of size bytes in this end's shared-memory pool (created on first use,
-  // whatever shared_memory.enabled says), or in a memfd of its own when the pool has no room.
-  // Errors: errc::message_too_large (over max_message_size), errc::not_supported
-  // (framing::python), ENOMEM / EMFILE (memfd_create, mmap).
+  // whatever shared_memory.enabled says), or in a memfd of its own when the pool has no room (a
+  // memfd's buffer is not mapped in a child forked meanwhile: fill it in this process). Errors:
+  // errc::message_too_large (over max_message_size), errc::not_supported (framing::python), ENOMEM
+  // / EMFILE (memfd_create, mmap).
   [[nodiscard]] result<shared_buffer> allocate(std::size_t size);
 
   // Sends a buffer from allocate() as one message, with fds, without copying it (blocking, as
