@@ -7,11 +7,13 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <functional>
 #include <span>
 #include <string>
 #include <system_error>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -63,6 +65,19 @@ class fd_checked : public ::testing::Test {
  private:
   std::vector<open_file> before_;
 };
+
+// Waits, looking every 20 us, until done() holds; false if it still does not after 10 s (the
+// test then fails instead of hanging). Only ever waits for an event, never for time to pass.
+template <typename F>
+bool eventually(F done) {
+  using namespace std::chrono_literals;
+  const auto give_up = std::chrono::steady_clock::now() + 10s;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() > give_up) return false;
+    std::this_thread::sleep_for(20us);
+  }
+  return true;
+}
 
 // Base fixture of tests run once per socket kind (GetParam()), with fd accounting.
 class kind_test : public fd_checked, public ::testing::WithParamInterface<socket_kind> {};

@@ -17,6 +17,7 @@ namespace duplex {
 namespace {
 
 using namespace std::chrono_literals;
+using test::eventually;
 using test::HasError;
 using test::pattern;
 using test::same;
@@ -222,18 +223,6 @@ TEST_P(batch_test, TheCountComesBeforeThePeersEnd) {
 }
 
 // --- batches under a signal storm (class 4) and cut into short writes with fds (class 3) ----
-
-// Waits, looking every 20 us, until done() holds; false if it still does not after 10 s (the
-// test then fails instead of hanging). Only ever waits for an event, never for time to pass.
-template <typename F>
-bool eventually(F done) {
-  const auto give_up = std::chrono::steady_clock::now() + 10s;
-  while (!done()) {
-    if (std::chrono::steady_clock::now() > give_up) return false;
-    std::this_thread::sleep_for(20us);
-  }
-  return true;
-}
 
 // Sets the smallest buffers the kernel allows (about 4.5 KiB) on both ends of a pair.
 void make_buffers_tiny(connected_pair& pair) {

@@ -148,12 +148,12 @@ TEST_P(channel_kind_test, ScatterGatherPartsBecomeOneMessage) {
   EXPECT_EQ(b.receive()->text(), "one two three");
 }
 
-// Class 7: every size from 0 to 16 KiB, byte-exact, boundaries kept.
-TEST_P(channel_kind_test, EverySizeFromZeroTo16KiB) {
-  auto [a, b] = make(GetParam());
+// Sends every size from 0 to 16 KiB from a to b (a thread sends) and checks each arrives alone,
+// byte-exact. Message n is n bytes of a pattern starting at n % 251, so contents differ from size
+// to size.
+void every_size_up_to_16KiB(channel& a, channel& b, unsigned seed) {
   constexpr std::size_t top = 16 * 1024;
-  // Message n is n bytes of `source` starting at n % 251: contents differ from size to size.
-  const auto source = pattern(top + 251, 99);
+  const auto source = pattern(top + 251, seed);
   auto expected = [&source](std::size_t n) { return std::span(source).subspan(n % 251, n); };
   std::thread sender([&a, &expected] {
     for (std::size_t n = 0; n <= top; ++n) {
@@ -163,13 +163,22 @@ TEST_P(channel_kind_test, EverySizeFromZeroTo16KiB) {
       }
     }
   });
-  for (std::size_t n = 0; n <= top; ++n) {
-    auto m = b.receive(30s);
-    ASSERT_THAT(m, Succeeded()) << "size " << n;
-    ASSERT_EQ(m->size(), n);
-    ASSERT_TRUE(same(m->bytes(), expected(n))) << "size " << n;
-  }
+  [&] {
+    for (std::size_t n = 0; n <= top; ++n) {
+      auto m = b.receive(30s);
+      ASSERT_THAT(m, Succeeded()) << "size " << n;
+      ASSERT_EQ(m->size(), n);
+      ASSERT_TRUE(same(m->bytes(), expected(n))) << "size " << n;
+    }
+  }();
+  if (::testing::Test::HasFailure()) b.close();  // the receiver gave up: unblock the sender
   sender.join();
+}
+
+// Class 7: every size from 0 to 16 KiB, byte-exact, boundaries kept.
+TEST_P(channel_kind_test, EverySizeFromZeroTo16KiB) {
+  auto [a, b] = make(GetParam());
+  every_size_up_to_16KiB(a, b, 99);
 }
 
 // Class 7: sizes at the socket buffer's edge, and the packet limit on seqpacket.
@@ -203,28 +212,7 @@ TEST_P(channel_kind_test, SizesAtTheSocketBufferEdge) {
 // kept.
 TEST_F(channel_test, EverySizeFromZeroTo16KiBInPythonFraming) {
   auto [a, b] = make(socket_kind::stream, {.format = framing::python});
-  constexpr std::size_t top = 16 * 1024;
-  // Message n is n bytes of `source` starting at n % 251: contents differ from size to size.
-  const auto source = pattern(top + 251, 98);
-  auto expected = [&source](std::size_t n) { return std::span(source).subspan(n % 251, n); };
-  std::thread sender([&a, &expected] {
-    for (std::size_t n = 0; n <= top; ++n) {
-      if (!a.send(expected(n))) {
-        ADD_FAILURE() << "send " << n;
-        return;
-      }
-    }
-  });
-  [&] {
-    for (std::size_t n = 0; n <= top; ++n) {
-      auto m = b.receive(30s);
-      ASSERT_THAT(m, Succeeded()) << "size " << n;
-      ASSERT_EQ(m->size(), n);
-      ASSERT_TRUE(same(m->bytes(), expected(n))) << "size " << n;
-    }
-  }();
-  if (HasFailure()) b.close();  // the receiver gave up: unblock the sender
-  sender.join();
+  every_size_up_to_16KiB(a, b, 98);
 }
 
 // Class 7: Python frames at the edges of the socket buffer (what one packet would hold, and

@@ -28,6 +28,7 @@ namespace duplex {
 namespace {
 
 using namespace std::chrono_literals;
+using test::eventually;
 using test::HasError;
 using test::pattern;
 using test::same;
@@ -408,18 +409,6 @@ TEST_P(nonblocking_test, BothSidesSend64MiBAtOnceFromSingleThreadedLoops) {
 }
 
 // --- try_send and flush under a signal storm (class 4) and from several threads (class 12) ---
-
-// Waits, looking every 20 us, until done() holds; false if it still does not after 10 s (the
-// test then fails instead of hanging). Only ever waits for an event, never for time to pass.
-template <typename F>
-bool eventually(F done) {
-  const auto give_up = std::chrono::steady_clock::now() + 10s;
-  while (!done()) {
-    if (std::chrono::steady_clock::now() > give_up) return false;
-    std::this_thread::sleep_for(20us);
-  }
-  return true;
-}
 
 // A pair whose sockets have the smallest buffers the kernel allows (about 4.5 KiB), so that the
 // outgoing queue fills at once and stream frames go out in pieces.
