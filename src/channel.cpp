@@ -1062,6 +1062,8 @@ bool shared_buffer::in_pool() const noexcept { return state_ && state_->pool != 
 
 result<shared_buffer> channel::allocate(std::size_t size) {
   if (!impl_) return fail(errc::closed);
+  const impl::call c(*impl_);
+  if (auto u = impl_->usable(c); !u) return std::unexpected(u.error());
   if (impl_->options.format != framing::native) return fail(errc::not_supported);
   if (size > impl_->options.max_message_size) return fail(errc::message_too_large);
   auto st = std::make_unique<shared_buffer::state>();
@@ -1179,7 +1181,9 @@ result<void> channel::wait_readable(std::chrono::nanoseconds timeout) const {
     if (buffered) return {};
   }
   auto r = detail::wait_for(impl_->sock.native_handle(), POLLIN, timeout);
-  if (!r) return std::unexpected(impl_->is_closed() ? make_error_code(errc::closed) : r.error());
+  // A close() from another thread ends the wait with a shutdown, which polls as readable.
+  if (impl_->is_closed()) return fail(errc::closed);
+  if (!r) return std::unexpected(r.error());
   return {};
 }
 

@@ -242,8 +242,8 @@ class channel {
   // A writable buffer of size bytes in this end's shared-memory pool (created on first use,
   // whatever shared_memory.enabled says), or in a memfd of its own when the pool has no room (a
   // memfd's buffer is not mapped in a child forked meanwhile: fill it in this process). Errors:
-  // errc::message_too_large (over max_message_size), errc::not_supported (framing::python), ENOMEM
-  // / EMFILE (memfd_create, mmap).
+  // errc::closed, errc::broken, errc::message_too_large (over max_message_size),
+  // errc::not_supported (framing::python), ENOMEM / EMFILE (memfd_create, mmap).
   [[nodiscard]] result<shared_buffer> allocate(std::size_t size);
 
   // Sends a buffer from allocate() as one message, with fds, without copying it (blocking, as
@@ -320,7 +320,8 @@ class channel {
   }
 
   // Waits until a receive can make progress without blocking (bytes buffered or readable,
-  // end-of-stream, or an error pending). Errors: errc::timed_out, errc::closed.
+  // end-of-stream, or an error pending). Errors: errc::timed_out, errc::closed (also when a
+  // close() from another thread ends the wait).
   [[nodiscard]] result<void> wait_readable(std::chrono::nanoseconds timeout = forever) const;
 
   // Half-close: the peer receives every message sent so far (the outgoing queue is written

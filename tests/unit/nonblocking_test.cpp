@@ -773,6 +773,21 @@ TEST_P(nonblocking_test, CloseWakesABlockedReceiveBatchWithClosed) {
   receiver.join();
 }
 
+// The same for wait_readable blocked in ppoll: the shutdown makes the socket readable, but the
+// wait was ended by close(), so it says closed, not that a receive could go ahead.
+TEST_P(nonblocking_test, CloseWakesABlockedWaitReadableWithClosed) {
+  auto [a, b] = test::must(channel_pair(GetParam()));
+  std::atomic<pid_t> tid{0};
+  std::thread waiting([&] {
+    tid = static_cast<pid_t>(::syscall(SYS_gettid));
+    EXPECT_THAT(a.wait_readable(30s), HasError(errc::closed));
+  });
+  EXPECT_TRUE(eventually([&] { return tid != 0 && blocked_in_receive(tid); }));
+  a.close();
+  waiting.join();
+  EXPECT_THAT(a.wait_readable(0s), HasError(errc::closed));
+}
+
 // close() while other threads' calls come and go, none of them blocked inside. Found by
 // ThreadSanitizer in an early version of CloseWhileOtherThreadsTrySendFlushAndReceive: when the
 // closed flag and the count of calls inside were two atomics, a call leaving as the last one

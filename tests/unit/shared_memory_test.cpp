@@ -251,6 +251,58 @@ TEST_P(shared_memory_test, SendingThroughSharedMemoryToADeadPeerIsAnErrorNotSigp
   EXPECT_THAT(a.try_send(large), HasError(errc::peer_closed));
 }
 
+// Class 12: close() while another thread allocates buffers (in the pool, or in memfds of their
+// own once the reader lags and the pool is full), fills them and sends them. Each allocate and
+// send returns a value or errc::closed, later ones say closed, and the peer gets messages 0, 1,
+// 2... intact and in order, then the end. The close comes after a different number of sends in
+// each round; fd accounting covers the pool's memfd and the fallback memfds.
+TEST_P(shared_memory_test, CloseWhileAnotherThreadAllocatesAndSends) {
+  const std::size_t size = 300 * 1024;  // three to a 1 MiB pool
+  for (unsigned round = 0; round < 12; ++round) {
+    SCOPED_TRACE("round " + std::to_string(round));
+    auto [a, b] = test::must(channel_pair(GetParam(), with_shm(1U << 20)));
+    std::atomic<unsigned> sent{0};
+    std::thread sender([&] {
+      for (unsigned i = 0;; ++i) {
+        auto buffer = a.allocate(size + i);
+        if (!buffer) {
+          EXPECT_THAT(buffer, HasError(errc::closed));
+          return;
+        }
+        const auto data = pattern(size + i, i);
+        std::memcpy(buffer->bytes().data(), data.data(), data.size());
+        auto r = a.send(std::move(*buffer));
+        if (!r) {
+          EXPECT_THAT(r, HasError(errc::closed));
+          return;
+        }
+        sent = i + 1;
+      }
+    });
+    unsigned received = 0;
+    std::thread reader([&] {
+      for (;; ++received) {
+        if (received % 4 == 3) std::this_thread::sleep_for(1ms);  // lag now and then
+        auto m = b.receive(30s);
+        if (!m) {
+          EXPECT_THAT(m, HasError(errc::peer_closed));
+          return;
+        }
+        ASSERT_TRUE(same(std::as_const(*m).bytes(), pattern(size + received, received)))
+            << "message " << received;
+      }
+    });
+    EXPECT_TRUE(test::eventually([&] { return sent >= 1 + round * 3; }));
+    a.close();
+    sender.join();
+    reader.join();
+    EXPECT_GE(received, sent.load());      // every send that returned arrived
+    EXPECT_LE(received, sent.load() + 1);  // and at most the one close() cut short
+    EXPECT_THAT(a.allocate(size), HasError(errc::closed));
+    EXPECT_THAT(a.send(pattern(size, 0)), HasError(errc::closed));
+  }
+}
+
 // --- the trust model, and hostile senders ------------------------------------------------------
 
 // A sender that builds its own pool by hand, to do what duplex never does.
