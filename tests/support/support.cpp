@@ -208,4 +208,11 @@ raw_peer make_raw(socket_kind kind, channel_options options) {
   return {must(channel::create(std::move(pair.first), options)), std::move(pair.second)};
 }
 
+void make_buffers_tiny(connected_pair& pair) {
+  for (socket* s : {&pair.first, &pair.second}) {
+    EXPECT_THAT(s->set_send_buffer_size(1), Succeeded());
+    EXPECT_THAT(s->set_receive_buffer_size(1), Succeeded());
+  }
+}
+
 }  // namespace duplex::test

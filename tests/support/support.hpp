@@ -21,6 +21,7 @@
 #include "duplex/error.hpp"
 #include "duplex/fd.hpp"
 #include "duplex/socket.hpp"
+#include "duplex/socket_pair.hpp"
 
 namespace duplex::test {
 
@@ -128,6 +129,10 @@ struct raw_peer {
   socket raw;
 };
 raw_peer make_raw(socket_kind kind, channel_options options = {});
+
+// Shrinks both sockets' buffers to the smallest the kernel allows (about 4.5 KiB), so that sends
+// block or come out short at once and stream frames go out in pieces.
+void make_buffers_tiny(connected_pair& pair);
 
 // Deterministic bytes that depend on both n and seed (a 64-bit xorshift, 8 bytes a step).
 std::vector<std::byte> pattern(std::size_t n, unsigned seed = 1);

@@ -224,14 +224,6 @@ TEST_P(batch_test, TheCountComesBeforeThePeersEnd) {
 
 // --- batches under a signal storm (class 4) and cut into short writes with fds (class 3) ----
 
-// Sets the smallest buffers the kernel allows (about 4.5 KiB) on both ends of a pair.
-void make_buffers_tiny(connected_pair& pair) {
-  for (socket* s : {&pair.first, &pair.second}) {
-    EXPECT_THAT(s->set_send_buffer_size(1), Succeeded());
-    EXPECT_THAT(s->set_receive_buffer_size(1), Succeeded());
-  }
-}
-
 // Rounds of batch out, batch back, with the thread that sends and receives them under a 10 kHz
 // signal storm (no SA_RESTART) and tiny socket buffers, so that its sendmsg and recvmsg calls
 // block again and again. The echoing peer reads each batch ten messages at a time, each time
@@ -241,7 +233,7 @@ void make_buffers_tiny(connected_pair& pair) {
 TEST_P(batch_test, BatchesRideOutASignalStorm) {
   const socket_kind kind = GetParam();
   auto pair = test::must(socket_pair(kind));
-  make_buffers_tiny(pair);
+  test::make_buffers_tiny(pair);
   auto a = test::must(channel::create(std::move(pair.first)));
   auto b = test::must(channel::create(std::move(pair.second)));
   constexpr unsigned rounds = 12;
@@ -328,7 +320,7 @@ TEST_P(batch_test, BatchesRideOutASignalStorm) {
 TEST_P(batch_test, FdsKeepToTheirMessagesWhenABatchGoesOutInShortWrites) {
   const socket_kind kind = GetParam();
   auto pair = test::must(socket_pair(kind, {.non_blocking = true}));
-  make_buffers_tiny(pair);
+  test::make_buffers_tiny(pair);
   const std::size_t sndbuf = test::must(pair.first.send_buffer_size());
   auto a = test::must(channel::create(std::move(pair.first)));
   auto b = test::must(channel::create(std::move(pair.second)));

@@ -410,14 +410,11 @@ TEST_P(nonblocking_test, BothSidesSend64MiBAtOnceFromSingleThreadedLoops) {
 
 // --- try_send and flush under a signal storm (class 4) and from several threads (class 12) ---
 
-// A pair whose sockets have the smallest buffers the kernel allows (about 4.5 KiB), so that the
-// outgoing queue fills at once and stream frames go out in pieces.
+// Channels over sockets with the smallest buffers (test::make_buffers_tiny), so that the outgoing
+// queue fills at once and stream frames go out in pieces.
 connected_channels tiny_buffers(socket_kind kind, channel_options options) {
   auto pair = test::must(socket_pair(kind));
-  for (socket* s : {&pair.first, &pair.second}) {
-    EXPECT_THAT(s->set_send_buffer_size(1), Succeeded());
-    EXPECT_THAT(s->set_receive_buffer_size(1), Succeeded());
-  }
+  test::make_buffers_tiny(pair);
   return {test::must(channel::create(std::move(pair.first), options)),
           test::must(channel::create(std::move(pair.second), options))};
 }
