@@ -2,7 +2,8 @@
 """Runs a test program under valgrind (memcheck, --track-fds=yes) and fails on any memory error
 or any fd the program itself left open at exit (fds inherited from the caller are not its own).
 
-usage: run_valgrind.py VALGRIND PROGRAM [ARG...]
+usage: run_valgrind.py [--stdin FILE] VALGRIND PROGRAM [ARG...]
+(--stdin: the program reads FILE as its standard input, else nothing)
 """
 import os
 import re
@@ -12,13 +13,18 @@ import tempfile
 
 
 def main():
-    valgrind, program, args = sys.argv[1], sys.argv[2], sys.argv[3:]
+    argv = sys.argv[1:]
+    stdin_path = os.devnull
+    if argv[:1] == ["--stdin"]:
+        stdin_path, argv = argv[1], argv[2:]
+    valgrind, program, args = argv[0], argv[1], argv[2:]
     with tempfile.TemporaryDirectory() as tmp:
         log = os.path.join(tmp, "valgrind.%p.log")
         cmd = [valgrind, "--tool=memcheck", "--track-fds=yes", "--error-exitcode=99",
                "--trace-children=no", "--child-silent-after-fork=yes", "--log-file=" + log,
                program, *args]
-        status = subprocess.run(cmd).returncode
+        with open(stdin_path, "rb") as stdin:
+            status = subprocess.run(cmd, stdin=stdin).returncode
         failed = status != 0
         for name in sorted(os.listdir(tmp)):
             with open(os.path.join(tmp, name), encoding="utf-8", errors="replace") as f:
