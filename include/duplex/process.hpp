@@ -29,7 +29,7 @@
 // Who is at the other end. SO_PEERCRED on a socketpair names the process that *created* the pair,
 // not a child that inherited one end: channel::peer_credentials() in the parent returns the
 // parent's own pid, and in the child too. To identify a child, use child::pid() or child::pidfd()
-// (from its creation), or have the child send SCM_CREDENTIALS.
+// (from its creation). A channel does not carry SCM_CREDENTIALS (it discards them).
 #pragma once
 
 #include <signal.h>
