@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -206,6 +207,22 @@ int run_in_child(const std::function<int()>& fn) {
 raw_peer make_raw(socket_kind kind, channel_options options) {
   auto pair = must(socket_pair(kind));
   return {must(channel::create(std::move(pair.first), options)), std::move(pair.second)};
+}
+
+std::vector<std::byte> python_frame(const std::vector<std::byte>& body, bool long_form) {
+  std::vector<std::byte> out;
+  auto put_be = [&out](std::uint64_t v, int bytes) {
+    for (int i = bytes - 1; i >= 0; --i)
+      out.push_back(static_cast<std::byte>((v >> (8 * i)) & 0xff));
+  };
+  if (long_form) {
+    put_be(0xffffffffU, 4);
+    put_be(body.size(), 8);
+  } else {
+    put_be(body.size(), 4);
+  }
+  out.insert(out.end(), body.begin(), body.end());
+  return out;
 }
 
 void make_buffers_tiny(connected_pair& pair) {

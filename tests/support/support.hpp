@@ -134,6 +134,11 @@ raw_peer make_raw(socket_kind kind, channel_options options = {});
 // block or come out short at once and stream frames go out in pieces.
 void make_buffers_tiny(connected_pair& pair);
 
+// A Python frame (multiprocessing.connection), written by hand: a 4-byte big-endian length, or
+// (long_form) -1 and an 8-byte big-endian length, the form CPython writes above 2 GiB - 1 and
+// that a receiver accepts for any length; then body.
+std::vector<std::byte> python_frame(const std::vector<std::byte>& body, bool long_form = false);
+
 // Deterministic bytes that depend on both n and seed (a 64-bit xorshift, 8 bytes a step).
 std::vector<std::byte> pattern(std::size_t n, unsigned seed = 1);
 

@@ -34,6 +34,7 @@ using test::inode_of;
 using test::make_pipe;
 using test::make_raw;
 using test::pattern;
+using test::python_frame;
 using test::reap;
 using test::same;
 using test::Succeeded;
@@ -54,24 +55,6 @@ std::vector<std::byte> frame(const std::vector<std::byte>& body, std::uint16_t f
 std::vector<std::byte> text_bytes(std::string_view s) {
   const auto b = as_bytes(s);
   return {b.begin(), b.end()};
-}
-
-// A Python frame: a 4-byte big-endian length, or (long_form) -1 and an 8-byte big-endian length,
-// the form CPython writes above 2 GiB - 1 and that a receiver accepts for any length.
-std::vector<std::byte> python_frame(const std::vector<std::byte>& body, bool long_form = false) {
-  std::vector<std::byte> out;
-  auto put_be = [&out](std::uint64_t v, int bytes) {
-    for (int i = bytes - 1; i >= 0; --i)
-      out.push_back(static_cast<std::byte>((v >> (8 * i)) & 0xff));
-  };
-  if (long_form) {
-    put_be(0xffffffffU, 4);
-    put_be(body.size(), 8);
-  } else {
-    put_be(body.size(), 4);
-  }
-  out.insert(out.end(), body.begin(), body.end());
-  return out;
 }
 
 // A new memfd (close-on-exec) holding content, its file offset back at 0.

@@ -20,6 +20,7 @@ namespace {
 
 using test::HasError;
 using test::inode_of;
+using test::python_frame;
 
 // What one sendmsg put on the wire.
 struct chunk {
@@ -39,20 +40,6 @@ std::vector<std::byte> native_frame(const std::vector<std::byte>& body, std::uin
                                     std::optional<std::uint64_t> length = std::nullopt) {
   const auto h = wire::encode_native({length.value_or(body.size()), fds, 0});
   std::vector<std::byte> out(h.begin(), h.end());
-  out.insert(out.end(), body.begin(), body.end());
-  return out;
-}
-
-std::vector<std::byte> python_frame(const std::vector<std::byte>& body, bool long_form = false) {
-  std::array<std::byte, wire::python_max_header_size> h{};
-  std::size_t n = wire::encode_python(body.size(), h);
-  if (long_form) {  // the -1 form is legal for any length
-    h = {std::byte{0xff}, std::byte{0xff}, std::byte{0xff}, std::byte{0xff}};
-    for (int i = 0; i < 8; ++i)
-      h[4 + i] = static_cast<std::byte>(body.size() >> (8 * (7 - i)));
-    n = 12;
-  }
-  std::vector<std::byte> out(h.begin(), h.begin() + static_cast<std::ptrdiff_t>(n));
   out.insert(out.end(), body.begin(), body.end());
   return out;
 }
