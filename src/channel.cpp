@@ -277,7 +277,11 @@ struct channel::impl {
   result<message_info> receive_stream(const wait_spec& w, destination dest);
   result<message_info> receive_packet(const wait_spec& w, destination dest);
   result<void> read_more(const wait_spec& w, spinner& spin);
-  void discard_packet() const;
+
+  // Seqpacket receives (guarded by rx): where a packet's payload goes past the first buffer, and
+  // the payload size of the last packet received into a message (the size the next is given).
+  detail::spill_area spill;
+  std::size_t expected_payload = 0;
 };
 
 // A frame ready to go out: its header (the payload stays in the caller's buffers). A value: the
@@ -732,100 +736,91 @@ result<message_info> channel::impl::receive_stream(const wait_spec& w, destinati
   }
 }
 
-void channel::impl::discard_packet() const {
-  // No control buffer: the kernel closes any fds attached to the packet.
-  ssize_t n = 0;
-  do {
-    n = ::recv(sock.native_handle(), nullptr, 0, MSG_TRUNC | MSG_DONTWAIT);
-  } while (n < 0 && errno == EINTR);
-}
-
 result<message_info> channel::impl::receive_packet(const wait_spec& w, destination dest) {
   const int fd = sock.native_handle();
+  // Every packet is read whole by one recvmsg: header, then the caller's buffer (or a message
+  // the size of the last packet's payload), then the spill area for whatever those cannot hold,
+  // which is as large as any packet this channel can take (see docs/design.md).
+  if (!spill.mapped()) {
+    const auto limit = detail::largest_packet();
+    if (!limit) return std::unexpected(limit.error());
+    if (auto m = spill.map(std::min<std::size_t>(options.max_message_size, *limit)); !m) {
+      return std::unexpected(m.error());
+    }
+  }
   spinner spin(options.busy_poll, w);
+  message first_part;  // made once, kept across attempts that would block
+  bool first_made = false;
   for (;;) {
     const int flags = w.kind == wait_kind::block && !spin.active() ? 0 : MSG_DONTWAIT;
-    // Look at the header (and learn the packet's size) without consuming anything and without a
-    // control buffer, so no fd is installed by the peek.
+    if (dest.owned != nullptr && !first_made) {
+      try {
+        first_part = message::with_size(expected_payload);
+      } catch (const std::bad_alloc&) {
+        return fail_errno(ENOMEM);
+      }
+      first_made = true;
+    }
+    const mutable_buffer first = dest.owned != nullptr ? first_part.bytes() : dest.buf;
     std::array<std::byte, wire::native_header_size> head{};
-    ssize_t n = 0;
-    do {
-      n = ::recv(fd, head.data(), head.size(), MSG_PEEK | MSG_TRUNC | flags);
-    } while (n < 0 && errno == EINTR);
-    if (n < 0) {
-      const int err = errno;
-      if (err == EAGAIN || err == EWOULDBLOCK) {
+    const std::array<mutable_buffer, 3> parts{mutable_buffer(head), first, spill.bytes()};
+    detail::iovec_array iov{std::span<const mutable_buffer>(parts)};
+    auto r = detail::recv_with_fds(fd, iov.data(), iov.size(), MSG_TRUNC | flags, arrived);
+    if (!r) {
+      if (r.error() == errc::would_block) {
         if (spin.again()) continue;
-        if (w.kind == wait_kind::block && (flags & MSG_DONTWAIT) != 0) continue;  // as read_more
+        // The spin is over: block in recvmsg itself, unless that attempt already could block.
+        if (w.kind == wait_kind::block && (flags & MSG_DONTWAIT) != 0) continue;
         if (auto ready = wait(w, POLLIN); !ready) return std::unexpected(ready.error());
         continue;
       }
-      if (err == ECONNRESET) continue;  // reported once, before the packets still queued
-      return fail_errno(err);
+      if (r.error() == std::errc::connection_reset) continue;  // once, before the queued packets
+      return std::unexpected(r.error());
     }
-    const auto size = static_cast<std::size_t>(n);
-    if (size == 0 && detail::seqpacket_at_end(fd)) return fail(errc::peer_closed);
+    // From here on the packet is consumed; any fd it brought is in `arrived`, closed unless
+    // handed on. The pages of the spill area a large packet reached are given back on the way out.
+    const std::size_t size = r->bytes;  // the whole packet's, MSG_TRUNC
+    const std::size_t before_spill = head.size() + first.size();
+    const struct trim_on_exit {
+      detail::spill_area& area;
+      std::size_t used;
+      ~trim_on_exit() { area.trim(used); }
+    } trim{spill, size > before_spill ? size - before_spill : 0};
+    if (size == 0 && arrived.count == 0 && detail::seqpacket_at_end(fd)) {
+      return fail(errc::peer_closed);
+    }
     if (size < head.size()) {
-      discard_packet();
+      arrived.clear();
       return break_with(errc::protocol_error, "a packet of " + std::to_string(size) +
                                                   " bytes is shorter than a frame header");
     }
     const std::span<const std::byte, wire::native_header_size> head_bytes(head);
     auto h = wire::decode_native(head_bytes);
     if (!h) {
-      discard_packet();
+      arrived.clear();
       return break_with(errc::protocol_error, wire::explain_native(head_bytes));
     }
     if (h->length != size - head.size()) {
-      discard_packet();
+      arrived.clear();
       return break_with(errc::protocol_error, "a header says " + std::to_string(h->length) +
                                                   " bytes and its packet holds " +
                                                   std::to_string(size - head.size()));
     }
     if (auto why = detail::check_descriptor_frame(h->flags, h->length, h->fd_count); !why.empty()) {
-      discard_packet();
+      arrived.clear();
       return break_with(errc::protocol_error, why);
     }
     if (h->length > options.max_message_size) {
-      discard_packet();  // a packet can be skipped whole: the channel carries on
+      arrived.clear();  // a packet is skipped whole: the channel carries on
       return fail(errc::message_too_large);
     }
-    // A descriptor frame is small and read into a message of its own, then resolved.
-    const bool into = dest.owned == nullptr && h->flags == 0;
-    if (into) {
-      // Nothing is consumed when it does not fit: the message stays for a later call.
-      if (h->length > dest.buf.size()) return fail(errc::buffer_too_small);
-      if (h->fd_count > dest.fds.size()) return fail(errc::too_many_fds);
-    }
-    // The memfd of a pool or memfd frame is duplex's, not the caller's.
-    const std::size_t own_fds = h->flags == wire::flag_pool || h->flags == wire::flag_memfd ? 1 : 0;
-    if (h->fd_count - own_fds > options.max_fds) {
-      discard_packet();
-      return fail(errc::too_many_fds);
-    }
-    message storage;
-    mutable_buffer body = dest.buf.first(into ? h->length : 0);
-    if (!into) {
-      try {
-        storage = message::with_size(h->length);
-      } catch (const std::bad_alloc&) {
-        discard_packet();
-        return fail_errno(ENOMEM);
-      }
-      body = storage.bytes();
-    }
-    std::array<std::byte, wire::native_header_size> again{};
-    const std::array<mutable_buffer, 2> parts{mutable_buffer(again), body};
-    detail::iovec_array iov{std::span<const mutable_buffer>(parts)};
-    auto r = detail::recv_with_fds(fd, iov.data(), iov.size(), MSG_TRUNC | MSG_DONTWAIT, arrived);
-    if (!r) {
-      if (r.error() == errc::would_block) continue;  // another reader of this fd took it
-      return std::unexpected(r.error());
-    }
-    if (r->bytes != size || again != head) {
+    if (r->trunc) {
+      // Only a sender with CAP_NET_ADMIN (SO_SNDBUFFORCE) makes a packet this large.
       arrived.clear();
-      // Another reader of this fd (in another process) took the packet we peeked at.
-      return break_with(errc::protocol_error, "the packet changed between peek and read");
+      set_detail("a packet of " + std::to_string(size) + " bytes is larger than " +
+                 std::to_string(head.size() + first.size() + spill.bytes().size()) +
+                 ", the most this end reads (twice net.core.wmem_max)");
+      return fail(errc::message_too_large);
     }
     if (r->ctrunc) {
       arrived.clear();
@@ -837,30 +832,52 @@ result<message_info> channel::impl::receive_packet(const wait_spec& w, destinati
       return break_with(errc::protocol_error, "a frame announced " + std::to_string(h->fd_count) +
                                                   " fds and " + std::to_string(got) + " arrived");
     }
-    auto got = arrived.taken();
-    message_info info{h->length, got.size()};
-    if (h->flags != 0) {
-      std::vector<unique_fd> fds;
-      fds.reserve(got.size());
-      for (auto& f : got)
-        fds.push_back(std::move(f));
+    // The memfd of a pool or memfd frame is duplex's, not the caller's.
+    const std::size_t own_fds = h->flags == wire::flag_pool || h->flags == wire::flag_memfd ? 1 : 0;
+    if (h->fd_count - own_fds > options.max_fds) {
       arrived.clear();
-      auto resolved = resolve(h->flags, std::as_const(storage).bytes(), std::move(fds));
+      return fail(errc::too_many_fds);
+    }
+    const auto length = static_cast<std::size_t>(h->length);
+    const std::size_t in_first = std::min(length, first.size());
+    const std::size_t spilled = length - in_first;
+    auto got = arrived.taken();
+    const message_info info{length, got.size()};
+    // Straight into the caller's buffer and fds: no copy.
+    if (h->flags == 0 && dest.owned == nullptr && spilled == 0 && got.size() <= dest.fds.size()) {
+      for (std::size_t i = 0; i < got.size(); ++i)
+        dest.fds[i] = std::move(got[i]);
+      arrived.clear();
+      return info;
+    }
+    message m;
+    if (dest.owned != nullptr && spilled == 0 && length == first.size()) {
+      m = std::move(first_part);  // the size the last packet had: no copy
+      first_made = false;
+    } else {
+      try {
+        m = message::with_size(length);
+      } catch (const std::bad_alloc&) {
+        arrived.clear();
+        return fail_errno(ENOMEM);
+      }
+      auto out = m.bytes();
+      if (in_first > 0) std::memcpy(out.data(), first.data(), in_first);
+      if (spilled > 0) std::memcpy(out.data() + in_first, spill.bytes().data(), spilled);
+    }
+    if (dest.owned != nullptr) expected_payload = length;
+    m.fds().reserve(got.size());
+    for (auto& f : got)
+      m.fds().push_back(std::move(f));
+    arrived.clear();
+    if (h->flags != 0) {
+      auto resolved = resolve(h->flags, std::as_const(m).bytes(), m.take_fds());
       if (!resolved) return std::unexpected(resolved.error());
       if (!*resolved) continue;  // a pool announce: nothing to deliver
       return deliver(std::move(**resolved), dest);
     }
-    if (dest.owned != nullptr) {
-      storage.fds().reserve(got.size());
-      for (auto& f : got)
-        storage.fds().push_back(std::move(f));
-      *dest.owned = std::move(storage);
-    } else {
-      for (std::size_t i = 0; i < got.size(); ++i)
-        dest.fds[i] = std::move(got[i]);
-    }
-    arrived.clear();
-    return info;
+    // Owned; or a caller's buffer or fd array too small for it: kept whole for the next call.
+    return deliver(std::move(m), dest);
   }
 }
 

@@ -1,8 +1,13 @@
 #include "io.hpp"
 
+#include <limits.h>
 #include <poll.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <array>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 
@@ -137,6 +142,46 @@ result<raw_received> recv_with_fds(int fd, iovec* iov, std::size_t iovlen, int f
   }
   return raw_received{static_cast<std::size_t>(n), (msg.msg_flags & MSG_CTRUNC) != 0,
                       (msg.msg_flags & MSG_TRUNC) != 0};
+}
+
+result<std::size_t> largest_packet() noexcept {
+  static std::atomic<std::size_t> known{0};
+  if (const std::size_t n = known.load(std::memory_order_relaxed); n != 0) return n;
+  const unique_fd probe(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+  if (!probe.valid()) return from_errno(errno);
+  // The kernel caps the value at net.core.wmem_max and doubles it.
+  int sndbuf = INT_MAX;
+  socklen_t len = sizeof sndbuf;
+  if (::setsockopt(probe.get(), SOL_SOCKET, SO_SNDBUF, &sndbuf, len) != 0 ||
+      ::getsockopt(probe.get(), SOL_SOCKET, SO_SNDBUF, &sndbuf, &len) != 0) {
+    return from_errno(errno);
+  }
+  const auto n = static_cast<std::size_t>(std::max(sndbuf, 64)) - 32;
+  known.store(n, std::memory_order_relaxed);
+  return n;
+}
+
+spill_area::~spill_area() {
+  if (data_ != nullptr) ::munmap(data_, size_);
+}
+
+result<void> spill_area::map(std::size_t size) noexcept {
+  void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) return from_errno(errno);
+  if (data_ != nullptr) ::munmap(data_, size_);
+  data_ = static_cast<std::byte*>(p);
+  size_ = size;
+  return {};
+}
+
+void spill_area::trim(std::size_t used) noexcept {
+  const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  used = std::min(used, size_);
+  if (used <= kept) return;
+  const std::size_t end = (used + page - 1) / page * page;
+  // kept is a multiple of any page size up to 64 KiB; a failure only leaves the pages resident.
+  (void)::madvise(data_ + kept, std::min(end, size_) - kept, MADV_DONTNEED);
 }
 
 bool seqpacket_at_end(int fd) noexcept {

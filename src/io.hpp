@@ -101,6 +101,36 @@ class iovec_array {
 [[nodiscard]] result<raw_received> recv_with_fds(int fd, iovec* iov, std::size_t iovlen, int flags,
                                                  fd_batch& out) noexcept;
 
+// The largest packet a sender without CAP_NET_ADMIN can put on an AF_UNIX seqpacket socket:
+// SO_SNDBUF - 32 bytes, where SO_SNDBUF is at most twice net.core.wmem_max. Learned once per
+// process from a socket of its own with SO_SNDBUF raised as far as it goes. Errors: the errno of
+// socket(2) (EMFILE, ...) while that socket cannot be had; a later call tries again.
+[[nodiscard]] result<std::size_t> largest_packet() noexcept;
+
+// Anonymous private memory that takes the part of a packet a receive's first buffer cannot hold.
+// Mapped with MAP_NORESERVE: pages no packet reached cost address space only, and trim() gives
+// back what a large packet touched beyond the first `kept` bytes.
+class spill_area {
+ public:
+  static constexpr std::size_t kept = std::size_t{64} << 10;
+
+  spill_area() = default;
+  ~spill_area();
+  spill_area(const spill_area&) = delete;
+  spill_area& operator=(const spill_area&) = delete;
+
+  // Maps size bytes (replacing any earlier mapping). Errors: the errno of mmap.
+  [[nodiscard]] result<void> map(std::size_t size) noexcept;
+  [[nodiscard]] bool mapped() const noexcept { return data_ != nullptr; }
+  [[nodiscard]] mutable_buffer bytes() const noexcept { return {data_, size_}; }
+  // After a packet wrote `used` bytes here: the pages past the first `kept` bytes go back.
+  void trim(std::size_t used) noexcept;
+
+ private:
+  std::byte* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
 // After a seqpacket recv returned 0: true if it was end-of-stream (the peer shut down its
 // sending side and no packet with data is queued), false if it was an empty packet.
 [[nodiscard]] bool seqpacket_at_end(int fd) noexcept;

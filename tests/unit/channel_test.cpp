@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "duplex/socket_pair.hpp"
+#include "io.hpp"
 #include "support.hpp"
 
 namespace duplex {
@@ -189,6 +190,112 @@ TEST_P(channel_kind_test, SizesAtTheSocketBufferEdge) {
     ASSERT_THAT(a.send(as_bytes("after")), Succeeded());
     EXPECT_EQ(b.receive()->text(), "after");
   }
+}
+
+// Class 7: a seqpacket channel reads each packet whole in one recvmsg, into a message the size
+// of the last one and a spill area behind it. Sizes that stay, shrink a little, shrink a lot,
+// grow past the spill area's first 64 KiB and come back, with fds on some; through receive(),
+// receive_into() (buffers too small, exact and large) and receive_batch(): each arrives whole.
+TEST_F(channel_test, SeqpacketMessagesOfChangingSizesEachArriveWhole) {
+  auto [a, b] = make(socket_kind::seqpacket);
+  auto [read_end, write_end] = make_pipe();
+  const std::array<int, 2> two{read_end.get(), write_end.get()};
+  const std::vector<std::size_t> sizes = {8,     8,  3,      0,      100, 60, 70000,  70000,
+                                          5,     64, 200000, 150000, 4,   4,  0,      199999,
+                                          65536, 7,  8,      8,      8,   8,  131072, 1};
+  std::thread sender([&] {
+    for (std::size_t i = 0; i < sizes.size(); ++i) {
+      const auto data = pattern(sizes[i], static_cast<unsigned>(i));
+      const auto fds = i % 5 == 2 ? std::span<const int>(two) : std::span<const int>();
+      if (!a.send(data, fds)) return;
+    }
+  });
+  const auto check = [&](std::size_t i, const_buffer bytes, std::size_t fds) {
+    EXPECT_EQ(bytes.size(), sizes[i]) << "message " << i;
+    EXPECT_TRUE(same(bytes, pattern(sizes[i], static_cast<unsigned>(i)))) << "message " << i;
+    EXPECT_EQ(fds, i % 5 == 2 ? 2U : 0U) << "message " << i;
+  };
+  std::size_t i = 0;
+  for (; i < 12; ++i) {  // receive()
+    auto m = b.receive(30s);
+    ASSERT_THAT(m, Succeeded()) << i;
+    check(i, std::as_const(*m).bytes(), m->fds().size());
+  }
+  std::vector<std::byte> buf(200000);
+  std::array<unique_fd, 2> fds;
+  for (; i < 18; ++i) {  // receive_into(): too small first when it is not empty, then room
+    if (sizes[i] > 0) {
+      EXPECT_THAT(b.receive_into(std::span(buf).first(sizes[i] - 1), fds, 30s),
+                  HasError(errc::buffer_too_small));
+    }
+    auto info = b.receive_into(std::span(buf).first(sizes[i] + (i % 2 == 0 ? 0 : 1000)), fds, 30s);
+    ASSERT_THAT(info, Succeeded()) << i;
+    check(i, std::span(buf).first(info->size), info->fds);
+    for (auto& f : fds)
+      f.reset();
+  }
+  while (i < sizes.size()) {  // receive_batch()
+    auto n = b.receive_batch(
+        [&](message_view& m) {
+          check(i, m.bytes, m.fds.size());
+          ++i;
+        },
+        SIZE_MAX, 30s);
+    ASSERT_THAT(n, Succeeded());
+  }
+  sender.join();
+  EXPECT_THAT(b.try_receive(), HasError(errc::would_block));
+}
+
+// Class 7: with SO_SNDBUF raised, a packet far larger than the default socket buffer holds
+// (1 MiB) arrives whole, through receive() and through a receive_into() that first finds its
+// buffer too small (the message is kept whole for the next call).
+TEST_F(channel_test, SeqpacketPacketsLargerThanTheDefaultBufferArriveWhole) {
+  auto [a, b] = make(socket_kind::seqpacket);
+  const int raised = 1 << 20;  // the kernel doubles it: 2 MiB
+  ASSERT_EQ(::setsockopt(a.native_handle(), SOL_SOCKET, SO_SNDBUF, &raised, sizeof raised), 0);
+  const std::size_t n = std::size_t{1} << 20;
+  ASSERT_LE(n, detail::largest_packet().value());
+  const auto data = pattern(n, 11);
+  std::thread sender([&] {
+    EXPECT_THAT(a.send(data), Succeeded());
+    EXPECT_THAT(a.send(data), Succeeded());
+  });
+  auto m = b.receive(30s);
+  ASSERT_THAT(m, Succeeded());
+  EXPECT_TRUE(same(std::as_const(*m).bytes(), data));
+  std::vector<std::byte> buf(n);
+  EXPECT_THAT(b.receive_into(std::span(buf).first(4096), {}, 30s),
+              HasError(errc::buffer_too_small));
+  auto info = b.receive_into(buf, {}, 30s);
+  sender.join();
+  ASSERT_THAT(info, Succeeded());
+  EXPECT_TRUE(same(buf, data));
+}
+
+// Class 7: a packet larger than any unprivileged sender can make (SO_SNDBUFFORCE, which needs
+// CAP_NET_ADMIN, past twice net.core.wmem_max) is more than the channel reads: message_too_large
+// with a detail, its fds closed, and the channel carries on. Skipped where such a packet cannot
+// be made (no CAP_NET_ADMIN, or a wmem_max so large that the kernel cannot allocate the packet).
+TEST_F(channel_test, SeqpacketPacketsBeyondTheUnprivilegedLimitAreRefusedAndTheChannelGoesOn) {
+  auto [ch, raw] = make_raw(socket_kind::seqpacket);
+  const std::size_t limit = detail::largest_packet().value();
+  const int forced = static_cast<int>(std::min<std::size_t>(4 * limit, INT_MAX / 2));
+  if (::setsockopt(raw.native_handle(), SOL_SOCKET, SO_SNDBUFFORCE, &forced, sizeof forced) != 0) {
+    GTEST_SKIP() << "SO_SNDBUFFORCE: " << std::strerror(errno);
+  }
+  auto [read_end, write_end] = make_pipe();
+  const std::array<int, 1> one{read_end.get()};
+  const auto wire_bytes = frame(pattern(limit + 1, 3), 1);
+  const std::array<const_buffer, 1> parts{const_buffer(wire_bytes)};
+  auto sent = raw.send_msg(parts, one);
+  if (!sent) GTEST_SKIP() << "the kernel would not make a packet of " << wire_bytes.size();
+  ASSERT_THAT(raw.send(frame(text_bytes("next"))), Succeeded());
+  const std::size_t before = test::open_fd_count();
+  EXPECT_THAT(ch.receive(), HasError(errc::message_too_large));
+  EXPECT_NE(ch.error_detail().find("wmem_max"), std::string::npos) << ch.error_detail();
+  EXPECT_EQ(test::open_fd_count(), before);
+  EXPECT_EQ(ch.receive()->text(), "next");
 }
 
 // Class 7: every size from 0 to 16 KiB in Python framing (stream only), byte-exact, boundaries
