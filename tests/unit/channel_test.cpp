@@ -286,10 +286,11 @@ TEST_F(channel_test, SeqpacketPacketsBeyondTheUnprivilegedLimitAreRefusedAndTheC
   }
   auto [read_end, write_end] = make_pipe();
   const std::array<int, 1> one{read_end.get()};
-  const auto wire_bytes = frame(pattern(limit + 1, 3), 1);
-  const std::array<const_buffer, 1> parts{const_buffer(wire_bytes)};
+  const auto body = pattern(limit + 1, 3);
+  const auto head = wire::encode_native({body.size(), 1, 0});
+  const std::array<const_buffer, 2> parts{const_buffer(head), const_buffer(body)};
   auto sent = raw.send_msg(parts, one);
-  if (!sent) GTEST_SKIP() << "the kernel would not make a packet of " << wire_bytes.size();
+  if (!sent) GTEST_SKIP() << "the kernel would not make a packet of " << head.size() + body.size();
   ASSERT_THAT(raw.send(frame(text_bytes("next"))), Succeeded());
   const std::size_t before = test::open_fd_count();
   EXPECT_THAT(ch.receive(), HasError(errc::message_too_large));
