@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -257,6 +258,15 @@ struct channel::impl {
   // This end's pool, created on first use (nullptr if it cannot be).
   std::shared_ptr<detail::pool_tx> pool();
   result<std::size_t> write(detail::iovec_array& iov, std::span<const int> fds, bool blocking);
+
+  // Seqpacket frames of staging_from to staging_size bytes whose copy into the packet would
+  // crawl (detail::packet_copy_would_crawl) go out from here (page-aligned; guarded by tx).
+  static constexpr std::size_t staging_from = 2048;
+  static constexpr std::size_t staging_size = std::size_t{64} << 10;
+  struct free_deleter {
+    void operator()(std::byte* p) const noexcept { std::free(p); }
+  };
+  std::unique_ptr<std::byte, free_deleter> staging;
   result<bool> flush_queue(bool blocking);
   result<void> enqueue(detail::iovec_array& iov, std::span<const int> fds, bool started);
   result<void> send(std::span<const const_buffer> parts, std::span<const int> fds);
@@ -399,7 +409,19 @@ result<void> channel::impl::put(std::span<const const_buffer> parts, std::span<c
                                 std::uint8_t flags, bool blocking) {
   auto f = make_frame(parts, fds, flags);
   if (!f) return std::unexpected(f.error());
-  detail::iovec_array iov(parts, f->head());
+  std::optional<detail::iovec_array> framed(std::in_place, parts, f->head());
+  if (sock.kind() == socket_kind::seqpacket && f->total >= staging_from &&
+      f->total <= staging_size && detail::packet_copy_would_crawl(framed->data(), framed->size())) {
+    // Copied once here, at a distance the copy runs at full speed, so that the kernel's copy
+    // into the packet does too: from a page-aligned buffer into a page-aligned packet.
+    if (!staging) staging.reset(static_cast<std::byte*>(std::aligned_alloc(4096, staging_size)));
+    if (staging) {
+      detail::gather_in_steps(framed->data(), framed->size(), staging.get());
+      const std::array<const_buffer, 1> whole{const_buffer(staging.get(), f->total)};
+      framed.emplace(std::span<const const_buffer>(whole));
+    }
+  }
+  detail::iovec_array& iov = *framed;
   if (blocking) {
     auto n = write(iov, fds, true);
     if (!n) return std::unexpected(n.error());

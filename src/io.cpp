@@ -9,6 +9,7 @@
 #include <array>
 #include <atomic>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 
 #include "syscall.hpp"
@@ -142,6 +143,31 @@ result<raw_received> recv_with_fds(int fd, iovec* iov, std::size_t iovlen, int f
   }
   return raw_received{static_cast<std::size_t>(n), (msg.msg_flags & MSG_CTRUNC) != 0,
                       (msg.msg_flags & MSG_TRUNC) != 0};
+}
+
+bool packet_copy_would_crawl(const iovec* iov, std::size_t iovlen) noexcept {
+  constexpr std::uintptr_t page = 4096;
+  std::uintptr_t at = 0;  // where the piece lands in the packet
+  for (std::size_t i = 0; i < iovlen; ++i) {
+    if (iov[i].iov_len >= 256) {
+      const auto from = reinterpret_cast<std::uintptr_t>(iov[i].iov_base);
+      const std::uintptr_t distance = (at - from) % page;
+      if (distance >= 1 && distance < 64) return true;
+    }
+    at += iov[i].iov_len;
+  }
+  return false;
+}
+
+void gather_in_steps(const iovec* iov, std::size_t iovlen, std::byte* out) noexcept {
+  constexpr std::size_t step = 1024;
+  for (std::size_t i = 0; i < iovlen; ++i) {
+    const auto* from = static_cast<const std::byte*>(iov[i].iov_base);
+    for (std::size_t done = 0; done < iov[i].iov_len; done += step) {
+      std::memcpy(out, from + done, std::min(step, iov[i].iov_len - done));
+      out += std::min(step, iov[i].iov_len - done);
+    }
+  }
 }
 
 result<std::size_t> largest_packet() noexcept {

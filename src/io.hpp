@@ -101,6 +101,16 @@ class iovec_array {
 [[nodiscard]] result<raw_received> recv_with_fds(int fd, iovec* iov, std::size_t iovlen, int flags,
                                                  fd_batch& out) noexcept;
 
+// True if the kernel's copy of these pieces into a packet would crawl: a piece of 256 bytes or
+// more that lands 1 to 63 bytes past where it comes from, modulo 4 KiB, taking the packet to
+// start on a page boundary (as the kernel allocates packets of 2 KiB and more). x86's rep movsb,
+// which the kernel copies with, runs at a fraction of its speed at such a distance.
+[[nodiscard]] bool packet_copy_would_crawl(const iovec* iov, std::size_t iovlen) noexcept;
+
+// Copies the pieces one after another to out, in steps of at most 1 KiB: below the size from
+// which the C library's memcpy uses rep movsb itself.
+void gather_in_steps(const iovec* iov, std::size_t iovlen, std::byte* out) noexcept;
+
 // The largest packet a sender without CAP_NET_ADMIN can put on an AF_UNIX seqpacket socket:
 // SO_SNDBUF - 32 bytes, where SO_SNDBUF is at most twice net.core.wmem_max. Learned once per
 // process from a socket of its own with SO_SNDBUF raised as far as it goes. Errors: the errno of

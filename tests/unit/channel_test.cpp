@@ -247,6 +247,47 @@ TEST_F(channel_test, SeqpacketMessagesOfChangingSizesEachArriveWhole) {
   EXPECT_THAT(b.try_receive(), HasError(errc::would_block));
 }
 
+// Class 7: seqpacket payloads of 2 KiB to 64 KiB from buffers at page offsets where the kernel's
+// copy would crawl (the channel gathers them first into a page-aligned buffer of its own) and
+// where it would not, in one piece and in several, with and without fds, blocking and through
+// try_send: each arrives byte-exact.
+TEST_F(channel_test, SeqpacketPayloadsFromEveryPageOffsetArriveWhole) {
+  auto [a, b] = make(socket_kind::seqpacket);
+  auto [read_end, write_end] = make_pipe();
+  const std::array<int, 1> one{read_end.get()};
+  constexpr std::size_t page = 4096;
+  std::vector<std::byte> arena((64 << 10) + 3 * page);
+  auto* base = reinterpret_cast<std::byte*>(
+      (reinterpret_cast<std::uintptr_t>(arena.data()) + page - 1) / page * page);
+  unsigned seed = 0;
+  for (const std::size_t size :
+       {std::size_t{2048}, std::size_t{4096}, std::size_t{20000}, std::size_t{64} << 10}) {
+    for (const std::size_t offset : {std::size_t{0}, std::size_t{8}, std::size_t{15},
+                                     std::size_t{16}, page - 48, page - 47, page - 1}) {
+      ++seed;
+      const auto data = pattern(size, seed);
+      std::byte* at = base + offset;
+      std::memcpy(at, data.data(), size);
+      const std::size_t cut = size / 3;
+      const std::array<const_buffer, 2> parts{const_buffer(at, cut),
+                                              const_buffer(at + cut, size - cut)};
+      const auto fds = seed % 2 == 0 ? std::span<const int>(one) : std::span<const int>();
+      if (seed % 3 == 0) {
+        ASSERT_THAT(a.try_send(parts, fds), Succeeded()) << size << " at " << offset;
+      } else if (seed % 3 == 1) {
+        ASSERT_THAT(a.send(parts, fds), Succeeded()) << size << " at " << offset;
+      } else {
+        ASSERT_THAT(a.send(const_buffer(at, size), fds), Succeeded()) << size << " at " << offset;
+      }
+      std::memset(at, 0, size);  // what arrives was copied when it was sent
+      auto m = b.receive(30s);
+      ASSERT_THAT(m, Succeeded()) << size << " at " << offset;
+      EXPECT_TRUE(same(std::as_const(*m).bytes(), data)) << size << " at " << offset;
+      EXPECT_EQ(m->fds().size(), fds.size()) << size << " at " << offset;
+    }
+  }
+}
+
 // Class 7: with SO_SNDBUF raised, a packet far larger than the default socket buffer holds
 // (1 MiB) arrives whole, through receive() and through a receive_into() that first finds its
 // buffer too small (the message is kept whole for the next call).

@@ -1,10 +1,12 @@
-// The internal receive helpers: the seqpacket size limit and the spill area.
+// The internal I/O helpers: the seqpacket size limit, the spill area, and the check and copy
+// that keep a packet's copy out of rep movsb's slow band.
 #include "io.hpp"
 
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <array>
 #include <cstring>
 #include <vector>
 
@@ -52,6 +54,55 @@ TEST_F(io_test, LargestPacketIsTheKernelsLimitForAnUnprivilegedSender) {
   errno = 0;
   EXPECT_EQ(::send(a.get(), over.data(), over.size(), MSG_DONTWAIT), -1);
   EXPECT_EQ(errno, EMSGSIZE);
+}
+
+// The band is exact: a piece of 256 bytes or more landing 1 to 63 bytes past its source,
+// modulo 4 KiB, counting where each piece lands in the packet; smaller pieces do not count.
+TEST_F(io_test, PacketCopyWouldCrawlExactlyInItsBand) {
+  alignas(4096) static std::byte page[3 * 4096];
+  std::byte head[16];
+  const auto at = [](std::size_t offset) { return static_cast<void*>(page + offset); };
+  const auto crawls = [&](std::size_t source_offset, std::size_t size = 4096) {
+    const std::array<iovec, 2> v{iovec{head, sizeof head}, iovec{at(source_offset), size}};
+    return packet_copy_would_crawl(v.data(), v.size());
+  };
+  // The payload lands at 16: a source at page offset s is 16 - s bytes behind.
+  for (std::size_t s = 0; s < 16; ++s)
+    EXPECT_TRUE(crawls(s)) << s;
+  for (std::size_t s = 4096 - 47; s < 4096; ++s)
+    EXPECT_TRUE(crawls(s)) << s;    // 17 to 63 bytes
+  EXPECT_FALSE(crawls(16));         // 0: the same place in the page
+  EXPECT_FALSE(crawls(4096 - 48));  // 64
+  EXPECT_FALSE(crawls(17));         // 4095
+  EXPECT_FALSE(crawls(2048));
+  EXPECT_FALSE(crawls(0, 255));  // too small to matter
+  EXPECT_TRUE(crawls(0, 256));
+  // Later pieces land after the earlier ones.
+  const std::array<iovec, 3> three{iovec{head, sizeof head}, iovec{at(1024), 1000},
+                                   iovec{at(4096 + 1000), 3000}};  // lands at 1016: 24 behind
+  EXPECT_TRUE(packet_copy_would_crawl(three.data(), three.size()));
+  const std::array<iovec, 3> fine{iovec{head, sizeof head}, iovec{at(1024), 1000},
+                                  iovec{at(4096 + 1016), 3000}};  // lands at 1016: in place
+  EXPECT_FALSE(packet_copy_would_crawl(fine.data(), fine.size()));
+}
+
+// gather_in_steps puts the pieces one after another, whole, whatever their sizes.
+TEST_F(io_test, GatherInStepsConcatenatesEveryPiece) {
+  const auto a = test::pattern(1, 1);
+  const auto b = test::pattern(1024, 2);
+  const auto c = test::pattern(5000, 3);
+  const auto d = test::pattern(1025, 4);
+  const std::array<iovec, 5> v{iovec{const_cast<std::byte*>(a.data()), a.size()}, iovec{nullptr, 0},
+                               iovec{const_cast<std::byte*>(b.data()), b.size()},
+                               iovec{const_cast<std::byte*>(c.data()), c.size()},
+                               iovec{const_cast<std::byte*>(d.data()), d.size()}};
+  std::vector<std::byte> out(a.size() + b.size() + c.size() + d.size() + 1, std::byte{0xee});
+  gather_in_steps(v.data(), v.size(), out.data());
+  std::vector<std::byte> expected;
+  for (const auto* p : {&a, &b, &c, &d})
+    expected.insert(expected.end(), p->begin(), p->end());
+  expected.push_back(std::byte{0xee});  // nothing written past the end
+  EXPECT_EQ(out, expected);
 }
 
 // A large packet's pages go back after it; the first 64 KiB stay (small packets reuse them).
