@@ -117,6 +117,9 @@ struct channel_options {
   shared_memory_options shared_memory{};
   // Stream channels read through a buffer of this size (at least 64 bytes; many small messages
   // per syscall); payloads of at least half of it are read straight into their message.
+  // Seqpacket channels read each packet whole instead, with behind the caller's buffer a spill
+  // area of min(max_message_size, 2 * net.core.wmem_max) bytes of address space, of which at
+  // most 64 KiB stays resident (docs/design.md).
   std::size_t receive_buffer_size = std::size_t{64} << 10;
 };
 
