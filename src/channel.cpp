@@ -811,26 +811,24 @@ result<message_info> channel::impl::receive_packet(const wait_spec& w, destinati
     if (size == 0 && arrived.count == 0 && detail::seqpacket_at_end(fd)) {
       return fail(errc::peer_closed);
     }
-    if (size < head.size()) {
+    // A packet that breaks the protocol breaks the channel; its fds are closed.
+    const auto broken_by = [this](std::string why) {
       arrived.clear();
-      return break_with(errc::protocol_error, "a packet of " + std::to_string(size) +
-                                                  " bytes is shorter than a frame header");
+      return break_with(errc::protocol_error, std::move(why));
+    };
+    if (size < head.size()) {
+      return broken_by("a packet of " + std::to_string(size) +
+                       " bytes is shorter than a frame header");
     }
     const std::span<const std::byte, wire::native_header_size> head_bytes(head);
     auto h = wire::decode_native(head_bytes);
-    if (!h) {
-      arrived.clear();
-      return break_with(errc::protocol_error, wire::explain_native(head_bytes));
-    }
+    if (!h) return broken_by(wire::explain_native(head_bytes));
     if (h->length != size - head.size()) {
-      arrived.clear();
-      return break_with(errc::protocol_error, "a header says " + std::to_string(h->length) +
-                                                  " bytes and its packet holds " +
-                                                  std::to_string(size - head.size()));
+      return broken_by("a header says " + std::to_string(h->length) +
+                       " bytes and its packet holds " + std::to_string(size - head.size()));
     }
     if (auto why = detail::check_descriptor_frame(h->flags, h->length, h->fd_count); !why.empty()) {
-      arrived.clear();
-      return break_with(errc::protocol_error, why);
+      return broken_by(std::move(why));
     }
     if (h->length > options.max_message_size) {
       arrived.clear();  // a packet is skipped whole: the channel carries on
@@ -849,10 +847,8 @@ result<message_info> channel::impl::receive_packet(const wait_spec& w, destinati
       return fail(errc::fds_truncated);
     }
     if (arrived.count != h->fd_count) {
-      const std::size_t got = arrived.count;
-      arrived.clear();
-      return break_with(errc::protocol_error, "a frame announced " + std::to_string(h->fd_count) +
-                                                  " fds and " + std::to_string(got) + " arrived");
+      return broken_by("a frame announced " + std::to_string(h->fd_count) + " fds and " +
+                       std::to_string(arrived.count) + " arrived");
     }
     // The memfd of a pool or memfd frame is duplex's, not the caller's.
     const std::size_t own_fds = h->flags == wire::flag_pool || h->flags == wire::flag_memfd ? 1 : 0;
