@@ -287,6 +287,9 @@ struct channel::impl {
   result<message_info> receive_stream(const wait_spec& w, destination dest);
   result<message_info> receive_packet(const wait_spec& w, destination dest);
   result<void> read_more(const wait_spec& w, spinner& spin);
+  // After a receive that failed with e (made with these recv flags): success to try again (a
+  // would-block spun or waited out as w allows, or the one-time ECONNRESET), else the error.
+  result<void> retry_after(std::error_code e, const wait_spec& w, spinner& spin, int flags) const;
 
   // Seqpacket receives (guarded by rx): where a packet's payload goes past the first buffer, and
   // the payload size of the last packet received into a message (the size the next is given).
@@ -694,19 +697,23 @@ result<void> channel::impl::read_more(const wait_spec& w, spinner& spin) {
       arrived.clear();
       return {};
     }
-    if (r.error() == errc::would_block) {
-      if (spin.again()) continue;
-      // The spin is over: block in recvmsg itself, unless that attempt already could block (an
-      // O_NONBLOCK socket, or a deadline): then wait for readiness.
-      if (w.kind == wait_kind::block && (flags & MSG_DONTWAIT) != 0) continue;
-      if (auto ready = wait(w, POLLIN); !ready) return ready;
-      continue;
-    }
-    // The peer closed with our data unread. The error is reported once (on a stream after the
-    // peer's last byte, on seqpacket before its queued packets); reading on delivers the rest.
-    if (r.error() == std::errc::connection_reset) continue;
-    return std::unexpected(r.error());
+    if (auto again = retry_after(r.error(), w, spin, flags); !again) return again;
   }
+}
+
+result<void> channel::impl::retry_after(std::error_code e, const wait_spec& w, spinner& spin,
+                                        int flags) const {
+  if (e == errc::would_block) {
+    if (spin.again()) return {};
+    // The spin is over: block in recvmsg itself, unless that attempt already could block (an
+    // O_NONBLOCK socket, or a deadline): then wait for readiness.
+    if (w.kind == wait_kind::block && (flags & MSG_DONTWAIT) != 0) return {};
+    return wait(w, POLLIN);
+  }
+  // The peer closed with our data unread. The error is reported once (on a stream after the
+  // peer's last byte, on seqpacket before its queued packets); reading on delivers the rest.
+  if (e == std::errc::connection_reset) return {};
+  return std::unexpected(e);
 }
 
 result<message_info> channel::impl::receive_stream(const wait_spec& w, destination dest) {
@@ -789,15 +796,10 @@ result<message_info> channel::impl::receive_packet(const wait_spec& w, destinati
     detail::iovec_array iov{std::span<const mutable_buffer>(parts)};
     auto r = detail::recv_with_fds(fd, iov.data(), iov.size(), MSG_TRUNC | flags, arrived);
     if (!r) {
-      if (r.error() == errc::would_block) {
-        if (spin.again()) continue;
-        // The spin is over: block in recvmsg itself, unless that attempt already could block.
-        if (w.kind == wait_kind::block && (flags & MSG_DONTWAIT) != 0) continue;
-        if (auto ready = wait(w, POLLIN); !ready) return std::unexpected(ready.error());
-        continue;
+      if (auto again = retry_after(r.error(), w, spin, flags); !again) {
+        return std::unexpected(again.error());
       }
-      if (r.error() == std::errc::connection_reset) continue;  // once, before the queued packets
-      return std::unexpected(r.error());
+      continue;
     }
     // From here on the packet is consumed; any fd it brought is in `arrived`, closed unless
     // handed on. The pages of the spill area a large packet reached are given back on the way out.
