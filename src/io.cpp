@@ -202,9 +202,9 @@ result<void> spill_area::map(std::size_t size) noexcept {
 }
 
 void spill_area::trim(std::size_t used) noexcept {
-  const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
   used = std::min(used, size_);
-  if (used <= kept) return;
+  if (used <= kept) return;  // every packet comes here: the common case does nothing else
+  const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
   const std::size_t end = (used + page - 1) / page * page;
   // kept is a multiple of any page size up to 64 KiB; a failure only leaves the pages resident.
   (void)::madvise(data_ + kept, std::min(end, size_) - kept, MADV_DONTNEED);
