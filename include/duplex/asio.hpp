@@ -20,22 +20,26 @@
 //   auto r = co_await (a.async_receive(use_awaitable) || timer.async_wait(use_awaitable));
 //   if (r.index() == 1) { /* timed out: the receive was cancelled, nothing was lost */ }
 //
-// How it works. Each operation calls the channel's non-blocking calls (try_receive, try_send,
-// flush) and, when they would block, waits for the socket with Asio's reactor (an
-// asio::posix::stream_descriptor over a close-on-exec duplicate of the channel's fd, so Asio
-// never closes the channel's own fd). The duplicate shares the socket's open file description,
-// which the adapter puts in O_NONBLOCK mode as Asio's reactor needs: the channel's socket too.
-// The channel's blocking calls still block (they poll when the socket would block).
+// How it works. Each operation is the channel's non-blocking call (try_receive, try_send,
+// flush), run by Asio's reactor on a close-on-exec duplicate of the channel's fd, so Asio never
+// closes the channel's own fd. The duplicate shares the socket's open file description, which the
+// adapter puts in O_NONBLOCK mode as Asio's reactor needs: the channel's socket too. The
+// channel's blocking calls still block (they poll when the socket would block).
 //
-// Cost. An operation that completes at once makes the same syscalls as the channel's own call.
-// One that must wait makes one more than a plain Asio socket would: Asio re-arms epoll
-// (EPOLL_CTL_MOD) for every async_wait, where its own reads wait without one.
+// With Asio 1.22 to 1.27 on epoll (Linux's default), an operation is one of Asio's own reactor
+// operations, like a socket's async_receive: the reactor tries it at once, in the initiating
+// call, and queues it only if the channel would block; the epoll registration made when the
+// channel was wrapped serves every later wait. Elsewhere (io_uring as Asio's default, other Asio
+// versions, or DUPLEX_ASIO_PORTABLE defined) each operation is an async_compose over
+// asio::posix::stream_descriptor::async_wait, built on Asio's public interface only; Asio then
+// re-arms epoll (EPOLL_CTL_MOD) for every wait, one syscall more than a plain Asio socket makes.
+// DUPLEX_ASIO_REACTOR says which is in use (1: reactor operations). The behaviour is the same.
 //
 // The rules are those of any Asio I/O object:
 //
 //   - A handler is never invoked from inside the initiating function: a message already
-//     available (or an error already known) completes through asio::post, without a round trip
-//     through the reactor.
+//     available (or an error already known) completes as if posted, without waiting for the
+//     reactor.
 //   - Handlers run on the handler's associated executor, or else on the channel's executor.
 //   - At most one async_receive and one async_send may be outstanding at a time on one channel
 //     (one of each may run at once: that is full duplex). Do not use the channel's own receive
@@ -49,9 +53,11 @@
 #pragma once
 
 #include <fcntl.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <asio/any_io_executor.hpp>
+#include <asio/associated_cancellation_slot.hpp>
 #include <asio/associated_executor.hpp>
 #include <asio/async_result.hpp>
 #include <asio/cancellation_type.hpp>
@@ -60,6 +66,7 @@
 #include <asio/execution_context.hpp>
 #include <asio/posix/stream_descriptor.hpp>
 #include <asio/post.hpp>
+#include <asio/version.hpp>
 #include <atomic>
 #include <cerrno>
 #include <concepts>
@@ -75,6 +82,25 @@
 #include "duplex/error.hpp"
 #include "duplex/message.hpp"
 
+// 1 if operations are Asio reactor operations (Asio 1.22-1.27 on epoll, unless
+// DUPLEX_ASIO_PORTABLE is defined), 0 if they are async_compose over async_wait.
+#if !defined(DUPLEX_ASIO_PORTABLE) && defined(ASIO_HAS_EPOLL) && \
+    !defined(ASIO_HAS_IO_URING_AS_DEFAULT) && ASIO_VERSION >= 102200 && ASIO_VERSION < 102800
+#define DUPLEX_ASIO_REACTOR 1
+#include <asio/detail/bind_handler.hpp>
+#include <asio/detail/epoll_reactor.hpp>
+#include <asio/detail/fenced_block.hpp>
+#include <asio/detail/handler_alloc_helpers.hpp>
+#include <asio/detail/handler_cont_helpers.hpp>
+#include <asio/detail/handler_work.hpp>
+#include <asio/detail/non_const_lvalue.hpp>
+#include <asio/detail/reactor_op.hpp>
+#include <asio/execution/context.hpp>
+#include <asio/query.hpp>
+#else
+#define DUPLEX_ASIO_REACTOR 0
+#endif
+
 #if !defined(ASIO_HAS_CONCEPTS)
 #error "duplex/asio.hpp needs Asio's C++20 concepts (do not define ASIO_DISABLE_CONCEPTS)"
 #endif
@@ -89,28 +115,6 @@ using send_signature = void(std::error_code);
 
 namespace detail {
 
-// What the operations share with the channel object. On the heap, so that moving a channel
-// leaves the address its operations use unchanged.
-template <typename Executor>
-struct channel_state {
-  channel_state(duplex::channel c, ::asio::posix::basic_stream_descriptor<Executor> d)
-      : ch(std::move(c)), descriptor(std::move(d)) {}
-
-  duplex::channel ch;
-  ::asio::posix::basic_stream_descriptor<Executor> descriptor;
-  // Bumped by cancel() and close(): an operation that started before gives up at its next wait,
-  // even if cancel() came while it was between two waits (when the reactor holds nothing of it).
-  std::atomic<std::uint64_t> cancels{0};
-
-  // True if the operation that started when cancels was `since` has been cancelled, by cancel(),
-  // close() or its own cancellation slot.
-  template <typename Self>
-  bool cancelled(Self& self, std::uint64_t since) const {
-    return cancels.load() != since ||
-           self.get_cancellation_state().cancelled() != ::asio::cancellation_type::none;
-  }
-};
-
 // A duplicate of a channel's fd for the reactor (-1 for a closed channel). Throws
 // std::system_error if no fd is left.
 inline int watch_fd(const duplex::channel& ch) {
@@ -121,6 +125,15 @@ inline int watch_fd(const duplex::channel& ch) {
     throw std::system_error(errno, std::system_category(), "duplex::asio::channel: dup");
   }
   return copy;
+}
+
+// Puts the open file description behind fd in O_NONBLOCK mode, as Asio's reactor needs (done
+// once, so that no operation changes the descriptor's state later). Throws std::system_error.
+inline void set_non_blocking(int fd) {
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0 || ((flags & O_NONBLOCK) == 0 && ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0)) {
+    throw std::system_error(errno, std::system_category(), "duplex::asio::channel: O_NONBLOCK");
+  }
 }
 
 // What an async_send sends: one buffer or several parts with fds, or a message.
@@ -157,6 +170,102 @@ struct send_source {
   }
 };
 
+// The steps of the three operations, the same whichever way they are run. attempt() makes the
+// non-blocking call(s) and returns true once the operation has its outcome (an error in ec, or
+// success); false means: wait until the socket is ready (readable: wants_read) and attempt again.
+
+// async_receive: try_receive.
+struct receive_steps {
+  static constexpr bool wants_read = true;
+  message received;
+
+  receive_steps() = default;
+  // A copy is a fresh start (the initiation's copy, before any attempt): nothing received.
+  receive_steps(const receive_steps&) noexcept {}
+  receive_steps(receive_steps&&) noexcept = default;
+  receive_steps& operator=(const receive_steps&) = delete;
+  receive_steps& operator=(receive_steps&&) noexcept = default;
+  ~receive_steps() = default;
+
+  bool attempt(duplex::channel& ch, std::error_code& ec) {
+    auto r = ch.try_receive();
+    if (r) {
+      received = std::move(*r);
+      return true;
+    }
+    if (r.error() == errc::would_block) return false;
+    ec = r.error();
+    return true;
+  }
+  // The attempt made in the initiating call (reactor operations). With nothing buffered, a
+  // one-byte MSG_PEEK recv first asks the socket whether anything is there: when nothing is (the
+  // usual case in a request-reply exchange), that costs what plain Asio's speculative recv
+  // costs, where a recvmsg with a control buffer costs more.
+  bool first_attempt(duplex::channel& ch, std::error_code& ec) {
+    if (!worth_trying(ch)) {
+      std::byte probe{};
+      if (::recv(ch.native_handle(), &probe, 1, MSG_PEEK | MSG_DONTWAIT) < 0 &&
+          (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        return false;
+      }
+    }
+    return attempt(ch, ec);
+  }
+  // Once true, a cancellation of type total can no longer be honoured (never, for a receive:
+  // a message partly read stays buffered in the channel).
+  [[nodiscard]] bool taken() const noexcept { return false; }
+  // False when an attempt would most likely only be a recvmsg that fails with EAGAIN: nothing is
+  // buffered and the channel is open and whole (in a request-reply exchange the reply is rarely
+  // there yet when the receive starts).
+  [[nodiscard]] static bool worth_trying(const duplex::channel& ch) noexcept {
+    return ch.buffered_bytes() > 0 || ch.is_broken() || ch.native_handle() < 0;
+  }
+};
+
+// async_send: try_send until the channel takes the message (while its outgoing queue is full,
+// try_send takes nothing), then flush until the queue is empty.
+struct send_steps {
+  static constexpr bool wants_read = false;
+  send_source what;
+  bool accepted = false;
+
+  bool attempt(duplex::channel& ch, std::error_code& ec) {
+    if (!accepted) {
+      auto r = what.try_send(ch);
+      if (!r) {
+        if (r.error() == errc::queue_full || r.error() == errc::would_block) return false;
+        ec = r.error();
+        return true;
+      }
+      accepted = true;
+    } else if (auto flushed = ch.flush(); !flushed) {
+      ec = flushed.error();
+      return true;
+    }
+    return !ch.wants_write();
+  }
+  // The message is in the channel's queue and cannot be taken back: a cancellation from here on
+  // has a side effect (the rest of the message is still delivered later), which total
+  // cancellation forbids. Terminal and partial cancellation are still honoured.
+  bool first_attempt(duplex::channel& ch, std::error_code& ec) { return attempt(ch, ec); }
+  [[nodiscard]] bool taken() const noexcept { return accepted; }
+  [[nodiscard]] static bool worth_trying(const duplex::channel&) noexcept { return true; }
+};
+
+// async_flush: flush until the outgoing queue is empty.
+struct flush_steps {
+  static constexpr bool wants_read = false;
+
+  static bool attempt(duplex::channel& ch, std::error_code& ec) {
+    auto flushed = ch.flush();
+    if (!flushed) ec = flushed.error();
+    return !flushed || *flushed;
+  }
+  static bool first_attempt(duplex::channel& ch, std::error_code& ec) { return attempt(ch, ec); }
+  [[nodiscard]] static bool taken() noexcept { return false; }
+  [[nodiscard]] static bool worth_trying(const duplex::channel&) noexcept { return true; }
+};
+
 // An execution context such as asio::io_context.
 template <typename T>
 concept execution_context = std::is_convertible_v<T&, ::asio::execution_context&>;
@@ -165,197 +274,335 @@ concept execution_context = std::is_convertible_v<T&, ::asio::execution_context&
 template <typename T, typename E>
 concept other_executor_of = !std::same_as<T, E> && std::is_convertible_v<const T&, E>;
 
+#if DUPLEX_ASIO_REACTOR
+
+using reactor = ::asio::detail::epoll_reactor;
+
+// The registration of a channel's duplicate fd with Asio's epoll reactor: what Asio's own
+// descriptor service keeps for a descriptor, kept here so that operations can be started with
+// allow_speculative, as a socket's reads and writes are.
+class reactor_watch {
+ public:
+  // Registers fd (owned from here on; -1 for a closed channel: nothing to watch) with ctx's
+  // reactor. Throws std::system_error if the reactor refuses it (fd is closed).
+  reactor_watch(::asio::execution_context& ctx, int fd)
+      : reactor_(::asio::use_service<reactor>(ctx)) {
+    reactor_.init_task();
+    if (fd < 0) return;
+    if (const int err = reactor_.register_descriptor(fd, data_); err != 0) {
+      ::close(fd);
+      throw std::system_error(err, std::system_category(),
+                              "duplex::asio::channel: register with the reactor");
+    }
+    fd_ = fd;
+  }
+  reactor_watch(const reactor_watch&) = delete;
+  reactor_watch& operator=(const reactor_watch&) = delete;
+  ~reactor_watch() { close(); }
+
+  // Aborts every queued operation (operation_aborted).
+  void cancel() {
+    if (fd_ >= 0) reactor_.cancel_ops(fd_, data_);
+  }
+  // Aborts the queued operation of op_type registered under key, if any.
+  void cancel(int op_type, void* key) {
+    if (fd_ >= 0) reactor_.cancel_ops_by_key(fd_, data_, op_type, key);
+  }
+  // Aborts every queued operation, unregisters the fd and closes it.
+  void close() noexcept {
+    if (const int fd = release(); fd >= 0) ::close(fd);
+  }
+  // Aborts every queued operation and unregisters the fd; returns it (-1 if none).
+  int release() noexcept {
+    if (fd_ < 0) return -1;
+    // Not "closing": the socket stays open through the channel's own fd, so epoll must be told.
+    reactor_.deregister_descriptor(fd_, data_, false);
+    reactor_.cleanup_descriptor_data(data_);
+    return std::exchange(fd_, -1);
+  }
+  // Starts op: the reactor performs it at once and, if it cannot finish yet, queues it until the
+  // fd is ready for op_type. Without an fd (a closed channel), op is performed once and
+  // completes (with errc::closed). Never completes inside this call.
+  void start(int op_type, ::asio::detail::reactor_op* op, bool is_continuation) {
+    if (fd_ < 0) {
+      static_cast<void>(op->perform());
+      reactor_.post_immediate_completion(op, is_continuation);
+      return;
+    }
+    reactor_.start_op(op_type, fd_, data_, op, is_continuation, true);
+  }
+
+ private:
+  reactor& reactor_;
+  int fd_ = -1;
+  reactor::per_descriptor_data data_ = nullptr;
+};
+
+// What the operations share with the channel object. On the heap, so that moving a channel
+// leaves the address its operations use unchanged.
+template <typename Executor>
+struct channel_state {
+  channel_state(duplex::channel c, const Executor& e, int fd)
+      : ch(std::move(c)), ex(e), watch(::asio::query(e, ::asio::execution::context), fd) {}
+
+  duplex::channel ch;
+  Executor ex;
+  reactor_watch watch;
+};
+
+// An operation's cancellation slot handler. An operation is queued under the key `this` until
+// its steps say taken(), and under its late key from then on: terminal and partial
+// cancellation reach it under either key, total cancellation only under the first. The reactor
+// compares keys under the descriptor's lock, the same lock the operation's steps run under, so a
+// cancellation never lands between the message being taken and the key changing.
+class cancel_handler {
+ public:
+  cancel_handler(reactor_watch* w, int op_type, void* late_key)
+      : watch_(w), op_type_(op_type), late_key_(late_key) {}
+
+  void operator()(::asio::cancellation_type_t type) {
+    using ::asio::cancellation_type;
+    if (!!(type &
+           (cancellation_type::terminal | cancellation_type::partial | cancellation_type::total))) {
+      watch_->cancel(op_type_, this);
+    }
+    if (!!(type & (cancellation_type::terminal | cancellation_type::partial))) {
+      watch_->cancel(op_type_, late_key_);
+    }
+  }
+
+ private:
+  reactor_watch* watch_;
+  int op_type_;
+  void* late_key_;
+};
+
+// One operation as an Asio reactor operation: the reactor calls do_perform (in the initiating
+// call, then whenever the fd is ready), and the scheduler calls do_complete, which invokes the
+// handler through its executor as Asio's own operations do.
+template <typename Steps, typename Handler, typename IoExecutor>
+class channel_op : public ::asio::detail::reactor_op {
+ public:
+  ASIO_DEFINE_HANDLER_PTR(channel_op);
+
+  channel_op(duplex::channel& ch, Steps steps, Handler& handler, const IoExecutor& io_ex)
+      : reactor_op(std::error_code(), &channel_op::do_perform, &channel_op::do_complete),
+        ch_(ch),
+        steps_(std::move(steps)),
+        handler_(std::move(handler)),
+        work_(handler_, io_ex) {}
+
+  // The key the operation is queued under once its steps say taken().
+  void* late_key() noexcept { return &steps_; }
+
+ private:
+  static status do_perform(reactor_op* base) {
+    auto* o = static_cast<channel_op*>(base);
+    const bool first = std::exchange(o->first_, false);
+    if (first ? o->steps_.first_attempt(o->ch_, o->ec_) : o->steps_.attempt(o->ch_, o->ec_)) {
+      return done;
+    }
+    if (o->steps_.taken() && o->cancellation_key_ != nullptr) o->cancellation_key_ = o->late_key();
+    return not_done;
+  }
+
+  static void do_complete(void* owner, ::asio::detail::operation* base, const std::error_code&,
+                          std::size_t) {
+    auto* o = static_cast<channel_op*>(base);
+    ptr p = {std::addressof(o->handler_), o, o};
+    ::asio::detail::handler_work<Handler, IoExecutor> w(std::move(o->work_));
+    // The handler and its arguments leave the operation before its memory is freed.
+    auto bound = bind(*o);
+    p.h = std::addressof(bound.handler_);
+    p.reset();
+    if (owner != nullptr) {
+      // The slot's handler points into the channel: it must not outlive the operation.
+      ::asio::get_associated_cancellation_slot(bound.handler_).clear();
+      ::asio::detail::fenced_block b(::asio::detail::fenced_block::half);
+      w.complete(bound, bound.handler_);
+    }
+  }
+
+  static auto bind(channel_op& o) {
+    if constexpr (std::is_same_v<Steps, receive_steps>) {
+      return ::asio::detail::move_binder2<Handler, std::error_code, message>(
+          0, std::move(o.handler_), o.ec_, std::move(o.steps_.received));
+    } else {
+      return ::asio::detail::binder1<Handler, std::error_code>(o.handler_, o.ec_);
+    }
+  }
+
+  duplex::channel& ch_;
+  Steps steps_;
+  bool first_ = true;  // the next perform is the one in the initiating call
+  Handler handler_;
+  ::asio::detail::handler_work<Handler, IoExecutor> work_;
+};
+
+// The initiation of an operation (for asio::async_initiate).
+template <typename Executor, typename Steps>
+class initiate {
+ public:
+  using executor_type = Executor;
+
+  initiate(channel_state<Executor>* s, Steps steps) : s_(s), steps_(std::move(steps)) {}
+
+  [[nodiscard]] executor_type get_executor() const noexcept { return s_->ex; }
+
+  template <typename Handler>
+  void operator()(Handler&& handler) const {
+    ::asio::detail::non_const_lvalue<Handler> h(handler);
+    using op = channel_op<Steps, std::decay_t<Handler>, Executor>;
+    constexpr int op_type = Steps::wants_read ? reactor::read_op : reactor::write_op;
+    const bool is_continuation = asio_handler_cont_helpers::is_continuation(h.value);
+    auto slot = ::asio::get_associated_cancellation_slot(h.value);
+    typename op::ptr p = {std::addressof(h.value), op::ptr::allocate(h.value), nullptr};
+    p.p = new (p.v) op(s_->ch, steps_, h.value, s_->ex);
+    if (slot.is_connected()) {
+      p.p->cancellation_key_ =
+          &slot.template emplace<cancel_handler>(&s_->watch, op_type, p.p->late_key());
+    }
+    s_->watch.start(op_type, p.p, is_continuation);
+    p.v = p.p = nullptr;
+  }
+
+ private:
+  channel_state<Executor>* s_;
+  Steps steps_;
+};
+
+template <typename Signature, typename Executor, typename Steps, typename Token>
+auto start(channel_state<Executor>* s, Steps steps, Token&& token) {
+  return ::asio::async_initiate<Token, Signature>(initiate<Executor, Steps>(s, std::move(steps)),
+                                                  token);
+}
+
+#else  // !DUPLEX_ASIO_REACTOR
+
+// What the operations share with the channel object. On the heap, so that moving a channel
+// leaves the address its operations use unchanged.
+template <typename Executor>
+struct channel_state {
+  channel_state(duplex::channel c, const Executor& e, int fd)
+      : ch(std::move(c)), ex(e), descriptor(e) {
+    if (fd < 0) return;
+    std::error_code ec;
+    descriptor.assign(fd, ec);
+    if (ec) {
+      ::close(fd);
+      throw std::system_error(ec, "duplex::asio::channel: register with the reactor");
+    }
+    // Once and for all here, so that no async_wait changes the descriptor's state later.
+    descriptor.non_blocking(true, ec);
+    if (ec) throw std::system_error(ec, "duplex::asio::channel: O_NONBLOCK");
+  }
+
+  duplex::channel ch;
+  Executor ex;
+  ::asio::posix::basic_stream_descriptor<Executor> descriptor;
+  // Bumped by cancel() and close(): an operation that started before gives up at its next wait,
+  // even if cancel() came while it was between two waits (when the reactor holds nothing of it).
+  std::atomic<std::uint64_t> cancels{0};
+
+  // True if the operation that started when cancels was `since` has been cancelled, by cancel(),
+  // close() or its own cancellation slot.
+  template <typename Self>
+  bool cancelled(Self& self, std::uint64_t since) const {
+    return cancels.load() != since ||
+           self.get_cancellation_state().cancelled() != ::asio::cancellation_type::none;
+  }
+};
+
 enum class step : unsigned char {
   start,    // inside the initiating function
   waiting,  // resumed by the reactor (async_wait)
   posted,   // resumed by the post that completes an operation finished in the initiating call
 };
 
-// async_receive: try_receive; on would_block wait readable and try again.
-template <typename Executor>
-class receive_op {
+// One operation as an async_compose: attempt; while it would block, wait for the socket and
+// attempt again.
+template <typename Executor, typename Steps>
+class composed_op {
  public:
-  explicit receive_op(channel_state<Executor>* s) : s_(s), cancels_(s->cancels.load()) {}
+  composed_op(channel_state<Executor>* s, Steps steps)
+      : s_(s), steps_(std::move(steps)), cancels_(s->cancels.load()) {}
 
   template <typename Self>
   void operator()(Self& self, std::error_code ec = {}) {
     switch (step_) {
       case step::start:
-        // Nothing is lost by cancelling a receive at any time (a message partly read stays
-        // buffered in the channel), so every kind of cancellation is honoured.
         self.reset_cancellation_state(::asio::enable_total_cancellation());
-        // With nothing buffered, a receive needs the socket: wait for it rather than first make a
-        // recvmsg that would most likely block (in a request-reply exchange the reply is rarely
-        // there yet when the receive starts). A broken or closed channel answers at once.
-        if ((s_->ch.buffered_bytes() > 0 || s_->ch.is_broken() || s_->ch.native_handle() < 0) &&
-            attempt()) {
+        // Without a speculative attempt, async_wait costs Asio an epoll_ctl: skip only an
+        // attempt that would almost surely be in vain.
+        if (Steps::worth_trying(s_->ch) && attempt(self)) {
           step_ = step::posted;
           ::asio::post(std::move(self));
           return;
         }
         break;
-      case step::posted: self.complete(ec_, std::move(message_)); return;
+      case step::posted: finish(self); return;
       case step::waiting:
         if (ec) {
-          self.complete(ec, message{});
+          ec_ = ec;
+          finish(self);
           return;
         }
-        if (attempt()) {
-          self.complete(ec_, std::move(message_));
+        if (attempt(self)) {
+          finish(self);
           return;
         }
         if (s_->cancelled(self, cancels_)) {
-          self.complete(::asio::error::operation_aborted, message{});
+          ec_ = ::asio::error::operation_aborted;
+          finish(self);
           return;
         }
         break;
     }
     step_ = step::waiting;
-    s_->descriptor.async_wait(::asio::posix::descriptor_base::wait_read, std::move(self));
+    s_->descriptor.async_wait(Steps::wants_read ? ::asio::posix::descriptor_base::wait_read
+                                                : ::asio::posix::descriptor_base::wait_write,
+                              std::move(self));
   }
 
  private:
-  // True once the operation has its outcome (a message or an error).
-  bool attempt() {
-    auto r = s_->ch.try_receive();
-    if (r) {
-      message_ = std::move(*r);
-      return true;
-    }
-    if (r.error() == errc::would_block) return false;
-    ec_ = r.error();
-    return true;
-  }
-
-  channel_state<Executor>* s_;
-  std::uint64_t cancels_;
-  message message_;
-  std::error_code ec_;
-  step step_ = step::start;
-};
-
-// async_send: try_send (while the queue is full: wait writable, flush, retry), then flush until
-// the outgoing queue is empty.
-template <typename Executor>
-class send_op {
- public:
-  send_op(channel_state<Executor>* s, send_source what)
-      : s_(s), what_(what), cancels_(s->cancels.load()) {}
-
+  // True once the operation has its outcome (in ec_ and steps_).
   template <typename Self>
-  void operator()(Self& self, std::error_code ec = {}) {
-    switch (step_) {
-      case step::start:
-        // Until the channel takes the message, cancelling has no side effect.
-        self.reset_cancellation_state(::asio::enable_total_cancellation());
-        if (advance(self)) {
-          step_ = step::posted;
-          ::asio::post(std::move(self));
-          return;
-        }
-        break;
-      case step::posted: self.complete(ec_); return;
-      case step::waiting:
-        if (ec) {
-          self.complete(ec);
-          return;
-        }
-        if (auto flushed = s_->ch.flush(); !flushed) {
-          self.complete(flushed.error());
-          return;
-        }
-        if (advance(self)) {
-          self.complete(ec_);
-          return;
-        }
-        if (s_->cancelled(self, cancels_)) {
-          self.complete(::asio::error::operation_aborted);
-          return;
-        }
-        break;
-    }
-    step_ = step::waiting;
-    s_->descriptor.async_wait(::asio::posix::descriptor_base::wait_write, std::move(self));
-  }
-
- private:
-  // True once the operation has its outcome (in ec_).
-  template <typename Self>
-  bool advance(Self& self) {
-    if (!accepted_) {
-      auto r = what_.try_send(s_->ch);
-      if (!r) {
-        if (r.error() == errc::queue_full || r.error() == errc::would_block) return false;
-        ec_ = r.error();
-        return true;
-      }
-      accepted_ = true;
-      if (!s_->ch.wants_write()) return true;
-      // The message is in the channel's queue now and cannot be taken back: a cancellation from
-      // here on has a side effect (the rest of the message is still delivered later), which
-      // total cancellation forbids. Terminal and partial cancellation are still honoured.
+  bool attempt(Self& self) {
+    const bool was_taken = steps_.taken();
+    if (steps_.attempt(s_->ch, ec_)) return true;
+    if (!was_taken && steps_.taken()) {
       if (self.get_cancellation_state().cancelled() != ::asio::cancellation_type::none) {
         ec_ = ::asio::error::operation_aborted;
         return true;
       }
       self.reset_cancellation_state(::asio::enable_partial_cancellation());
-      return false;
     }
-    return !s_->ch.wants_write();
+    return false;
   }
-
-  channel_state<Executor>* s_;
-  send_source what_;
-  std::uint64_t cancels_;
-  std::error_code ec_;
-  bool accepted_ = false;
-  step step_ = step::start;
-};
-
-// async_flush: wait writable and flush until the outgoing queue is empty.
-template <typename Executor>
-class flush_op {
- public:
-  explicit flush_op(channel_state<Executor>* s) : s_(s), cancels_(s->cancels.load()) {}
 
   template <typename Self>
-  void operator()(Self& self, std::error_code ec = {}) {
-    switch (step_) {
-      case step::start:
-        self.reset_cancellation_state(::asio::enable_total_cancellation());
-        if (auto flushed = s_->ch.flush(); !flushed || *flushed) {
-          if (!flushed) ec_ = flushed.error();
-          step_ = step::posted;
-          ::asio::post(std::move(self));
-          return;
-        }
-        break;
-      case step::posted: self.complete(ec_); return;
-      case step::waiting:
-        if (ec) {
-          self.complete(ec);
-          return;
-        }
-        if (auto flushed = s_->ch.flush(); !flushed || *flushed) {
-          self.complete(flushed ? std::error_code{} : flushed.error());
-          return;
-        }
-        if (s_->cancelled(self, cancels_)) {
-          self.complete(::asio::error::operation_aborted);
-          return;
-        }
-        break;
+  void finish(Self& self) {
+    if constexpr (std::is_same_v<Steps, receive_steps>) {
+      self.complete(ec_, ec_ ? message{} : std::move(steps_.received));
+    } else {
+      self.complete(ec_);
     }
-    step_ = step::waiting;
-    s_->descriptor.async_wait(::asio::posix::descriptor_base::wait_write, std::move(self));
   }
 
- private:
   channel_state<Executor>* s_;
+  Steps steps_;
   std::uint64_t cancels_;
   std::error_code ec_;
   step step_ = step::start;
 };
+
+template <typename Signature, typename Executor, typename Steps, typename Token>
+auto start(channel_state<Executor>* s, Steps steps, Token&& token) {
+  return ::asio::async_compose<Token, Signature>(composed_op<Executor, Steps>(s, std::move(steps)),
+                                                 token, s->descriptor);
+}
+
+#endif  // DUPLEX_ASIO_REACTOR
 
 }  // namespace detail
 
@@ -397,9 +644,7 @@ class basic_channel {
   ~basic_channel() = default;
 
   // The executor operations run on when their handler has none of its own.
-  [[nodiscard]] executor_type get_executor() const noexcept {
-    return s_->descriptor.get_executor();
-  }
+  [[nodiscard]] executor_type get_executor() const noexcept { return s_->ex; }
 
   // The underlying channel: for kind(), peer_credentials(), shutdown_send(), or its blocking
   // calls (see the rules above). Close it with close() below, not channel().close(): the
@@ -415,18 +660,26 @@ class basic_channel {
   // message received is never dropped). A message partly received stays buffered in the
   // channel; see async_send for a message partly sent.
   void cancel() {
+#if DUPLEX_ASIO_REACTOR
+    s_->watch.cancel();
+#else
     s_->cancels.fetch_add(1);
     std::error_code ignored;
     s_->descriptor.cancel(ignored);
+#endif
   }
 
   // Cancels every outstanding operation (asio::error::operation_aborted) and closes the channel
   // (duplex::channel::close: unsent queued bytes are dropped; the peer sees the end). Later
   // operations complete with errc::closed.
   void close() {
+#if DUPLEX_ASIO_REACTOR
+    s_->watch.close();
+#else
     s_->cancels.fetch_add(1);
     std::error_code ignored;
     s_->descriptor.close(ignored);
+#endif
     s_->ch.close();
   }
 
@@ -440,8 +693,8 @@ class basic_channel {
   template <::asio::completion_token_for<receive_signature> Token =
                 ::asio::default_completion_token_t<executor_type>>
   auto async_receive(Token&& token = ::asio::default_completion_token_t<executor_type>()) {
-    return ::asio::async_compose<Token, receive_signature>(detail::receive_op<Executor>(s_.get()),
-                                                           token, s_->descriptor);
+    return detail::start<receive_signature>(s_.get(), detail::receive_steps{},
+                                            std::forward<Token>(token));
   }
 
   // Sends parts (scatter/gather) as one message with fds attached (the caller keeps its fds).
@@ -496,52 +749,46 @@ class basic_channel {
   template <::asio::completion_token_for<send_signature> Token =
                 ::asio::default_completion_token_t<executor_type>>
   auto async_flush(Token&& token = ::asio::default_completion_token_t<executor_type>()) {
-    return ::asio::async_compose<Token, send_signature>(detail::flush_op<Executor>(s_.get()), token,
-                                                        s_->descriptor);
+    return detail::start<send_signature>(s_.get(), detail::flush_steps{},
+                                         std::forward<Token>(token));
   }
 
  private:
   template <typename>
   friend class basic_channel;
 
-  using descriptor_type = ::asio::posix::basic_stream_descriptor<Executor>;
   using state = detail::channel_state<Executor>;
 
   static std::unique_ptr<state> make_state(const executor_type& ex, duplex::channel ch) {
-    descriptor_type d = watch(ex, detail::watch_fd(ch));
-    return std::make_unique<state>(std::move(ch), std::move(d));
-  }
-
-  // A descriptor on ex that owns fd (none if fd is -1), registered with the reactor.
-  static descriptor_type watch(const executor_type& ex, int fd) {
-    descriptor_type d(ex);
-    if (fd < 0) return d;
-    std::error_code ec;
-    d.assign(fd, ec);
-    if (ec) {
-      ::close(fd);
-      throw std::system_error(ec, "duplex::asio::channel: register with the reactor");
+    const int fd = detail::watch_fd(ch);
+    if (fd >= 0) {
+      try {
+        detail::set_non_blocking(fd);
+      } catch (...) {
+        ::close(fd);
+        throw;
+      }
     }
-    // Once and for all here, so that no async_wait changes the descriptor's state later.
-    d.non_blocking(true, ec);
-    if (ec) throw std::system_error(ec, "duplex::asio::channel: O_NONBLOCK");
-    return d;
+    return std::make_unique<state>(std::move(ch), ex, fd);
   }
 
-  // The state of other, moved to this executor type (Asio 1.22's descriptors do not convert:
-  // the duplicate fd is released from one and assigned to the other).
+  // The state of other, moved to this executor type: the duplicate fd is unregistered from one
+  // and registered anew for the other (as Asio 1.22's descriptors, which do not convert).
   template <typename OtherExecutor>
   static std::unique_ptr<state> take_over(basic_channel<OtherExecutor>&& other) {
     auto& from = *other.s_;
-    const executor_type ex(from.descriptor.get_executor());
+#if DUPLEX_ASIO_REACTOR
+    const int fd = from.watch.release();
+#else
     const int fd = from.descriptor.is_open() ? from.descriptor.release() : -1;
-    return std::make_unique<state>(std::move(from.ch), watch(ex, fd));
+#endif
+    return std::make_unique<state>(std::move(from.ch), executor_type(from.ex), fd);
   }
 
   template <typename Token>
   auto start_send(detail::send_source what, Token&& token) {
-    return ::asio::async_compose<Token, send_signature>(detail::send_op<Executor>(s_.get(), what),
-                                                        token, s_->descriptor);
+    return detail::start<send_signature>(s_.get(), detail::send_steps{what},
+                                         std::forward<Token>(token));
   }
 
   std::unique_ptr<state> s_;

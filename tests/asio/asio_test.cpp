@@ -1,7 +1,7 @@
 // duplex::asio: whole messages with fds as Asio operations, with completion handlers and
 // coroutines, on stream and seqpacket channels: fds, errors, cancellation (object-wide,
 // per operation, timeouts), two coroutines pushing 64 MiB at each other on one thread, and
-// round trips on a strand of an io_context run by two threads.
+// round trips on a strand of an io_context run by two threads. Built twice (see asio_build).
 #include "duplex/asio.hpp"
 
 // Asio's use_future, inlined with sanitizers, trips GCC's -Wmaybe-uninitialized (a false positive
@@ -139,6 +139,19 @@ INSTANTIATE_TEST_SUITE_P(kinds, asio_test,
                          test::kind_name);
 
 class asio_stream_test : public test::fd_checked {};
+
+// The suite is built twice: as is, where Asio 1.22-1.27 on epoll (Debian 12's Asio) gives
+// reactor operations, and with DUPLEX_ASIO_PORTABLE, which forces the composed operations.
+TEST(asio_build, OperationsRunTheWayTheBuildAsksFor) {
+#if defined(DUPLEX_ASIO_PORTABLE)
+  EXPECT_EQ(DUPLEX_ASIO_REACTOR, 0);
+#elif defined(ASIO_HAS_EPOLL) && !defined(ASIO_HAS_IO_URING_AS_DEFAULT) && \
+    ASIO_VERSION >= 102200 && ASIO_VERSION < 102800
+  EXPECT_EQ(DUPLEX_ASIO_REACTOR, 1);
+#else
+  EXPECT_EQ(DUPLEX_ASIO_REACTOR, 0);
+#endif
+}
 
 TEST_P(asio_test, HandlersRoundTrip) {
   ::asio::io_context io;
@@ -469,9 +482,11 @@ TEST_F(asio_stream_test, AMessagePartlyReadWhenCancelledStaysBufferedWhole) {
   EXPECT_EQ(second.m.text(), "second");
 }
 
-// cancel() while a receive is between two waits (the reactor has woken it, and its next step has
-// not run yet: the reactor holds nothing to cancel) still aborts it. Its steps run on a second
-// io_context (the handler's executor), so the test can call cancel() in between.
+// cancel() after a receive was woken by the socket and found only part of a message still aborts
+// it, and the part stays buffered. The handler runs on a second io_context, so the test can call
+// cancel() in between. (With reactor operations the reactor has tried the receive and queued it
+// again; with composed operations its next step waits on the second io_context, and the reactor
+// holds nothing to cancel.)
 TEST_F(asio_stream_test, CancelBetweenTwoWaitsIsNotLost) {
   ::asio::io_context io;
   ::asio::io_context steps;
@@ -484,7 +499,8 @@ TEST_F(asio_stream_test, CancelBetweenTwoWaitsIsNotLost) {
   io.poll();  // the reactor sees the socket readable and hands the next step to `steps`
   EXPECT_FALSE(r.done);
   ch.cancel();
-  steps.poll();  // reads the header, would wait again: aborts instead
+  io.poll();     // hands the aborted receive to `steps` (reactor operations)
+  steps.poll();  // composed operations: reads the header, would wait again, aborts instead
   ASSERT_TRUE(r.done);
   EXPECT_EQ(r.ec, ::asio::error::operation_aborted);
   ASSERT_THAT(raw.second.send(as_bytes("whole")), Succeeded());
