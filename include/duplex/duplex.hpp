@@ -10,6 +10,7 @@
 #include "duplex/framing.hpp"
 #include "duplex/message.hpp"
 #include "duplex/process.hpp"
+#include "duplex/ring.hpp"
 #include "duplex/socket.hpp"
 #include "duplex/socket_pair.hpp"
 #include "duplex/version.hpp"

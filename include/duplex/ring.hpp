@@ -1,0 +1,133 @@
+// duplex/ring.hpp - whole messages through shared-memory rings, for the lowest latency.
+//
+// A ring_channel carries fd-less messages between two peers (threads or processes) through two
+// rings in shared memory, one per direction, and uses its socket only to set them up and to see
+// the peer die. Each end owns the ring it receives on (a memfd sealed against resizing, mapped
+// by both ends); the peer writes messages into it and moves its tail, the owner reads them and
+// moves its head. A receiver with busy_poll set spins on the ring's tail without a system call,
+// so a round trip between two spinning cores costs memory traffic only. A receiver that finds
+// nothing and stops spinning sleeps on an eventfd its peer writes to only when it sees the
+// receiver asleep; a sender whose ring is full sleeps the same way until the receiver makes room.
+//
+// What it promises, whatever the peer does:
+//   - Messages arrive whole, in order, each once. Every message published before the peer
+//     closed or died is delivered, then errc::peer_closed.
+//   - The peer can write anything into the ring it shares: every position and length read from
+//     shared memory is checked before use (a broken one gives errc::protocol_error, then
+//     errc::broken); a message is copied out before it is handed over, so the peer cannot change
+//     it afterwards; the memfd the peer hands over must be sealed against shrinking (no SIGBUS)
+//     and the peer's eventfds must be eventfds.
+//   - No fds: a message with fds needs a duplex::channel. Messages are at most the receiver's
+//     max_message_size, which is at most its ring's capacity less 8 bytes.
+//
+// What it costs: two rings (2 × capacity bytes of shared memory per pair), four eventfds per
+// end besides the socket (its own two and the peer's two; the memfds are closed once mapped) and,
+// with busy_poll, a core spinning while it waits. A send into the ring of a peer that died without
+// closing succeeds while the ring has room (like a send into the socket buffer of a peer that has
+// not read it yet); the first send that must wait for room, and every receive, see the peer gone.
+//
+// Threads: one thread may send while another receives on the same end; concurrent senders (or
+// receivers) take turns on a lock. close() may be called from any thread at any time.
+//
+//   auto ends = duplex::ring_channel_pair({.busy_poll = std::chrono::microseconds(100)});
+//   ends->first.send(duplex::as_bytes("ping"));
+//   duplex::result<duplex::message> m = ends->second.receive();
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <utility>
+
+#include "duplex/buffer.hpp"
+#include "duplex/error.hpp"
+#include "duplex/message.hpp"
+#include "duplex/socket.hpp"
+
+namespace duplex {
+
+// How a ring_channel end is set up. Both ends choose their own; each learns the peer's ring
+// size and message limit in the handshake.
+struct ring_options {
+  // Bytes of the ring this end receives on: a power of two from 4 KiB to 1 GiB.
+  std::size_t capacity = std::size_t{1} << 20;
+  // The largest message this end accepts; at most capacity - 8. Larger ones are refused with
+  // errc::message_too_large by the sender, and break the ring if they appear in it anyway.
+  std::size_t max_message_size = std::size_t{64} << 10;
+  // The largest ring the peer may ask this end to map (the peer's capacity).
+  std::size_t max_peer_capacity = std::size_t{64} << 20;
+  // How long a receive (or a send waiting for room) spins on shared memory before it sleeps.
+  // Spinning costs a core for that long; 0 sleeps at once.
+  std::chrono::nanoseconds busy_poll{0};
+  // How long create() waits for the peer's half of the handshake.
+  std::chrono::nanoseconds handshake_timeout = std::chrono::seconds(10);
+};
+
+// One end of a pair of shared-memory rings (see the top of this file).
+class ring_channel {
+ public:
+  // No ring: every call returns errc::closed.
+  ring_channel() noexcept;
+  ~ring_channel();
+  ring_channel(ring_channel&&) noexcept;
+  ring_channel& operator=(ring_channel&&) noexcept;
+
+  // Sets up this end over a connected stream or seqpacket socket whose peer calls create() too:
+  // sends this end's ring and eventfds, receives and checks the peer's, and maps its ring.
+  // Errors: errc::wrong_kind (not a connected stream/seqpacket socket), errc::timed_out,
+  // errc::peer_closed, errc::protocol_error (a bad handshake, ring or fd), EINVAL (options out of
+  // range), the errno of memfd_create, eventfd or mmap.
+  [[nodiscard]] static result<ring_channel> create(socket s, const ring_options& options = {});
+
+  // Sends one message (its pieces gathered), waiting for room in the peer's ring as long as
+  // timeout allows. Errors: errc::message_too_large (over the peer's limit; nothing sent),
+  // errc::timed_out, errc::peer_closed, errc::protocol_error / errc::broken (the peer broke its
+  // ring's positions), errc::closed.
+  [[nodiscard]] result<void> send(
+      const_buffer payload, std::chrono::nanoseconds timeout = std::chrono::nanoseconds::max());
+  [[nodiscard]] result<void> send(
+      std::span<const const_buffer> pieces,
+      std::chrono::nanoseconds timeout = std::chrono::nanoseconds::max());
+  // Sends only if the peer's ring has room now; errc::would_block otherwise.
+  [[nodiscard]] result<void> try_send(const_buffer payload);
+
+  // The next message, copied out of the ring, waiting as long as timeout allows (spinning first
+  // for busy_poll). Errors: errc::timed_out, errc::peer_closed (everything sent was delivered),
+  // errc::protocol_error / errc::broken, errc::closed, ENOMEM.
+  [[nodiscard]] result<message> receive(
+      std::chrono::nanoseconds timeout = std::chrono::nanoseconds::max());
+  // The next message if one is there now; errc::would_block otherwise.
+  [[nodiscard]] result<message> try_receive();
+  // The next message copied into buf; returns its size. A message larger than buf stays in the
+  // ring and gives errc::buffer_too_small. Other errors as receive().
+  [[nodiscard]] result<std::size_t> receive_into(
+      mutable_buffer buf, std::chrono::nanoseconds timeout = std::chrono::nanoseconds::max());
+
+  // The peer's limit for one message (0 when closed).
+  [[nodiscard]] std::size_t max_send_size() const noexcept;
+  // True until close() (or a default-constructed end).
+  [[nodiscard]] bool is_open() const noexcept;
+  // The socket's fd: readable when the peer has gone (it carries nothing after the handshake).
+  [[nodiscard]] int native_handle() const noexcept;
+
+  // Tells the peer this end is gone (it gets errc::peer_closed once it has read everything
+  // already in its ring) and wakes any call waiting on this end, which returns errc::closed.
+  // The rings stay mapped until destruction.
+  void close() noexcept;
+
+  // The shared state of an end; defined in the library.
+  struct impl;
+
+ private:
+  friend result<std::pair<ring_channel, ring_channel>> ring_channel_pair(const ring_options&);
+  explicit ring_channel(std::unique_ptr<impl> p) noexcept;
+  std::unique_ptr<impl> impl_;
+};
+
+// Two connected ring_channel ends in this process, both set up with options.
+[[nodiscard]] result<std::pair<ring_channel, ring_channel>> ring_channel_pair(
+    const ring_options& options = {});
+
+}  // namespace duplex
