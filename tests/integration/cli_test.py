@@ -214,17 +214,19 @@ class Bench(unittest.TestCase):
 
     TRANSPORTS = {"raw-stream", "raw-seqpacket", "raw-stream-busypoll", "pipe", "memcpy",
                   "duplex-stream", "duplex-seqpacket", "duplex-stream-busypoll",
-                  "duplex-stream-batch", "duplex-shm", "duplex-shm-copy", "duplex-python"}
+                  "duplex-stream-batch", "duplex-shm", "duplex-shm-copy", "duplex-python",
+                  "duplex-ring", "duplex-ring-busypoll"}
     # Every transport, and every row the four goals need, in as few rows as that takes; the raw
     # rows their ratios need come along by themselves.
     FILTER = ("^rtt/threads/(pipe|duplex-seqpacket|duplex-python)/8B$"
-              "|^rtt/processes/duplex-stream(-busypoll)?/8B$"
+              "|^rtt/processes/duplex-(stream|ring)(-busypoll)?/8B$"
               "|^throughput/threads/(memcpy|duplex-stream-batch)/64B$"
               "|^throughput/threads/duplex-shm(-copy)?/16MiB$")
     ROWS = ["rtt/threads/raw-stream/8B", "rtt/threads/raw-seqpacket/8B", "rtt/threads/pipe/8B",
             "rtt/threads/duplex-seqpacket/8B", "rtt/threads/duplex-python/8B",
             "rtt/processes/raw-stream/8B", "rtt/processes/duplex-stream/8B",
             "rtt/processes/raw-stream-busypoll/8B", "rtt/processes/duplex-stream-busypoll/8B",
+            "rtt/processes/duplex-ring/8B", "rtt/processes/duplex-ring-busypoll/8B",
             "throughput/threads/raw-stream/64B", "throughput/threads/memcpy/64B",
             "throughput/threads/duplex-stream-batch/64B", "throughput/threads/raw-stream/16MiB",
             "throughput/threads/duplex-shm/16MiB", "throughput/threads/duplex-shm-copy/16MiB"]
@@ -292,7 +294,8 @@ class Bench(unittest.TestCase):
         expected = {"duplex-stream": "raw-stream", "duplex-python": "raw-stream",
                     "duplex-stream-batch": "raw-stream", "duplex-shm": "raw-stream",
                     "duplex-shm-copy": "raw-stream", "duplex-seqpacket": "raw-seqpacket",
-                    "duplex-stream-busypoll": "raw-stream-busypoll"}
+                    "duplex-stream-busypoll": "raw-stream-busypoll", "duplex-ring": "raw-stream",
+                    "duplex-ring-busypoll": "raw-stream-busypoll"}
         for r in data["results"]:
             if not r["transport"].startswith("duplex-"):
                 self.assertNotIn("ratio", r, r["name"])
@@ -302,9 +305,11 @@ class Bench(unittest.TestCase):
                 base = rows["/".join([r["pattern"], r["peers"], r["baseline"], r["name"].split("/")[3]])]
                 metric = "ns_per_op" if r["pattern"] == "rtt" else "bytes_per_s"
                 self.assertAlmostEqual(r["ratio"], r[metric] / base[metric], 6)
-        busy = rows["rtt/processes/duplex-stream-busypoll/8B"]
-        self.assertAlmostEqual(busy["ratio_to_blocking"],
-                               busy["ns_per_op"] / rows["rtt/processes/raw-stream/8B"]["ns_per_op"], 6)
+        for name in ("duplex-stream-busypoll", "duplex-ring-busypoll"):
+            busy = rows["rtt/processes/" + name + "/8B"]
+            self.assertAlmostEqual(
+                busy["ratio_to_blocking"],
+                busy["ns_per_op"] / rows["rtt/processes/raw-stream/8B"]["ns_per_op"], 6)
 
     def test_goals(self):
         goals = self.results()["goals"]
@@ -389,7 +394,7 @@ class Bench(unittest.TestCase):
         r = run("bench", "--help")
         self.assertEqual(r.returncode, 0, r.stderr)
         for word in ("--quick", "--json", "--svg", "--filter", "median", "4 KiB page",
-                     "duplex-stream-busypoll"):
+                     "duplex-stream-busypoll", "duplex-ring-busypoll"):
             self.assertIn(word, r.stdout)
 
 

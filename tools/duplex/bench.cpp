@@ -209,7 +209,7 @@ std::vector<goal> goals_of(const std::vector<row_result>& rows) {
     return g;
   };
   const auto* rtt = find(rows, pattern::rtt, peers::processes, 8, "duplex-stream");
-  const auto* spin = find(rows, pattern::rtt, peers::processes, 8, "duplex-stream-busypoll");
+  const auto* spin = find(rows, pattern::rtt, peers::processes, 8, "duplex-ring-busypoll");
   const auto* batch = find(rows, pattern::throughput, peers::threads, 64, "duplex-stream-batch");
   const auto* raw64 = find(rows, pattern::throughput, peers::threads, 64, "raw-stream");
   const auto* shm =
@@ -220,7 +220,7 @@ std::vector<goal> goals_of(const std::vector<row_result>& rows) {
            "duplex-stream round trip of 8 B between processes, blocking, over raw-stream's (ratio)",
            1.05, true, rtt != nullptr ? opt(rtt->ratio) : std::nullopt),
       make("busy-poll rtt vs blocking raw-stream",
-           "duplex-stream-busypoll round trip of 8 B between processes over raw-stream's "
+           "duplex-ring-busypoll round trip of 8 B between processes over raw-stream's "
            "blocking round trip (ratio)",
            0.10, true, spin != nullptr ? opt(spin->ratio_to_blocking) : std::nullopt),
       make("batch msgs/s vs raw-stream",
@@ -277,7 +277,8 @@ std::string bench_help() {
       "Rows are named PATTERN/PEERS/TRANSPORT/SIZE, e.g. rtt/processes/duplex-stream/8B or "
       "throughput/threads/duplex-shm/16MiB. Transports: raw-stream, raw-seqpacket, "
       "raw-stream-busypoll, pipe, memcpy (baselines); duplex-stream, duplex-seqpacket, "
-      "duplex-python, duplex-stream-busypoll, duplex-stream-batch, duplex-shm, duplex-shm-copy.\n"
+      "duplex-python, duplex-stream-busypoll, duplex-stream-batch, duplex-shm, duplex-shm-copy, "
+      "duplex-ring, duplex-ring-busypoll (shared-memory rings).\n"
       "\n"
       "How: the rows of a group (same pattern, peers and size) are open together and their "
       "repetitions alternate, so that a noisy machine slows them alike; each row is warmed up "
@@ -285,7 +286,7 @@ std::string bench_help() {
       "{:g} s with --quick). Busy-poll rows run alone. The caller and its peer (a thread, or a "
       "forked child) are pinned to two CPUs.\n"
       "rtt: one message each way, echoed by the peer; busy-poll rows spin on both ends "
-      "(recv(MSG_DONTWAIT), or channel_options::busy_poll = 1 s).\n"
+      "(recv(MSG_DONTWAIT), channel_options::busy_poll = 1 s, or ring_options::busy_poll = 1 s).\n"
       "Throughput: from the producer's first byte to the consumer's last. Every producer fills "
       "the whole payload of every message (memset into its own buffer; into the allocate()d "
       "buffer for duplex-shm) and every consumer reads and checks the first byte of each "

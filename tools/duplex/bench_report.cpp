@@ -259,6 +259,8 @@ const char* color_of(const std::string& transport) {
   if (transport == "duplex-stream-batch") return "#2b8cbe";
   if (transport == "duplex-shm") return "#08519c";
   if (transport == "duplex-shm-copy") return "#6baed6";
+  if (transport == "duplex-ring") return "#2ca02c";
+  if (transport == "duplex-ring-busypoll") return "#1a6b1a";
   return transport.starts_with("duplex") ? "#1f77b4" : "#999999";
 }
 

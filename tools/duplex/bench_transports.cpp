@@ -410,6 +410,65 @@ class duplex_rtt final : public session {
   child child_;
 };
 
+// Round trips through ring_channel: the peer is a thread, or a forked child that sets up its own
+// end over the socket it inherits.
+class ring_rtt final : public session {
+ public:
+  ring_rtt(const ring_options& options, peers who, std::size_t size, const placement& cpus)
+      : size_(size), out_(size), in_(size) {
+    std::memset(out_.data(), 'x', size);
+    const auto echo = [size](ring_channel& ch) {
+      const page_buffer buf(size);
+      for (;;) {
+        auto r = ch.receive_into(buf.bytes());
+        if (!r || !ch.send(const_buffer(buf.data(), *r))) return;
+      }
+    };
+    if (who == peers::threads) {
+      auto pair = check(ring_channel_pair(options), "ring_channel_pair");
+      near_ = std::move(pair.first);
+      thread_ = std::thread([far = std::move(pair.second), echo, cpu = cpus.b]() mutable {
+        pin_to(cpu);
+        echo(far);
+      });
+      return;
+    }
+    auto sockets = check(socket_pair(socket_kind::stream), "socket_pair");
+    const int far_fd = sockets.second.native_handle();
+    child_.emplace(
+        [&sockets, &options, echo, cpu = cpus.b] {
+          pin_to(cpu);
+          auto ch = ring_channel::create(std::move(sockets.second), options);
+          if (ch) echo(*ch);
+        },
+        std::initializer_list<int>{far_fd});
+    sockets.second.close();
+    near_ = check(ring_channel::create(std::move(sockets.first), options), "ring_channel::create");
+  }
+  ~ring_rtt() override {
+    near_.close();
+    if (thread_.joinable()) thread_.join();
+    child_.reset();
+  }
+
+  double run(std::uint64_t n) override {
+    const auto start = steady::now();
+    for (std::uint64_t i = 0; i < n; ++i) {
+      check(near_.send(const_buffer(out_.bytes())), "send");
+      const auto got = check(near_.receive_into(in_.bytes()), "receive");
+      if (got != size_) throw failure("the echo came back with another size");
+    }
+    return seconds_between(start, steady::now());
+  }
+
+ private:
+  std::size_t size_;
+  page_buffer out_, in_;
+  ring_channel near_;
+  std::thread thread_;
+  std::optional<raw_child> child_;
+};
+
 // --- throughput ---------------------------------------------------------------------------------
 
 // A producer (the calling thread) and a consumer thread started for each run; the time runs from
@@ -631,6 +690,42 @@ class batch_throughput final : public duplex_throughput {
   batch batch_;
 };
 
+// Messages through ring_channel: memset() fills each in the producer's buffer, one send() each;
+// the consumer receive_into()s a reused buffer. Both ends spin before they sleep.
+class ring_throughput final : public producer_consumer {
+ public:
+  ring_throughput(std::size_t size, const placement& cpus)
+      : producer_consumer(size, cpus), src_(size), dst_(size) {
+    ring_options o;
+    o.busy_poll = std::chrono::milliseconds(1);
+    auto pair = check(ring_channel_pair(o), "ring_channel_pair");
+    near_ = std::move(pair.first);
+    far_ = std::move(pair.second);
+  }
+
+ protected:
+  void produce(std::uint64_t n, std::uint64_t first) override {
+    for (std::uint64_t i = 0; i < n; ++i) {
+      std::memset(src_.data(), value_of(first + i), size_);
+      check(near_.send(const_buffer(src_.bytes())), "send");
+    }
+  }
+  void consume(std::uint64_t n, std::uint64_t first) override {
+    bool ok = true;
+    for (std::uint64_t i = 0; i < n; ++i) {
+      const auto got = check(far_.receive_into(dst_.bytes()), "receive_into");
+      ok &= message_checker::check(dst_.data(), got, size_, first + i);
+    }
+    if (!ok) bad_data(first, n);
+  }
+  void abort_producer() noexcept override { near_.close(); }
+  void abort_consumer() noexcept override { far_.close(); }
+
+ private:
+  page_buffer src_, dst_;
+  ring_channel near_, far_;
+};
+
 // Large payloads through the shared pool: allocate, fill in place, send(std::move(buffer)).
 class shm_throughput final : public duplex_throughput {
  public:
@@ -718,6 +813,17 @@ std::string rtt_method(const std::string& transport) {
            "length prefix): send(), then receive_into(); blocking" +
            common;
   }
+  if (transport == "duplex-ring") {
+    return "duplex::ring_channel (shared-memory rings, set up over a stream pair): send(), then "
+           "receive_into() a reused buffer; busy_poll 0, so a waiting end sleeps on an eventfd at "
+           "once" +
+           common;
+  }
+  if (transport == "duplex-ring-busypoll") {
+    return "as duplex-ring, with ring_options::busy_poll = 1 s on both ends (they spin on the "
+           "ring in shared memory, no system call while they wait)" +
+           common;
+  }
   return "as duplex-stream, with channel_options::busy_poll = 1 s on both ends (they spin, never "
          "block)" +
          common;
@@ -759,6 +865,12 @@ std::string throughput_method(const std::string& transport) {
            "messages; the consumer receive_batch()es them, seen in place" +
            common;
   }
+  if (transport == "duplex-ring") {
+    return "duplex::ring_channel (1 MiB shared-memory rings): memset() fills each message in the "
+           "producer's own buffer, one send() per message; the consumer receive_into()s a reused "
+           "buffer; both spin up to 1 ms before they sleep" +
+           common;
+  }
   const bool view = transport == "duplex-shm";
   return fmt::format(
              "duplex::channel with shared_memory enabled (64 MiB pool), receive mode {}: the "
@@ -772,7 +884,9 @@ std::string throughput_method(const std::string& transport) {
 
 std::string baseline_of(const std::string& transport) {
   if (transport == "duplex-seqpacket") return "raw-seqpacket";
-  if (transport == "duplex-stream-busypoll") return "raw-stream-busypoll";
+  if (transport.starts_with("duplex-") && transport.ends_with("-busypoll")) {
+    return "raw-stream-busypoll";
+  }
   if (transport.starts_with("duplex-")) return "raw-stream";
   return {};
 }
@@ -825,6 +939,16 @@ std::vector<row_spec> all_rows(bool quick) {
       // Spinning peers are measured alone: an idle spinner would take a CPU from the others.
       add(pattern::rtt, who, "raw-stream-busypoll", size, true, raw(raw_kind::stream, true));
       add(pattern::rtt, who, "duplex-stream-busypoll", size, true, dup(socket_kind::stream, spin));
+      add(pattern::rtt, who, "duplex-ring", size, false,
+          [=](const placement& p) -> std::unique_ptr<session> {
+            return std::make_unique<ring_rtt>(ring_options{}, who, size, p);
+          });
+      add(pattern::rtt, who, "duplex-ring-busypoll", size, true,
+          [=](const placement& p) -> std::unique_ptr<session> {
+            ring_options o;
+            o.busy_poll = std::chrono::seconds(1);
+            return std::make_unique<ring_rtt>(o, who, size, p);
+          });
     }
   }
 
@@ -867,6 +991,12 @@ std::vector<row_spec> all_rows(bool quick) {
       add(pattern::throughput, who, "duplex-stream-batch", size, false,
           [size](const placement& p) -> std::unique_ptr<session> {
             return std::make_unique<batch_throughput>(size, p);
+          });
+    }
+    if (size <= 65536) {
+      add(pattern::throughput, who, "duplex-ring", size, false,
+          [size](const placement& p) -> std::unique_ptr<session> {
+            return std::make_unique<ring_throughput>(size, p);
           });
     }
     if (size >= (std::size_t{1} << 20)) {
