@@ -27,7 +27,8 @@
 // not read it yet); the first send that must wait for room, and every receive, see the peer gone.
 //
 // Threads: one thread may send while another receives on the same end; concurrent senders (or
-// receivers) take turns on a lock. close() may be called from any thread at any time.
+// receivers) take turns on a lock, and a call's timeout does not count the wait for that lock.
+// close() may be called from any thread at any time.
 //
 //   auto ends = duplex::ring_channel_pair({.busy_poll = std::chrono::microseconds(100)});
 //   ends->first.send(duplex::as_bytes("ping"));
