@@ -89,23 +89,30 @@ bool peer_gone(const std::error_code& ec) {
 
 // The receive lock: a mutex that can be waited for with a deadline. (std::timed_mutex would do,
 // but libstdc++ implements its timed waits with pthread_mutex_clocklock, which ThreadSanitizer
-// does not see; a condition variable it does.)
+// does not see; a condition variable it does.) Uncontended, taking and releasing it is one
+// atomic exchange and one store: a receive from an event loop pays no mutex and no notify. A
+// waiter counts itself in waiters_ before it looks at busy_, and release() looks at waiters_
+// after it clears busy_ (both sequentially consistent), so a waiter that saw the lock busy is
+// always notified.
 class receive_lock {
  public:
   // Takes the lock, waiting as w says; false if it could not be had in time.
   [[nodiscard]] bool acquire(const struct wait_spec& w);
   void release() {
-    {
-      const std::lock_guard g(m_);
-      busy_ = false;
+    busy_.store(false);
+    if (waiters_.load() > 0) {
+      // Through m_: a waiter between its look at busy_ and its wait holds m_, so the notify
+      // cannot fall between the two.
+      { const std::lock_guard g(m_); }
+      cv_.notify_all();
     }
-    cv_.notify_one();
   }
 
  private:
+  std::atomic<bool> busy_{false};
+  std::atomic<int> waiters_{0};
   std::mutex m_;
   std::condition_variable cv_;
-  bool busy_ = false;
 };
 
 // One framed message of a batch: where it is in the batch's buffer, and its fds.
@@ -125,19 +132,19 @@ struct destination {
 };
 
 bool receive_lock::acquire(const wait_spec& w) {
+  if (!busy_.exchange(true)) return true;
+  if (w.kind == wait_kind::try_once) return false;
   std::unique_lock g(m_);
-  const auto free = [this] { return !busy_; };
-  switch (w.kind) {
-    case wait_kind::block: cv_.wait(g, free); break;
-    case wait_kind::try_once:
-      if (busy_) return false;
-      break;
-    case wait_kind::until:
-      if (!cv_.wait_for(g, w.until.remaining(), free)) return false;
-      break;
+  waiters_.fetch_add(1);
+  const auto take = [this] { return !busy_.exchange(true); };
+  bool taken = true;
+  if (w.kind == wait_kind::block) {
+    cv_.wait(g, take);
+  } else {
+    taken = cv_.wait_for(g, w.until.remaining(), take);
   }
-  busy_ = true;
-  return true;
+  waiters_.fetch_sub(1);
+  return taken;
 }
 
 }  // namespace

@@ -1226,6 +1226,47 @@ TEST_P(channel_kind_test, ConcurrentSendersWithFdsKeepEachFdWithItsMessage) {
     EXPECT_EQ(count, static_cast<std::uint32_t>(per_thread)) << "thread " << t;
 }
 
+// The receive lock. While one thread holds it (inside receive_batch's callback), another's
+// try_receive says would_block and a receive with a deadline gives up with timed_out, though a
+// message is there; a blocking receive waits its turn, and is woken when the lock is released.
+TEST_P(channel_kind_test, ReceiversWaitForTheReceiveLockAsTheirDeadlinesSay) {
+  auto [a, b] = make(GetParam());
+  ASSERT_THAT(a.send(as_bytes("one")), Succeeded());
+  std::atomic<bool> holding{false};
+  std::atomic<bool> let_go{false};
+  std::thread holder([&] {
+    auto n = b.receive_batch(
+        [&](message_view& m) {
+          EXPECT_EQ(m.text(), "one");
+          holding = true;
+          while (!let_go)
+            std::this_thread::sleep_for(1ms);
+        },
+        1, 30s);
+    EXPECT_THAT(n, Succeeded());
+  });
+  while (!holding)
+    std::this_thread::sleep_for(1ms);
+  ASSERT_THAT(a.send(as_bytes("two")), Succeeded());
+  ASSERT_THAT(a.send(as_bytes("three")), Succeeded());
+  EXPECT_THAT(b.try_receive(), HasError(errc::would_block));
+  EXPECT_THAT(b.receive(30ms), HasError(errc::timed_out));
+  std::atomic<bool> waiting{false};
+  std::thread waiter([&] {
+    waiting = true;
+    auto m = b.receive(20s);  // waits for the lock
+    ASSERT_THAT(m, Succeeded());
+    EXPECT_EQ(m->text(), "two");
+  });
+  while (!waiting)
+    std::this_thread::sleep_for(1ms);
+  std::this_thread::sleep_for(20ms);
+  let_go = true;
+  holder.join();
+  waiter.join();
+  EXPECT_EQ(b.try_receive()->text(), "three");
+}
+
 TEST_P(channel_kind_test, ConcurrentReceiversEachGetWholeMessagesExactlyOnce) {
   auto [a, b] = make(GetParam());
   constexpr int total = 2000;
