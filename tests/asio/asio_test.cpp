@@ -31,6 +31,7 @@
 #include <functional>
 #include <future>
 #include <memory>
+#include <random>
 #include <span>
 #include <string>
 #include <string_view>
@@ -185,6 +186,132 @@ TEST_P(asio_test, HandlersRoundTrip) {
   ask(0);
   run(io);
   EXPECT_THAT(got, ::testing::ElementsAre("re: one", "re: two", "re: three"));
+}
+
+// A receive that leaves the channel drained (channel::drained) tells Asio's reactor so, which
+// then tries no read before the socket's next edge. A peer thread sends bursts of messages of
+// random sizes, some with fds, and waits for the acknowledgement of each burst's last message
+// before the next: a receive left waiting for an edge that never comes would stop the exchange.
+TEST_P(asio_test, BurstsThatWaitForAnAcknowledgementArriveWhateverTheReadsMet) {
+  const bool stream = GetParam() == socket_kind::stream;
+  ::asio::io_context io;
+  auto ends = test::must(channel_pair(GetParam()));
+  duplex::asio::channel a(io, std::move(ends.first));
+  duplex::channel peer = std::move(ends.second);
+  auto [read_end, write_end] = test::make_pipe();
+  constexpr int bursts = 300;
+  std::atomic<int> sent{0};
+  std::atomic<int> planned{0};
+  std::thread sender([&] {
+    std::mt19937 random(777);
+    const std::size_t limit = stream ? 300000 : packet_chunk;
+    int n = 0;
+    for (int burst = 0; burst < bursts; ++burst) {
+      const int count = 1 + static_cast<int>(random() % 8);
+      planned += count;
+      for (int i = 0; i < count; ++i, ++n) {
+        const std::size_t size = random() % 4 == 0 ? random() % limit : random() % 200;
+        const std::array<int, 1> fd{read_end.get()};
+        if (!peer.send(pattern(size, static_cast<unsigned>(n)),
+                       n % 5 == 0 ? std::span<const int>(fd) : std::span<const int>())) {
+          return;
+        }
+        ++sent;
+      }
+      for (;;) {  // an acknowledgement of every message; this burst's last ends the wait
+        auto ack = peer.receive(30s);
+        if (!ack) return;
+        if (ack->text() == std::to_string(n)) break;
+      }
+    }
+    static_cast<void>(peer.shutdown_send());
+  });
+  int received = 0;
+  spawn(io, [&]() -> ::asio::awaitable<void> {
+    for (;;) {
+      auto [ec, m] = co_await a.async_receive(::asio::experimental::as_tuple(use_awaitable));
+      if (ec) {
+        EXPECT_THAT(ec, HasError(errc::peer_closed));
+        co_return;
+      }
+      EXPECT_EQ(m.fds().size(), received % 5 == 0 ? 1U : 0U) << received;
+      ++received;
+      const std::string ack = std::to_string(received);
+      co_await a.async_send(as_bytes(ack), use_awaitable);
+    }
+  });
+  run(io, 60s);
+  if (!io.stopped()) a.close();  // the sender's wait then ends
+  sender.join();
+  EXPECT_EQ(received, sent.load());
+  EXPECT_EQ(sent.load(), planned.load());
+}
+
+// A peer that sends and then closes, both before the loop's reactor looks: epoll reports the
+// two as one edge, which the loop takes (and spends) before any receive is started. The first
+// receive gets the message, the next must still hear peer_closed: a receive that read the
+// message and then waited for another edge would wait forever.
+TEST_P(asio_test, MessageThenCloseInOneEdgeAlreadyTakenStillEndsInPeerClosed) {
+  ::asio::io_context io;
+  auto ends = test::must(channel_pair(GetParam()));
+  duplex::asio::channel a(io, std::move(ends.first));
+  ASSERT_THAT(ends.second.send(as_bytes("last words")), Succeeded());
+  ends.second.close();
+  // Some work, so that poll() runs the reactor: it takes the edge while no receive waits.
+  ::asio::steady_timer keep(io, 1h);
+  keep.async_wait([](std::error_code) {});
+  io.poll();
+  std::vector<std::error_code> errors;
+  std::string text;
+  spawn(io, [&]() -> ::asio::awaitable<void> {
+    text = (co_await a.async_receive(use_awaitable)).text();
+    auto [ec, m] = co_await a.async_receive(::asio::experimental::as_tuple(use_awaitable));
+    errors.push_back(ec);
+    keep.cancel();
+  });
+  run(io, 10s);
+  EXPECT_EQ(text, "last words");
+  EXPECT_THAT(errors, ::testing::ElementsAre(HasError(errc::peer_closed)));
+}
+
+// Between two async_receives the channel's own receive calls may be used: one that leaves a
+// message buffered (or the socket not known to be empty) must not leave the next async_receive
+// waiting for an edge.
+TEST_P(asio_test, AnAsyncReceiveAfterTheChannelsOwnReceiveGetsWhatThatLeft) {
+  ::asio::io_context io;
+  auto ends = test::must(channel_pair(GetParam()));
+  duplex::asio::channel a(io, std::move(ends.first));
+  duplex::channel peer = std::move(ends.second);
+  const auto next = [&](std::string_view want) {
+    received r;
+    a.async_receive(record(r));
+    io.restart();
+    run(io, 10s);
+    EXPECT_TRUE(r.done);
+    EXPECT_FALSE(r.ec) << r.ec.message();
+    EXPECT_EQ(r.m.text(), want);
+  };
+  ASSERT_THAT(peer.send(as_bytes("1")), Succeeded());
+  next("1");
+  ASSERT_THAT(peer.send(as_bytes("2")), Succeeded());
+  ASSERT_THAT(peer.send(as_bytes("3")), Succeeded());
+  ASSERT_THAT(a.channel().wait_readable(10s), Succeeded());
+  auto two = a.channel().try_receive();
+  ASSERT_THAT(two, Succeeded());
+  EXPECT_EQ(two->text(), "2");
+  next("3");
+  ASSERT_THAT(peer.send(as_bytes("4")), Succeeded());
+  next("4");
+  // And with the edge of what the channel's own receive read already taken by the loop.
+  ASSERT_THAT(peer.send(as_bytes("5")), Succeeded());
+  ASSERT_THAT(peer.send(as_bytes("6")), Succeeded());
+  ASSERT_THAT(a.channel().wait_readable(10s), Succeeded());
+  io.restart();
+  io.poll();
+  auto five = a.channel().try_receive();
+  ASSERT_THAT(five, Succeeded());
+  EXPECT_EQ(five->text(), "5");
+  next("6");
 }
 
 TEST_P(asio_test, CoroutinesRoundTripEveryOverload) {
