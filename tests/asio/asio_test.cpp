@@ -188,10 +188,10 @@ TEST_P(asio_test, HandlersRoundTrip) {
   EXPECT_THAT(got, ::testing::ElementsAre("re: one", "re: two", "re: three"));
 }
 
-// A receive that leaves the channel drained (channel::drained) tells Asio's reactor so, which
-// then tries no read before the socket's next edge. A peer thread sends bursts of messages of
-// random sizes, some with fds, and waits for the acknowledgement of each burst's last message
-// before the next: a receive left waiting for an edge that never comes would stop the exchange.
+// A peer thread sends bursts of messages of random sizes, some with fds, and waits for the
+// acknowledgement of each burst's last message before the next, so every read meets the stream
+// at a different point. A receive left waiting for an edge that never comes (one whose data an
+// earlier read already took, or whose edge the loop already spent) would stop the exchange.
 TEST_P(asio_test, BurstsThatWaitForAnAcknowledgementArriveWhateverTheReadsMet) {
   const bool stream = GetParam() == socket_kind::stream;
   ::asio::io_context io;
@@ -275,7 +275,7 @@ TEST_P(asio_test, MessageThenCloseInOneEdgeAlreadyTakenStillEndsInPeerClosed) {
 }
 
 // Between two async_receives the channel's own receive calls may be used: one that leaves a
-// message buffered (or the socket not known to be empty) must not leave the next async_receive
+// message buffered, its edge spent or still pending, must not leave the next async_receive
 // waiting for an edge.
 TEST_P(asio_test, AnAsyncReceiveAfterTheChannelsOwnReceiveGetsWhatThatLeft) {
   ::asio::io_context io;
