@@ -18,6 +18,7 @@
 
 #include "duplex/socket_pair.hpp"
 #include "io.hpp"
+#include "native_header.hpp"
 #include "shm.hpp"
 #include "stream_decoder.hpp"
 #include "syscall.hpp"
@@ -113,15 +114,6 @@ class receive_lock {
   std::atomic<int> waiters_{0};
   std::mutex m_;
   std::condition_variable cv_;
-};
-
-// One framed message of a batch: where it is in the batch's buffer, and its fds.
-struct batch_frame {
-  std::size_t offset;
-  std::size_t size;
-  std::size_t fds_begin;
-  std::size_t fd_count;
-  std::uint64_t payload;
 };
 
 // Where a received message goes: a new message, or a caller's buffer and fd array.
@@ -278,7 +270,8 @@ struct channel::impl {
   result<void> enqueue(detail::iovec_array& iov, std::span<const int> fds, bool started);
   result<void> send(std::span<const const_buffer> parts, std::span<const int> fds);
   result<void> try_send(std::span<const const_buffer> parts, std::span<const int> fds);
-  result<void> send_frames(std::span<const std::byte> wire, std::span<const batch_frame> frames,
+  result<void> send_frames(std::span<const std::byte> wire, std::uint64_t largest,
+                           std::span<const detail::batch_fd_frame> fd_frames,
                            std::span<const int> fds);
   result<bool> flush();
   result<std::size_t> receive_batch(const wait_spec& w, void (*call)(void*, message_view&),
@@ -548,33 +541,55 @@ result<void> channel::impl::try_send(std::span<const const_buffer> parts,
   return send_payload(parts, fds, false);
 }
 
-result<void> channel::impl::send_frames(std::span<const std::byte> wire,
-                                        std::span<const batch_frame> frames,
+result<void> channel::impl::send_frames(std::span<const std::byte> wire, std::uint64_t largest,
+                                        std::span<const detail::batch_fd_frame> fd_frames,
                                         std::span<const int> fds) {
   const call c(*this);
   if (auto u = usable(c); !u) return u;
-  for (const auto& f : frames) {
-    if (f.payload > options.max_message_size) return fail(errc::message_too_large);
-  }
+  if (largest > options.max_message_size) return fail(errc::message_too_large);
   const std::lock_guard lock(tx);
   if (auto u = usable(c); !u) return u;
   if (auto flushed = flush_queue(true); !flushed) return std::unexpected(flushed.error());
-  std::size_t i = 0;
-  while (i < frames.size()) {
-    // A stream takes a run of frames in one sendmsg; a frame with fds starts a run, so its fds
-    // go with its own first byte. Seqpacket: one frame, one packet.
-    std::size_t j = i + 1;
-    if (sock.kind() == socket_kind::stream) {
-      while (j < frames.size() && frames[j].fd_count == 0)
-        ++j;
-    }
-    const std::size_t begin = frames[i].offset;
-    const std::size_t end = frames[j - 1].offset + frames[j - 1].size;
+  const auto send_run = [&](std::size_t begin, std::size_t end,
+                            std::span<const int> with) -> result<void> {
     const std::array<const_buffer, 1> run{wire.subspan(begin, end - begin)};
     detail::iovec_array iov{std::span<const const_buffer>(run)};
-    auto n = write(iov, fds.subspan(frames[i].fds_begin, frames[i].fd_count), true);
+    auto n = write(iov, with, true);
     if (!n) return std::unexpected(n.error());
-    i = j;
+    return {};
+  };
+  const auto fds_of = [&](const detail::batch_fd_frame& f) {
+    return fds.subspan(f.fds_begin, f.fd_count);
+  };
+  if (sock.kind() == socket_kind::stream) {
+    // A run of frames in one sendmsg; a frame with fds starts a run, so its fds go with its own
+    // first byte.
+    std::size_t begin = 0;
+    std::span<const int> with;
+    for (std::size_t k = 0; k <= fd_frames.size(); ++k) {
+      const std::size_t end = k < fd_frames.size() ? fd_frames[k].offset : wire.size();
+      if (end > begin) {
+        if (auto r = send_run(begin, end, with); !r) return r;
+      }
+      if (k < fd_frames.size()) {
+        begin = end;
+        with = fds_of(fd_frames[k]);
+      }
+    }
+    return {};
+  }
+  // Seqpacket: one frame, one packet. The batch wrote the headers (native framing: a batch of
+  // another framing cannot reach a seqpacket channel), so their lengths are trusted.
+  std::size_t next_fd_frame = 0;
+  for (std::size_t at = 0; at < wire.size();) {
+    const std::size_t end = at + wire::native_header_size +
+                            static_cast<std::size_t>(detail::load_le64(wire.data() + at + 8));
+    std::span<const int> with;
+    if (next_fd_frame < fd_frames.size() && fd_frames[next_fd_frame].offset == at) {
+      with = fds_of(fd_frames[next_fd_frame++]);
+    }
+    if (auto r = send_run(at, end, with); !r) return r;
+    at = end;
   }
   return {};
 }
@@ -1153,11 +1168,8 @@ result<void> channel::send(shared_buffer&& buffer, std::span<const int> fds) {
 result<void> channel::send(const batch& b) {
   if (!impl_) return fail(errc::closed);
   if (b.format() != impl_->options.format) return fail_errno(EINVAL);
-  std::vector<batch_frame> frames;
-  frames.reserve(b.frames_.size());
-  for (const auto& f : b.frames_)
-    frames.push_back({f.offset, f.size, f.fds_begin, f.fd_count, f.payload});
-  return impl_->send_frames(b.wire_, frames, b.fds_);
+  return impl_->send_frames(std::span(b.wire_.data(), b.wire_.size()), b.largest_, b.fd_frames_,
+                            b.fds_);
 }
 
 result<std::size_t> channel::receive_batch_impl(void (*call_fn)(void*, message_view&), void* fn,

@@ -1,6 +1,7 @@
 #include "duplex/framing.hpp"
 
 #include "duplex/socket.hpp"
+#include "native_header.hpp"
 
 #include <cstdio>
 
@@ -33,30 +34,19 @@ std::uint64_t get_be(const std::byte* in, int bytes) noexcept {
 
 }  // namespace
 
-std::array<std::byte, native_header_size> encode_native(const native_header& h) noexcept {
-  std::array<std::byte, native_header_size> out{};
-  out[0] = native_magic[0];
-  out[1] = native_magic[1];
-  out[2] = std::byte{native_version};
-  out[3] = std::byte{h.flags};
-  put_le(&out[4], h.fd_count, 2);
-  // out[6], out[7]: reserved, zero
-  put_le(&out[8], h.length, 8);
-  return out;
-}
-
 result<native_header> decode_native(std::span<const std::byte, native_header_size> b) noexcept {
-  if (b[0] != native_magic[0] || b[1] != native_magic[1]) return fail(errc::protocol_error);
-  if (std::to_integer<std::uint8_t>(b[2]) != native_version) return fail(errc::protocol_error);
+  const std::uint64_t word0 = detail::load_le64(b.data());
   native_header h;
-  h.flags = std::to_integer<std::uint8_t>(b[3]);
+  h.length = detail::load_le64(b.data() + 8);
+  if (word0 == detail::plain_native_word0) return h;  // the common case: no flags, no fds
+  h.flags = static_cast<std::uint8_t>(word0 >> 24);
+  h.fd_count = static_cast<std::uint16_t>(word0 >> 32);
+  // Magic, version and the reserved bytes: all of word 0 but the flags and the fd count.
+  if (word0 != detail::native_word0(h.flags, h.fd_count)) return fail(errc::protocol_error);
   // Unknown flags, or more than one: a frame this end cannot read correctly.
   if ((h.flags & ~known_flags) != 0 || (h.flags & (h.flags - 1)) != 0)
     return fail(errc::protocol_error);
-  h.fd_count = static_cast<std::uint16_t>(get_le(&b[4], 2));
   if (h.fd_count > max_fds_per_message) return fail(errc::protocol_error);
-  if (b[6] != std::byte{0} || b[7] != std::byte{0}) return fail(errc::protocol_error);
-  h.length = get_le(&b[8], 8);
   return h;
 }
 

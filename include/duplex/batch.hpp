@@ -15,8 +15,12 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <memory>
+#include <new>
 #include <span>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "duplex/buffer.hpp"
@@ -26,15 +30,39 @@
 
 namespace duplex {
 
+namespace detail {
+// Internal: a message with fds in a batch: where its header is in the batch's bytes, and which
+// of the batch's fds are its own.
+struct batch_fd_frame {
+  std::size_t offset;
+  std::size_t fds_begin;
+  std::size_t fd_count;
+};
+}  // namespace detail
+
 // Messages framed for one channel and waiting to be sent together. Not thread-safe (a value).
 class batch {
  public:
   // An empty batch for channels of the given framing.
   explicit batch(framing format = framing::native) : format_(format) {}
 
-  // Appends a message (its bytes are copied in). Errors: errc::message_too_large (over
-  // max_message_size, also checked again when the batch is sent).
-  [[nodiscard]] result<void> add(const_buffer bytes);
+  // Appends a message (its bytes are copied in). The channel's max_message_size is checked when
+  // the batch is sent (errc::message_too_large, nothing sent). Inline for the common case (native
+  // framing, a message of at most 64 bytes, room without growing): a few moves per message.
+  [[nodiscard]] result<void> add(const_buffer bytes) {
+    const std::size_t offset = wire_.size();
+    if (format_ != framing::native || bytes.size() > small_message ||
+        wire_.capacity() - offset < wire::native_header_size + small_message) {
+      return add(bytes, {});
+    }
+    wire_.resize(offset + wire::native_header_size + bytes.size());
+    const auto head = wire::encode_native({bytes.size(), 0, 0});
+    std::memcpy(wire_.data() + offset, head.data(), head.size());
+    copy_small(wire_.data() + offset + wire::native_header_size, bytes.data(), bytes.size());
+    ++count_;
+    if (bytes.size() > largest_) largest_ = bytes.size();
+    return {};
+  }
 
   // Appends a message with fds. The fds are not duplicated: they must stay open until the batch
   // is sent. A message with fds starts a new sendmsg (its fds go with its first byte). Errors:
@@ -42,8 +70,8 @@ class batch {
   [[nodiscard]] result<void> add(const_buffer bytes, std::span<const int> fds);
 
   // Number of messages.
-  [[nodiscard]] std::size_t size() const noexcept { return frames_.size(); }
-  [[nodiscard]] bool empty() const noexcept { return frames_.empty(); }
+  [[nodiscard]] std::size_t size() const noexcept { return count_; }
+  [[nodiscard]] bool empty() const noexcept { return count_ == 0; }
 
   // Bytes on the wire (headers included).
   [[nodiscard]] std::size_t wire_size() const noexcept { return wire_.size(); }
@@ -51,7 +79,9 @@ class batch {
   // Removes every message, keeping the memory for reuse.
   void clear() noexcept {
     wire_.clear();
-    frames_.clear();
+    count_ = 0;
+    largest_ = 0;
+    fd_frames_.clear();
     fds_.clear();
   }
 
@@ -60,17 +90,54 @@ class batch {
 
  private:
   friend class channel;
-  struct frame {
-    std::size_t offset;     // of its header in wire_
-    std::size_t size;       // header and payload
-    std::size_t fds_begin;  // its fds are fds_[fds_begin, fds_begin + fd_count)
-    std::size_t fd_count;
-    std::uint64_t payload;  // payload bytes
+
+  // Messages up to this size take add()'s inline path.
+  static constexpr std::size_t small_message = 64;
+
+  // Copies n <= small_message bytes with a few fixed-size moves (that may overlap), instead of a
+  // call to memcpy that costs as much as the copy itself at these sizes.
+  static void copy_small(std::byte* to, const std::byte* from, std::size_t n) noexcept {
+    if (n >= 32) {
+      std::memcpy(to, from, 32);
+      std::memcpy(to + n - 32, from + n - 32, 32);
+    } else if (n >= 16) {
+      std::memcpy(to, from, 16);
+      std::memcpy(to + n - 16, from + n - 16, 16);
+    } else if (n >= 8) {
+      std::memcpy(to, from, 8);
+      std::memcpy(to + n - 8, from + n - 8, 8);
+    } else {
+      for (std::size_t i = 0; i < n; ++i)
+        to[i] = from[i];
+    }
+  }
+
+  // Leaves the bytes it adds uninitialised (resize() is followed by memcpy()), so that adding a
+  // message writes each byte once.
+  template <typename T>
+  struct uninitialised_allocator : std::allocator<T> {
+    template <typename U>
+    struct rebind {
+      using other = uninitialised_allocator<U>;
+    };
+    using std::allocator<T>::allocator;
+    template <typename U>
+    void construct(U* p) noexcept {
+      ::new (static_cast<void*>(p)) U;
+    }
+    template <typename U, typename... Args>
+    void construct(U* p, Args&&... args) {
+      std::allocator_traits<std::allocator<T>>::construct(*this, p, std::forward<Args>(args)...);
+    }
   };
 
   framing format_;
-  std::vector<std::byte> wire_;
-  std::vector<frame> frames_;
+  std::vector<std::byte, uninitialised_allocator<std::byte>> wire_;
+  std::size_t count_ = 0;
+  std::uint64_t largest_ = 0;  // the largest payload, checked against the channel's limit
+  // Messages without fds need no record: a run of them goes out in one sendmsg on a stream, and
+  // on seqpacket each one's place is read back from the headers.
+  std::vector<detail::batch_fd_frame> fd_frames_;
   std::vector<int> fds_;
 };
 

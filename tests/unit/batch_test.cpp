@@ -2,6 +2,8 @@
 // already buffered; under a signal storm, and with fds through short writes.
 #include "duplex/batch.hpp"
 
+#include <unistd.h>
+
 #include <array>
 #include <chrono>
 #include <string>
@@ -10,6 +12,7 @@
 #include <vector>
 
 #include "duplex/channel.hpp"
+#include "duplex/framing.hpp"
 #include "duplex/socket_pair.hpp"
 #include "support.hpp"
 
@@ -163,6 +166,40 @@ TEST_F(batch_test, ABatchIsForOneFramingAndChecksLimits) {
   native.clear();
   EXPECT_TRUE(native.empty());
   EXPECT_THAT(a.send(native), Succeeded());  // an empty batch sends nothing
+}
+
+// add() has an inline path (native framing, up to 64 bytes, room without growing) beside the
+// general one (fds, larger messages, growth). Both must write the same frames: a header that
+// says the size, then the bytes. Every size from 0 to 130 goes through each path, and the peer
+// reads the stream byte by byte as it arrived.
+TEST_F(batch_test, BothWaysOfAddingWriteTheSameFrames) {
+  std::vector<std::byte> expected;
+  batch inline_path;
+  batch general_path;
+  for (unsigned n = 0; n <= 130; ++n) {
+    const auto body = pattern(n, n);
+    const auto head = wire::encode_native({n, 0, 0});
+    expected.insert(expected.end(), head.begin(), head.end());
+    expected.insert(expected.end(), body.begin(), body.end());
+    ASSERT_THAT(inline_path.add(body), Succeeded());
+    ASSERT_THAT(general_path.add(body, {}), Succeeded());
+  }
+  for (const batch* b : {&inline_path, &general_path}) {
+    ASSERT_EQ(b->size(), 131U);
+    ASSERT_EQ(b->wire_size(), expected.size());
+    auto pair = test::must(socket_pair(socket_kind::stream));
+    auto ch = test::must(channel::create(std::move(pair.first)));
+    std::thread sender([&ch, b] { EXPECT_THAT(ch.send(*b), Succeeded()); });
+    std::vector<std::byte> got(expected.size());
+    std::size_t have = 0;
+    while (have < got.size()) {
+      const ssize_t r = ::read(pair.second.native_handle(), got.data() + have, got.size() - have);
+      ASSERT_GT(r, 0);
+      have += static_cast<std::size_t>(r);
+    }
+    sender.join();
+    EXPECT_TRUE(got == expected) << (b == &inline_path ? "inline" : "general");
+  }
 }
 
 TEST_F(batch_test, PythonFramedBatches) {

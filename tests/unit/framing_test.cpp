@@ -4,6 +4,8 @@
 
 #include <vector>
 
+#include "duplex/socket.hpp"
+
 #include "support.hpp"
 
 namespace duplex {
@@ -76,6 +78,36 @@ TEST(native_framing, RejectsEveryMalformedField) {
   EXPECT_THAT(with(6, 1), HasError(errc::protocol_error));     // reserved
   EXPECT_THAT(with(7, 0x80), HasError(errc::protocol_error));  // reserved
 }
+
+// decode_native takes a frame with no flags and no fds by one comparison of its first eight
+// bytes; every other header goes through the field-by-field checks. Each single-bit change to
+// the first eight bytes of such a header must be judged as those checks would judge it.
+TEST(native_framing, EveryBitOfAPlainHeadersFirstWordIsChecked) {
+  const auto plain = vec(wire::encode_native({5, 0, 0}));
+  ASSERT_TRUE(decode(plain));
+  for (std::size_t at = 0; at < 8; ++at) {
+    for (int bit = 0; bit < 8; ++bit) {
+      auto b = plain;
+      b[at] ^= static_cast<std::byte>(1 << bit);
+      const auto v = [&b](std::size_t i) { return std::to_integer<unsigned>(b[i]); };
+      const unsigned flags = v(3);
+      const bool one_known_flag = flags == wire::flag_pool || flags == wire::flag_shared ||
+                                  flags == wire::flag_memfd || flags == 0;
+      const bool valid = v(0) == 0x44 && v(1) == 0x58 && v(2) == wire::native_version &&
+                         one_known_flag && (v(4) | v(5) << 8) <= max_fds_per_message && v(6) == 0 &&
+                         v(7) == 0;
+      const auto h = decode(b);
+      EXPECT_EQ(h.has_value(), valid) << "byte " << at << " bit " << bit;
+      if (h) {
+        EXPECT_EQ(h->length, 5U);
+      }
+    }
+  }
+}
+
+// encode_native is constexpr: a header can be a compile-time constant.
+static_assert(wire::encode_native({2, 3, wire::flag_memfd})[3] == std::byte{wire::flag_memfd});
+static_assert(wire::encode_native({0x0102, 3, 0})[9] == std::byte{0x01});
 
 TEST(shared_memory_descriptors, GoldenBytesAndChecks) {
   EXPECT_EQ(vec(wire::encode(wire::pool_announce{64 << 20, 256})),
