@@ -28,6 +28,7 @@
 #include "duplex/fd.hpp"
 #include "duplex/framing.hpp"
 #include "duplex/message.hpp"
+#include "native_header.hpp"
 
 namespace duplex::detail {
 
@@ -80,6 +81,29 @@ class stream_decoder {
   }
   [[nodiscard]] std::span<unique_fd> pending_fd_span() noexcept { return fds_; }
   void finish_view();
+
+  // The fast path for runs of small messages: if the next frame is a native one with no flags
+  // and no fds, within max_message_size, and buffered whole, sets payload to its bytes (seen in
+  // place) and returns true; finish_plain() then passes it over. Otherwise returns false and
+  // poll() takes the frame the usual way. Only between frames, with no fds pending: what it
+  // accepts, parse_header() would accept the same way.
+  [[nodiscard]] bool next_plain(const_buffer& payload) const noexcept {
+    if (state_ != state::idle || format_ != framing::native || stray_ || !batches_.empty())
+      return false;
+    const std::size_t avail = end_ - begin_;
+    if (avail < wire::native_header_size) return false;
+    const std::byte* at = buf_.get() + begin_;
+    if (load_le64(at) != plain_native_word0) return false;
+    const std::uint64_t length = load_le64(at + 8);
+    if (length > avail - wire::native_header_size || length > max_message_) return false;
+    payload = {at + wire::native_header_size, static_cast<std::size_t>(length)};
+    return true;
+  }
+  void finish_plain(const_buffer payload) noexcept {
+    const std::size_t n = wire::native_header_size + payload.size();
+    begin_ += n;
+    parse_offset_ += n;
+  }
 
   // After header_ready: the payload goes into dest (at least pending_size() bytes).
   void accept_into(mutable_buffer dest) noexcept;

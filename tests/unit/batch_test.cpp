@@ -202,6 +202,40 @@ TEST_F(batch_test, BothWaysOfAddingWriteTheSameFrames) {
   }
 }
 
+// receive_batch takes buffered frames without flags or fds by a short path. It must still refuse
+// what the full checks refuse: a frame over max_message_size after good ones, and a header whose
+// reserved bytes are not zero; the good ones come first, then the error, and the channel is
+// broken.
+TEST_F(batch_test, TheShortPathOfReceiveBatchRefusesWhatTheFullChecksRefuse) {
+  for (const bool over_limit : {true, false}) {
+    auto pair = test::must(socket_pair(socket_kind::stream));
+    auto ch = test::must(channel::create(std::move(pair.first), {.max_message_size = 100}));
+    std::vector<std::byte> stream;
+    for (const std::size_t n : {10U, 100U, 0U}) {
+      const auto head = wire::encode_native({n, 0, 0});
+      const auto body = pattern(n, static_cast<unsigned>(n));
+      stream.insert(stream.end(), head.begin(), head.end());
+      stream.insert(stream.end(), body.begin(), body.end());
+    }
+    auto bad = wire::encode_native({over_limit ? 101U : 4U, 0, 0});
+    if (!over_limit) bad[6] = std::byte{1};  // a reserved byte
+    stream.insert(stream.end(), bad.begin(), bad.end());
+    const auto tail = pattern(over_limit ? 101 : 4, 7);
+    stream.insert(stream.end(), tail.begin(), tail.end());
+    ASSERT_EQ(::write(pair.second.native_handle(), stream.data(), stream.size()),
+              static_cast<ssize_t>(stream.size()));
+    std::vector<std::size_t> sizes;
+    result<std::size_t> n = std::size_t{0};
+    while (n) {
+      n = ch.receive_batch([&](message_view& m) { sizes.push_back(m.bytes.size()); }, SIZE_MAX,
+                           10s);
+    }
+    EXPECT_EQ(sizes, (std::vector<std::size_t>{10, 100, 0}));
+    EXPECT_THAT(n, HasError(over_limit ? errc::message_too_large : errc::protocol_error));
+    EXPECT_THAT(ch.try_receive_batch([](message_view&) {}), HasError(errc::broken));
+  }
+}
+
 TEST_F(batch_test, PythonFramedBatches) {
   auto [a, b] = test::must(channel_pair(socket_kind::stream, {.format = framing::python}));
   batch out(framing::python);
