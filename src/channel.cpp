@@ -741,6 +741,24 @@ result<void> channel::impl::retry_after(std::error_code e, const wait_spec& w, s
 result<message_info> channel::impl::receive_stream(const wait_spec& w, destination dest) {
   spinner spin(options.busy_poll, w);
   for (;;) {
+    if (const_buffer plain; decoder.next_plain(plain)) {
+      // A whole message without flags or fds is buffered: copied out by the short path. What
+      // does not fit the caller's buffer stays for a later call, as below; a message that cannot
+      // be allocated goes the long way, which reports it.
+      if (dest.owned == nullptr) {
+        if (plain.size() > dest.buf.size()) return fail(errc::buffer_too_small);
+        if (!plain.empty()) std::memcpy(dest.buf.data(), plain.data(), plain.size());
+        decoder.finish_plain(plain);
+        return message_info{plain.size(), 0};
+      }
+      try {
+        *dest.owned = message(plain);
+        decoder.finish_plain(plain);
+        return message_info{plain.size(), 0};
+      } catch (const std::bad_alloc&) {
+        // poll() below meets the same frame and reports ENOMEM for it.
+      }
+    }
     switch (decoder.poll()) {
       case detail::stream_decoder::event::complete: {
         if (const std::uint8_t flags = decoder.pending_flags(); flags != 0) {

@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -29,7 +30,11 @@ struct allocation_record {
 };
 thread_local allocation_record record;
 
+// While not zero, every request of exactly this many bytes on this thread fails.
+thread_local std::size_t refused_size = 0;
+
 void* allocate(std::size_t n, std::size_t alignment = 0) noexcept {
+  if (refused_size != 0 && n == refused_size) return nullptr;
   if (record.watching) {
     record.largest = std::max(record.largest, n);
     record.total += n;
@@ -204,6 +209,25 @@ TEST_F(allocation_test, AMessageCostsItsOwnSizeOnce) {
     EXPECT_EQ(m->size(), size);
     EXPECT_GE(seen.largest, size);
     EXPECT_LE(seen.total, size + receive_budget);
+  }
+}
+
+// A small message that cannot be allocated on receive (stream: the short path for buffered
+// plain frames, then the long one; seqpacket: the packet's message). The receive says ENOMEM,
+// that message is dropped, and the stream stays in step: the next one arrives whole.
+TEST_F(allocation_test, AMessageThatCannotBeAllocatedIsReportedAndTheNextArrives) {
+  for (const auto kind : {socket_kind::stream, socket_kind::seqpacket}) {
+    auto pair = test::must(channel_pair(kind));
+    constexpr std::size_t odd_size = 1237;  // no other allocation here asks for exactly this
+    ASSERT_THAT(pair.first.send(test::pattern(odd_size, 1)), Succeeded());
+    ASSERT_THAT(pair.first.send(test::pattern(9, 2)), Succeeded());
+    refused_size = odd_size;
+    auto first = pair.second.receive();
+    refused_size = 0;
+    EXPECT_THAT(first, HasError(test::sys(ENOMEM)));
+    auto second = pair.second.receive();
+    ASSERT_THAT(second, Succeeded());
+    EXPECT_TRUE(test::same(second->bytes(), test::pattern(9, 2)));
   }
 }
 
