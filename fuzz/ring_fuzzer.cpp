@@ -1,0 +1,199 @@
+// Fuzz target 4: a ring_channel whose peer is the input. The peer completes the handshake by
+// hand, maps both rings, and from then on the input writes anywhere in either of them (shared
+// memory is the peer's to scribble on, the owner's own fields included), moves the positions,
+// rings the eventfds and closes its socket, between the victim's try_send, try_receive and
+// receive_into calls. No crash, no hang (every call is non-blocking), no fd leaked, and every
+// error is one the header documents.
+//
+// Input: byte 0: bit 0 the victim's ring is 8 KiB (else 4 KiB), bit 1 the peer's is 8 KiB.
+// Then operations, an op byte each (its low 3 bits):
+//   0: a length byte and that many bytes, written into the victim's ring at a u16 offset
+//   1: the same into the peer's own ring (the one the victim writes)
+//   2: the victim's tail set to a u16 (a position the victim reads up to)
+//   3: the peer's own head set to a u16 (how far the victim may write)
+//   4: the victim try_sends a length byte's worth of bytes
+//   5: the victim try_receives; 6: receive_into a 64-byte buffer, not waiting
+//   7: bit 3 rings the victim's eventfds; bit 4 closes the peer's socket
+// At the end the victim receives until it would block or stops for good.
+#include <fcntl.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+
+#include "duplex/ring.hpp"
+#include "duplex/socket_pair.hpp"
+#include "fuzz_support.hpp"
+
+namespace {
+
+using duplex::errc;
+
+constexpr std::size_t header_page = 4096;  // a ring's header; its data follows
+
+// The handshake as a peer sends it (docs/protocol.md).
+struct hello {
+  std::uint64_t magic = 0x31474e4952585044;
+  std::uint32_t version = 1;
+  std::uint32_t flags = 0;
+  std::uint64_t capacity = 4096;
+  std::uint64_t max_message_size = 2048;
+  std::uint64_t reserved = 0;
+};
+static_assert(sizeof(hello) == 40);
+
+// A mapping unmapped on scope exit.
+class mapping {
+ public:
+  mapping(int fd, std::size_t size) : size_(size) {
+    void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED) std::abort();
+    base_ = static_cast<std::byte*>(p);
+  }
+  ~mapping() { ::munmap(base_, size_); }
+  mapping(const mapping&) = delete;
+  mapping& operator=(const mapping&) = delete;
+
+  void write(std::size_t at, std::span<const std::byte> bytes) {
+    at %= size_;
+    const std::size_t n = std::min(bytes.size(), size_ - at);
+    if (n > 0) std::memcpy(base_ + at, bytes.data(), n);
+  }
+  void set_u64(std::size_t at, std::uint64_t v) { std::memcpy(base_ + at, &v, sizeof v); }
+
+ private:
+  std::byte* base_ = nullptr;
+  std::size_t size_;
+};
+
+bool documented_receive_error(std::error_code e) {
+  return e == errc::would_block || e == errc::timed_out || e == errc::peer_closed ||
+         e == errc::protocol_error || e == errc::broken || e == errc::closed ||
+         e == errc::buffer_too_small || e == std::errc::not_enough_memory;
+}
+
+bool documented_send_error(std::error_code e) {
+  return e == errc::would_block || e == errc::message_too_large || e == errc::peer_closed ||
+         e == errc::protocol_error || e == errc::broken || e == errc::closed;
+}
+
+// True while the victim may have more to give.
+bool receive_once(duplex::ring_channel& victim, bool into) {
+  std::error_code e;
+  if (into) {
+    std::array<std::byte, 64> buf{};
+    auto r = victim.receive_into(buf, std::chrono::nanoseconds(0));
+    if (r) {
+      if (*r > buf.size()) std::abort();
+      return true;
+    }
+    e = r.error();
+  } else {
+    auto r = victim.try_receive();
+    if (r) return true;
+    e = r.error();
+  }
+  if (!documented_receive_error(e)) {
+    std::fprintf(stderr, "ring_fuzzer: undocumented receive error %s\n", e.message().c_str());
+    std::abort();
+  }
+  return false;
+}
+
+void run(duplex::fuzz::input& in) {
+  const std::uint8_t setup = in.byte();
+  const std::size_t victim_capacity = (setup & 1) != 0 ? 8192 : 4096;
+  const std::size_t peer_capacity = (setup & 2) != 0 ? 8192 : 4096;
+
+  auto pair = duplex::socket_pair(duplex::socket_kind::stream);
+  if (!pair) return;
+  // The peer's half of the handshake, sent before the victim starts, so create() never waits.
+  duplex::unique_fd memfd(::memfd_create("fuzz-ring", MFD_CLOEXEC | MFD_ALLOW_SEALING));
+  if (!memfd.valid() ||
+      ::ftruncate(memfd.get(), static_cast<off_t>(header_page + peer_capacity)) != 0 ||
+      ::fcntl(memfd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) != 0) {
+    std::abort();
+  }
+  duplex::unique_fd data_bell(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  duplex::unique_fd room_bell(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  hello mine;
+  mine.capacity = peer_capacity;
+  const std::array<duplex::const_buffer, 1> parts{
+      duplex::const_buffer(reinterpret_cast<const std::byte*>(&mine), sizeof mine)};
+  const std::array<int, 3> fds{memfd.get(), data_bell.get(), room_bell.get()};
+  if (!pair->second.send_msg(parts, fds)) std::abort();
+  duplex::ring_options o;
+  o.capacity = victim_capacity;
+  o.max_message_size = 2048;
+  o.max_peer_capacity = 8192;
+  o.handshake_timeout = std::chrono::seconds(5);
+  auto victim = duplex::ring_channel::create(std::move(pair->first), o);
+  if (!victim) std::abort();  // the handshake above is well formed
+  // The victim's hello: its ring and its two eventfds.
+  hello theirs;
+  std::array<duplex::unique_fd, 3> got;
+  const std::array<duplex::mutable_buffer, 1> into{
+      duplex::mutable_buffer(reinterpret_cast<std::byte*>(&theirs), sizeof theirs)};
+  auto r = pair->second.receive_msg(into, got);
+  if (!r || r->bytes != sizeof theirs || r->fds != 3 || theirs.capacity != victim_capacity) {
+    std::abort();
+  }
+  mapping victims(got[0].get(), header_page + victim_capacity);
+  mapping own(memfd.get(), header_page + peer_capacity);
+
+  for (int guard = 0; guard < 4096 && !in.empty(); ++guard) {
+    const std::uint8_t op = in.byte();
+    switch (op & 7) {
+      case 0: {
+        const std::size_t at = in.u16();
+        victims.write(at, in.bytes(in.byte()));
+        break;
+      }
+      case 1: {
+        const std::size_t at = in.u16();
+        own.write(at, in.bytes(in.byte()));
+        break;
+      }
+      case 2: victims.set_u64(128, in.u16()); break;  // the tail
+      case 3: own.set_u64(64, in.u16()); break;       // the head
+      case 4: {
+        const auto payload = in.bytes(in.byte());
+        auto s = victim->try_send(payload);
+        if (!s && !documented_send_error(s.error())) {
+          std::fprintf(stderr, "ring_fuzzer: undocumented send error %s\n",
+                       s.error().message().c_str());
+          std::abort();
+        }
+        break;
+      }
+      case 5: static_cast<void>(receive_once(*victim, false)); break;
+      case 6: static_cast<void>(receive_once(*victim, true)); break;
+      default: {
+        if ((op & 8) != 0) {
+          const std::uint64_t one = 1;
+          static_cast<void>(::write(got[1].get(), &one, sizeof one));
+          static_cast<void>(::write(got[2].get(), &one, sizeof one));
+        }
+        if ((op & 16) != 0) pair->second.close();
+        break;
+      }
+    }
+  }
+  for (int guard = 0; guard < 1024 && receive_once(*victim, false); ++guard) {
+  }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  const int baseline = duplex::fuzz::open_fds();
+  duplex::fuzz::input in(data, size);
+  run(in);
+  duplex::fuzz::check_no_fd_leaked(baseline);
+  return 0;
+}
