@@ -23,13 +23,15 @@ namespace duplex::detail {
   return v;
 }
 
-// Word 0 of a native header with these flags and fd count.
+// Word 0 of a native header with these flags and fd count: the first eight bytes that
+// wire::encode_native writes, read back as a little-endian word (one definition of the layout).
 [[nodiscard]] constexpr std::uint64_t native_word0(std::uint8_t flags,
                                                    std::uint16_t fd_count) noexcept {
-  return std::to_integer<std::uint64_t>(wire::native_magic[0]) |
-         std::to_integer<std::uint64_t>(wire::native_magic[1]) << 8 |
-         std::uint64_t{wire::native_version} << 16 | std::uint64_t{flags} << 24 |
-         std::uint64_t{fd_count} << 32;
+  const auto bytes = wire::encode_native({0, fd_count, flags});
+  std::uint64_t word = 0;
+  for (std::size_t i = 0; i < 8; ++i)
+    word |= std::to_integer<std::uint64_t>(bytes[i]) << (8 * i);
+  return word;
 }
 
 // Word 0 of every frame that carries its bytes and no fds.
