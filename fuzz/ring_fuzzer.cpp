@@ -29,23 +29,14 @@
 #include "duplex/ring.hpp"
 #include "duplex/socket_pair.hpp"
 #include "fuzz_support.hpp"
+#include "ring_layout.hpp"
 
 namespace {
 
 using duplex::errc;
 
-constexpr std::size_t header_page = 4096;  // a ring's header; its data follows
-
-// The handshake as a peer sends it (docs/protocol.md).
-struct hello {
-  std::uint64_t magic = 0x31474e4952585044;
-  std::uint32_t version = 1;
-  std::uint32_t flags = 0;
-  std::uint64_t capacity = 4096;
-  std::uint64_t max_message_size = 2048;
-  std::uint64_t reserved = 0;
-};
-static_assert(sizeof(hello) == 40);
+namespace layout = duplex::detail::ring_layout;
+constexpr std::size_t header_page = layout::header_size;  // a ring's header; its data follows
 
 // A mapping unmapped on scope exit.
 class mapping {
@@ -121,11 +112,12 @@ void run(duplex::fuzz::input& in) {
   }
   duplex::unique_fd data_bell(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   duplex::unique_fd room_bell(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-  hello mine;
+  layout::hello mine;
   mine.capacity = peer_capacity;
+  mine.max_message_size = 2048;
   const std::array<duplex::const_buffer, 1> parts{
       duplex::const_buffer(reinterpret_cast<const std::byte*>(&mine), sizeof mine)};
-  const std::array<int, 3> fds{memfd.get(), data_bell.get(), room_bell.get()};
+  const std::array<int, layout::hello_fds> fds{memfd.get(), data_bell.get(), room_bell.get()};
   if (!pair->second.send_msg(parts, fds)) std::abort();
   duplex::ring_options o;
   o.capacity = victim_capacity;
@@ -135,12 +127,13 @@ void run(duplex::fuzz::input& in) {
   auto victim = duplex::ring_channel::create(std::move(pair->first), o);
   if (!victim) std::abort();  // the handshake above is well formed
   // The victim's hello: its ring and its two eventfds.
-  hello theirs;
-  std::array<duplex::unique_fd, 3> got;
+  layout::hello theirs;
+  std::array<duplex::unique_fd, layout::hello_fds> got;
   const std::array<duplex::mutable_buffer, 1> into{
       duplex::mutable_buffer(reinterpret_cast<std::byte*>(&theirs), sizeof theirs)};
   auto r = pair->second.receive_msg(into, got);
-  if (!r || r->bytes != sizeof theirs || r->fds != 3 || theirs.capacity != victim_capacity) {
+  if (!r || r->bytes != sizeof theirs || r->fds != layout::hello_fds ||
+      theirs.capacity != victim_capacity) {
     std::abort();
   }
   mapping victims(got[0].get(), header_page + victim_capacity);
@@ -159,8 +152,8 @@ void run(duplex::fuzz::input& in) {
         own.write(at, in.bytes(in.byte()));
         break;
       }
-      case 2: victims.set_u64(128, in.u16()); break;  // the tail
-      case 3: own.set_u64(64, in.u16()); break;       // the head
+      case 2: victims.set_u64(layout::off_tail, in.u16()); break;
+      case 3: own.set_u64(layout::off_head, in.u16()); break;
       case 4: {
         const auto payload = in.bytes(in.byte());
         auto s = victim->try_send(payload);
