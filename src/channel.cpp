@@ -248,6 +248,14 @@ struct channel::impl {
   // Under tx: one frame out, blocking, or else written as far as the kernel takes and queued.
   result<void> put(std::span<const const_buffer> parts, std::span<const int> fds,
                    std::uint8_t flags, bool blocking);
+  // Under tx: a plain native stream frame of at most small_payload bytes without fds, laid out
+  // on the stack and sent with one send(); whatever that send leaves goes the way of any frame.
+  result<void> put_small(std::span<const const_buffer> parts, std::size_t payload, bool blocking);
+  static constexpr std::size_t small_payload = 240;
+  // Under tx: put's second half. The frame (total bytes, of which `sent` are already out; the
+  // rest in iov) is written, or else written as far as the kernel takes and queued.
+  result<void> put_framed(detail::iovec_array& iov, std::span<const int> fds, std::uint64_t total,
+                          bool blocking, std::size_t sent = 0);
   // Under tx: a message, through shared memory if it is large and that is enabled.
   result<void> send_payload(std::span<const const_buffer> parts, std::span<const int> fds,
                             bool blocking);
@@ -256,7 +264,10 @@ struct channel::impl {
                          bool blocking);
   // This end's pool, created on first use (nullptr if it cannot be).
   std::shared_ptr<detail::pool_tx> pool();
-  result<std::size_t> write(detail::iovec_array& iov, std::span<const int> fds, bool blocking);
+  // Writes iov (the rest of a frame of which `sent` bytes are already out), blocking or as far as
+  // the kernel takes it; returns the frame's bytes out in all (sent included).
+  result<std::size_t> write(detail::iovec_array& iov, std::span<const int> fds, bool blocking,
+                            std::size_t sent = 0);
 
   // Seqpacket frames of staging_from to staging_size bytes whose copy into the packet would
   // crawl (detail::packet_copy_would_crawl) go out from here (page-aligned; guarded by tx).
@@ -333,9 +344,9 @@ result<channel::impl::frame> channel::impl::make_frame(std::span<const const_buf
 }
 
 result<std::size_t> channel::impl::write(detail::iovec_array& iov, std::span<const int> fds,
-                                         bool blocking) {
+                                         bool blocking, std::size_t sent) {
   const int fd = sock.native_handle();
-  std::size_t written = 0;
+  std::size_t written = sent;
   while (iov.size() > 0) {
     // The fds go with the first byte, and never again.
     const auto with = written == 0 ? fds : std::span<const int>{};
@@ -424,17 +435,47 @@ result<void> channel::impl::put(std::span<const const_buffer> parts, std::span<c
       framed.emplace(std::span<const const_buffer>(whole));
     }
   }
-  detail::iovec_array& iov = *framed;
+  return put_framed(*framed, fds, f->total, blocking);
+}
+
+result<void> channel::impl::put_small(std::span<const const_buffer> parts, std::size_t payload,
+                                      bool blocking) {
+  // Written before it is read: header, then payload.
+  std::array<std::byte, wire::native_header_size + small_payload> bytes;  // NOLINT
+  const auto head = wire::encode_native({payload, 0, 0});
+  std::memcpy(bytes.data(), head.data(), head.size());
+  std::size_t total = head.size();
+  for (const auto& p : parts) {
+    if (!p.empty()) std::memcpy(bytes.data() + total, p.data(), p.size());
+    total += p.size();
+  }
+  std::size_t sent = 0;
+  if (blocking || queue.empty()) {
+    auto n =
+        detail::send_bytes(sock.native_handle(), bytes.data(), total, blocking ? 0 : MSG_DONTWAIT);
+    if (n && *n == total) return {};
+    // A partial send, a full socket or an error: put_framed goes on from here (and its own send
+    // meets an error again and reports it as for any frame).
+    if (n) sent = *n;
+  }
+  const std::array<const_buffer, 1> whole{std::span(bytes).first(total)};
+  detail::iovec_array iov{std::span<const const_buffer>(whole)};
+  iov.advance(sent);
+  return put_framed(iov, {}, total, blocking, sent);
+}
+
+result<void> channel::impl::put_framed(detail::iovec_array& iov, std::span<const int> fds,
+                                       std::uint64_t total, bool blocking, std::size_t sent) {
   if (blocking) {
-    auto n = write(iov, fds, true);
+    auto n = write(iov, fds, true, sent);
     if (!n) return std::unexpected(n.error());
     return {};
   }
   if (!queue.empty()) {
-    if (queued + f->total > options.max_queued_bytes) return fail(errc::queue_full);
+    if (queued + total > options.max_queued_bytes) return fail(errc::queue_full);
     return enqueue(iov, fds, false);
   }
-  auto n = write(iov, fds, false);
+  auto n = write(iov, fds, false, sent);
   if (!n) return std::unexpected(n.error());
   // What the kernel did not take waits in the queue (the first message of an empty queue is
   // taken whatever its size).
@@ -490,6 +531,10 @@ result<void> channel::impl::send_payload(std::span<const const_buffer> parts,
   if (payload > options.max_message_size) return fail(errc::message_too_large);
   const auto& shm = options.shared_memory;
   const bool can_share = shm.enabled && options.format == framing::native;
+  if (payload <= small_payload && fds.empty() && options.format == framing::native &&
+      sock.kind() == socket_kind::stream && (!can_share || payload < shm.threshold)) {
+    return put_small(parts, static_cast<std::size_t>(payload), blocking);
+  }
   if (!can_share || payload < shm.threshold) {
     auto r = put(parts, fds, 0, blocking);
     // A packet the kernel refuses as too large (seqpacket, below the threshold but above what

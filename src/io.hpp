@@ -77,7 +77,9 @@ class iovec_array {
     total_ += b.size();
   }
 
-  std::array<iovec, 16> small_{};
+  // Only the first size_ entries from data_ are ever read, each written first: not zeroed, since
+  // a frame's every send builds one of these.
+  std::array<iovec, 16> small_;  // NOLINT(cppcoreguidelines-pro-type-member-init)
   std::vector<iovec> large_;
   iovec* data_ = nullptr;
   std::size_t size_ = 0;
