@@ -4,17 +4,19 @@
 
 namespace duplex {
 
-message::message(const_buffer bytes, std::vector<unique_fd> fds)
-    : data_(bytes.empty() ? nullptr : std::make_unique_for_overwrite<std::byte[]>(bytes.size())),
-      size_(bytes.size()),
-      fds_(std::move(fds)) {
-  if (!bytes.empty()) std::memcpy(data_.get(), bytes.data(), bytes.size());
+void message::make_room(std::size_t size) {
+  data_ = size > inline_capacity ? std::make_unique_for_overwrite<std::byte[]>(size) : nullptr;
+  size_ = size;
+}
+
+message::message(const_buffer bytes, std::vector<unique_fd> fds) : fds_(std::move(fds)) {
+  make_room(bytes.size());
+  if (!bytes.empty()) std::memcpy(owned_bytes(), bytes.data(), bytes.size());
 }
 
 message message::with_size(std::size_t size) {
   message m;
-  if (size > 0) m.data_ = std::make_unique_for_overwrite<std::byte[]>(size);
-  m.size_ = size;
+  m.make_room(size);
   return m;
 }
 
@@ -29,9 +31,9 @@ message message::view(const std::byte* data, std::size_t size, std::shared_ptr<c
 }
 
 void message::materialize() {
-  auto copy = size_ > 0 ? std::make_unique_for_overwrite<std::byte[]>(size_) : nullptr;
-  if (size_ > 0) std::memcpy(copy.get(), view_, size_);
-  data_ = std::move(copy);
+  const std::byte* from = view_;
+  make_room(size_);  // throws before anything changes if the memory cannot be had
+  if (size_ > 0) std::memcpy(owned_bytes(), from, size_);
   view_ = nullptr;
   keeper_.reset();
 }

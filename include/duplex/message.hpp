@@ -1,9 +1,12 @@
 // duplex/message.hpp - a whole message: bytes plus the fds that travelled with them.
 //
-// A message owns its bytes (one heap block, not zero-filled when received into) and its fds (as
-// unique_fd: closed when the message is destroyed unless taken). A large message received
-// through shared memory may instead be a read-only view of it (is_view()), kept mapped while the
-// message lives. It is move-only.
+// A message owns its bytes and its fds (as unique_fd: closed when the message is destroyed unless
+// taken). Up to message::inline_capacity bytes are kept inside the object itself, so a small
+// message costs no allocation (as a short std::string); larger ones are one heap block, not
+// zero-filled when received into. A large message received through shared memory may instead be
+// a read-only view of it (is_view()), kept mapped while the message lives. It is move-only; as
+// with std::string, moving a small message copies its bytes, so a span from bytes() refers to
+// the object it was taken from.
 //
 //   duplex::message m("hello");                 // bytes copied in
 //   channel.send(m);                             // the channel sends bytes and fds
@@ -12,6 +15,7 @@
 //   std::vector<duplex::unique_fd> fds = r->take_fds();
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <memory>
 #include <span>
@@ -26,6 +30,9 @@ namespace duplex {
 // Bytes plus fds. Not thread-safe (a value type).
 class message {
  public:
+  // Messages of at most this many bytes keep them inside the object: no allocation.
+  static constexpr std::size_t inline_capacity = 48;
+
   // An empty message: no bytes, no fds.
   message() noexcept = default;
 
@@ -52,12 +59,12 @@ class message {
   // copies it out first (throws std::bad_alloc if that memory cannot be had).
   [[nodiscard]] std::span<std::byte> bytes() {
     if (keeper_) materialize();
-    return {data_.get(), size_};
+    return {owned_bytes(), size_};
   }
 
   // The bytes.
   [[nodiscard]] std::span<const std::byte> bytes() const noexcept {
-    return {keeper_ ? view_ : data_.get(), size_};
+    return {keeper_ ? view_ : owned_bytes(), size_};
   }
 
   // True if the bytes are a read-only view of shared memory rather than a copy of their own.
@@ -82,11 +89,19 @@ class message {
  private:
   void materialize();
 
-  std::unique_ptr<std::byte[]> data_;
+  [[nodiscard]] std::byte* owned_bytes() noexcept { return data_ ? data_.get() : inline_.data(); }
+  [[nodiscard]] const std::byte* owned_bytes() const noexcept {
+    return data_ ? data_.get() : inline_.data();
+  }
+  // Sets size_ and makes room for that many owned bytes: inline_, or data_ past its capacity.
+  void make_room(std::size_t size);
+
+  std::unique_ptr<std::byte[]> data_;  // the bytes, when owned and over inline_capacity
   std::size_t size_ = 0;
   std::vector<unique_fd> fds_;
-  const std::byte* view_ = nullptr;     // the bytes, when a view
-  std::shared_ptr<const void> keeper_;  // keeps a view's memory; set only for views
+  const std::byte* view_ = nullptr;                  // the bytes, when a view
+  std::shared_ptr<const void> keeper_;               // keeps a view's memory; set only for views
+  std::array<std::byte, inline_capacity> inline_{};  // the bytes, when owned and small
 };
 
 }  // namespace duplex

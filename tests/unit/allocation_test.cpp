@@ -231,5 +231,38 @@ TEST_F(allocation_test, AMessageThatCannotBeAllocatedIsReportedAndTheNextArrives
   }
 }
 
+// Messages of up to message::inline_capacity bytes keep them inside the object: once the
+// channel's receive buffer exists, sending and receiving them allocates nothing at all, on
+// either kind of socket. One byte more, and each costs exactly one allocation of its size.
+TEST_F(allocation_test, SmallMessagesAllocateNothingOnTheWayThrough) {
+  for (const auto kind : {socket_kind::stream, socket_kind::seqpacket}) {
+    auto pair = test::must(channel_pair(kind));
+    const auto small = test::pattern(message::inline_capacity, 4);
+    const auto large = test::pattern(message::inline_capacity + 1, 5);
+    // The first message makes the receive buffer (stream) or spill area (seqpacket).
+    ASSERT_THAT(pair.first.send(small), Succeeded());
+    ASSERT_THAT(pair.second.receive(), Succeeded());
+    {
+      // Checked without matchers in the loop: gMock's allocate.
+      watch w;
+      for (int i = 0; i < 100; ++i) {
+        ASSERT_TRUE(pair.first.try_send(small).has_value());
+        auto m = pair.second.try_receive();
+        ASSERT_TRUE(m.has_value());
+        ASSERT_TRUE(test::same(m->bytes(), small));
+      }
+      const auto seen = w.stop();
+      EXPECT_EQ(seen.total, 0U) << (kind == socket_kind::stream ? "stream" : "seqpacket");
+    }
+    watch w;
+    ASSERT_TRUE(pair.first.try_send(large).has_value());
+    auto m = pair.second.try_receive();
+    const auto seen = w.stop();
+    ASSERT_THAT(m, Succeeded());
+    EXPECT_TRUE(test::same(m->bytes(), large));
+    EXPECT_EQ(seen.largest, large.size());
+  }
+}
+
 }  // namespace
 }  // namespace duplex
