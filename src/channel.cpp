@@ -582,7 +582,9 @@ result<void> channel::impl::try_send(std::span<const const_buffer> parts,
   const std::unique_lock lock(tx, std::try_to_lock);
   if (!lock.owns_lock()) return fail(errc::would_block);  // another thread is sending
   if (auto u = usable(c); !u) return u;
-  if (auto flushed = flush_queue(false); !flushed) return std::unexpected(flushed.error());
+  if (!queue.empty()) {
+    if (auto flushed = flush_queue(false); !flushed) return std::unexpected(flushed.error());
+  }
   return send_payload(parts, fds, false);
 }
 
@@ -1133,13 +1135,35 @@ result<void> channel::send(const_buffer bytes, std::span<const int> fds) {
 
 result<void> channel::send(std::span<const const_buffer> parts) { return send(parts, {}); }
 
-result<void> channel::send(const message& m) {
-  std::vector<int> fds;
-  fds.reserve(m.fds().size());
-  for (const auto& fd : m.fds())
-    fds.push_back(fd.get());
+namespace {
+
+// Calls send(parts, fds) with a message's bytes and its fds as raw numbers: on the stack for any
+// count a message may carry, else in a vector (which the send then refuses, after the checks that
+// come before that one).
+template <typename Send>
+result<void> with_raw_fds(const message& m, Send send) {
   const const_buffer bytes = m.bytes();
-  return send(std::span(&bytes, 1), fds);
+  const auto parts = std::span(&bytes, 1);
+  const auto& owned = m.fds();
+  if (owned.size() > max_fds_per_message) {
+    std::vector<int> many;
+    many.reserve(owned.size());
+    for (const auto& fd : owned)
+      many.push_back(fd.get());
+    return send(parts, many);
+  }
+  std::array<int, max_fds_per_message> raw;  // NOLINT: only the first owned.size() are read
+  for (std::size_t i = 0; i < owned.size(); ++i)
+    raw[i] = owned[i].get();
+  return send(parts, std::span<const int>(raw.data(), owned.size()));
+}
+
+}  // namespace
+
+result<void> channel::send(const message& m) {
+  return with_raw_fds(m, [this](std::span<const const_buffer> parts, std::span<const int> fds) {
+    return send(parts, fds);
+  });
 }
 
 result<void> channel::try_send(std::span<const const_buffer> parts, std::span<const int> fds) {
@@ -1152,12 +1176,9 @@ result<void> channel::try_send(const_buffer bytes, std::span<const int> fds) {
 }
 
 result<void> channel::try_send(const message& m) {
-  std::vector<int> fds;
-  fds.reserve(m.fds().size());
-  for (const auto& fd : m.fds())
-    fds.push_back(fd.get());
-  const const_buffer bytes = m.bytes();
-  return try_send(std::span(&bytes, 1), fds);
+  return with_raw_fds(m, [this](std::span<const const_buffer> parts, std::span<const int> fds) {
+    return try_send(parts, fds);
+  });
 }
 
 struct shared_buffer::state {
@@ -1274,18 +1295,22 @@ result<message> channel::receive() { return receive(forever); }
 
 result<message> channel::receive(std::chrono::nanoseconds timeout) {
   if (!impl_) return fail(errc::closed);
-  message m;
-  auto r = impl_->receive(wait_spec::from(timeout), destination{&m, {}, {}});
-  if (!r) return std::unexpected(r.error());
-  return m;
+  // Received straight into the result (one object returned: no move of the message).
+  result<message> out(std::in_place);
+  if (auto r = impl_->receive(wait_spec::from(timeout), destination{&*out, {}, {}}); !r) {
+    out = std::unexpected(r.error());
+  }
+  return out;
 }
 
 result<message> channel::try_receive() {
   if (!impl_) return fail(errc::closed);
-  message m;
-  auto r = impl_->receive(wait_spec::now(), destination{&m, {}, {}});
-  if (!r) return std::unexpected(r.error());
-  return m;
+  // Received straight into the result (one object returned: no move of the message).
+  result<message> out(std::in_place);
+  if (auto r = impl_->receive(wait_spec::now(), destination{&*out, {}, {}}); !r) {
+    out = std::unexpected(r.error());
+  }
+  return out;
 }
 
 result<message_info> channel::receive_into(mutable_buffer buf, std::span<unique_fd> fds) {
