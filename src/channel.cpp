@@ -655,14 +655,14 @@ result<message_info> channel::impl::receive(const wait_spec& w, destination dest
   if (!rx.acquire(w)) {
     return fail(w.kind == wait_kind::try_once ? errc::would_block : errc::timed_out);
   }
-  result<message_info> r = fail(errc::would_block);
-  if (stash) {
+  const auto take_stash = [&] {
     message m = std::move(*stash);
     stash.reset();
-    r = deliver(std::move(m), dest);
-  } else {
-    r = sock.kind() == socket_kind::stream ? receive_stream(w, dest) : receive_packet(w, dest);
-  }
+    return deliver(std::move(m), dest);
+  };
+  result<message_info> r = stash                                ? take_stash()
+                           : sock.kind() == socket_kind::stream ? receive_stream(w, dest)
+                                                                : receive_packet(w, dest);
   rx.release();
   if (!r && is_closed()) return fail(errc::closed);
   return r;
@@ -1294,20 +1294,23 @@ std::size_t channel::queued_bytes() const noexcept { return impl_ ? impl_->queue
 result<message> channel::receive() { return receive(forever); }
 
 result<message> channel::receive(std::chrono::nanoseconds timeout) {
-  if (!impl_) return fail(errc::closed);
-  // Received straight into the result (one object returned: no move of the message).
+  // Received straight into the result, the one object every path returns: no move of the
+  // message on the way out.
   result<message> out(std::in_place);
-  if (auto r = impl_->receive(wait_spec::from(timeout), destination{&*out, {}, {}}); !r) {
+  if (!impl_) {
+    out = fail(errc::closed);
+  } else if (auto r = impl_->receive(wait_spec::from(timeout), destination{&*out, {}, {}}); !r) {
     out = std::unexpected(r.error());
   }
   return out;
 }
 
 result<message> channel::try_receive() {
-  if (!impl_) return fail(errc::closed);
-  // Received straight into the result (one object returned: no move of the message).
+  // As receive() above.
   result<message> out(std::in_place);
-  if (auto r = impl_->receive(wait_spec::now(), destination{&*out, {}, {}}); !r) {
+  if (!impl_) {
+    out = fail(errc::closed);
+  } else if (auto r = impl_->receive(wait_spec::now(), destination{&*out, {}, {}}); !r) {
     out = std::unexpected(r.error());
   }
   return out;

@@ -72,6 +72,7 @@
 #include <concepts>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <system_error>
 #include <type_traits>
@@ -177,7 +178,9 @@ struct send_source {
 // async_receive: try_receive.
 struct receive_steps {
   static constexpr bool wants_read = true;
-  message received;
+  // Empty until a message arrives: the initiation's copies of the steps then cost no message
+  // construction and destruction.
+  std::optional<message> received;
 
   receive_steps() = default;
   // A copy is a fresh start (the initiation's copy, before any attempt): nothing received.
@@ -187,10 +190,16 @@ struct receive_steps {
   receive_steps& operator=(receive_steps&&) noexcept = default;
   ~receive_steps() = default;
 
+  // The message received (an empty one if none was), to be moved from.
+  message& take() noexcept {
+    if (!received) received.emplace();
+    return *received;
+  }
+
   bool attempt(duplex::channel& ch, std::error_code& ec) {
     auto r = ch.try_receive();
     if (r) {
-      received = std::move(*r);
+      received.emplace(std::move(*r));
       return true;
     }
     if (r.error() == errc::would_block) return false;
@@ -426,7 +435,7 @@ class channel_op : public ::asio::detail::reactor_op {
   static auto bind(channel_op& o) {
     if constexpr (std::is_same_v<Steps, receive_steps>) {
       return ::asio::detail::move_binder2<Handler, std::error_code, message>(
-          0, std::move(o.handler_), o.ec_, std::move(o.steps_.received));
+          0, std::move(o.handler_), o.ec_, std::move(o.steps_.take()));
     } else {
       return ::asio::detail::binder1<Handler, std::error_code>(o.handler_, o.ec_);
     }
@@ -583,7 +592,7 @@ class composed_op {
   template <typename Self>
   void finish(Self& self) {
     if constexpr (std::is_same_v<Steps, receive_steps>) {
-      self.complete(ec_, ec_ ? message{} : std::move(steps_.received));
+      self.complete(ec_, ec_ ? message{} : std::move(steps_.take()));
     } else {
       self.complete(ec_);
     }
