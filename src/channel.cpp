@@ -88,17 +88,21 @@ bool peer_gone(const std::error_code& ec) {
   return ec == std::errc::broken_pipe || ec == std::errc::connection_reset;
 }
 
-// The receive lock: a mutex that can be waited for with a deadline. (std::timed_mutex would do,
-// but libstdc++ implements its timed waits with pthread_mutex_clocklock, which ThreadSanitizer
-// does not see; a condition variable it does.) Uncontended, taking and releasing it is one
-// atomic exchange and one store: a receive from an event loop pays no mutex and no notify. A
-// waiter counts itself in waiters_ before it looks at busy_, and release() looks at waiters_
-// after it clears busy_ (both sequentially consistent), so a waiter that saw the lock busy is
-// always notified.
-class receive_lock {
+// The receive and send locks: a mutex that can be waited for with a deadline. (std::timed_mutex
+// would do, but libstdc++ implements its timed waits with pthread_mutex_clocklock, which
+// ThreadSanitizer does not see; a condition variable it does.) Uncontended, taking and releasing
+// it is one atomic exchange and one store: a call from an event loop pays no pthread mutex and no
+// notify. A waiter counts itself in waiters_ before it looks at busy_, and release() looks at
+// waiters_ after it clears busy_ (both sequentially consistent), so a waiter that saw the lock
+// busy is always notified.
+class call_lock {
  public:
   // Takes the lock, waiting as w says; false if it could not be had in time.
   [[nodiscard]] bool acquire(const struct wait_spec& w);
+  // Lockable, for std::lock_guard and std::unique_lock: lock() waits as long as it takes.
+  void lock();
+  [[nodiscard]] bool try_lock();
+  void unlock() { release(); }
   void release() {
     busy_.store(false);
     if (waiters_.load() > 0) {
@@ -123,7 +127,11 @@ struct destination {
   std::span<unique_fd> fds;
 };
 
-bool receive_lock::acquire(const wait_spec& w) {
+void call_lock::lock() { static_cast<void>(acquire(wait_spec{})); }
+
+bool call_lock::try_lock() { return acquire(wait_spec::now()); }
+
+bool call_lock::acquire(const wait_spec& w) {
   if (!busy_.exchange(true)) return true;
   if (w.kind == wait_kind::try_once) return false;
   std::unique_lock g(m_);
@@ -162,8 +170,8 @@ struct channel::impl {
 
   [[nodiscard]] bool is_closed() const noexcept { return (state.load() & closed_bit) != 0; }
   std::atomic<int> fd_copy{sock.native_handle()};  // for native_handle(); -1 once released
-  std::mutex tx;
-  receive_lock rx;
+  call_lock tx;
+  call_lock rx;
   detail::stream_decoder decoder;  // stream channels; guarded by rx
   detail::fd_batch arrived;        // guarded by rx
 
@@ -997,7 +1005,7 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
     return fail(w.kind == wait_kind::try_once ? errc::would_block : errc::timed_out);
   }
   struct release_rx {
-    receive_lock& l;
+    call_lock& l;
     ~release_rx() { l.release(); }
   } release{rx};
   std::size_t count = 0;
