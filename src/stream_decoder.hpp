@@ -99,6 +99,12 @@ class stream_decoder {
     payload = {at + wire::native_header_size, static_cast<std::size_t>(length)};
     return true;
   }
+  // True when poll() could only say need_more: between frames, nothing buffered, no stray fds
+  // to report and no end of stream. Lets a caller that just emptied the buffer read at once.
+  [[nodiscard]] bool starved() const noexcept {
+    return state_ == state::idle && begin_ == end_ && !eof_ && !stray_;
+  }
+
   void finish_plain(const_buffer payload) noexcept {
     const std::size_t n = wire::native_header_size + payload.size();
     begin_ += n;

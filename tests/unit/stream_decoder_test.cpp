@@ -83,7 +83,14 @@ outcome run(stream_decoder& d, std::deque<chunk> chunks, std::size_t slice,
   std::size_t offset_in_front = 0;
   bool eof_sent = false;
   for (std::size_t events = 0; events < max_events; ++events) {
-    switch (d.poll()) {
+    // starved() may only say so when poll() could only say need_more (the channel then reads
+    // without asking poll()): checked at every step of every test that runs through here.
+    const bool starved = d.starved();
+    const stream_decoder::event e = d.poll();
+    if (starved) {
+      EXPECT_EQ(e, stream_decoder::event::need_more) << "after " << out.order;
+    }
+    switch (e) {
       case stream_decoder::event::complete:
         out.messages.push_back(d.take_message());
         out.order += 'm';
@@ -343,8 +350,10 @@ TEST_F(stream_decoder_test, ACallersBufferIsLeftBeforeTheCallReturns) {
     fed += n;
     d.commit(n, {}, false);
   };
+  EXPECT_TRUE(d.starved());
   EXPECT_EQ(d.poll(), stream_decoder::event::need_more);
   feed(16 + 3000);
+  EXPECT_FALSE(d.starved());
   ASSERT_EQ(d.poll(), stream_decoder::event::header_ready);
   std::vector<std::byte> callers(20000);
   d.accept_into(callers);
@@ -358,9 +367,13 @@ TEST_F(stream_decoder_test, ACallersBufferIsLeftBeforeTheCallReturns) {
     feed(frame.size());
   }
   ASSERT_EQ(d.poll(), stream_decoder::event::complete);
+  EXPECT_FALSE(d.starved());
   std::vector<std::byte> second(10000);
   EXPECT_EQ(d.take_into(second, {}), 10000U);
   EXPECT_EQ(second, body);
+  EXPECT_TRUE(d.starved());  // the frame taken whole, nothing behind it
+  d.end_of_stream();
+  EXPECT_FALSE(d.starved());  // the end is there to report
 }
 
 }  // namespace
