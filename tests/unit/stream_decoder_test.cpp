@@ -39,7 +39,12 @@ std::vector<std::byte> payload(std::size_t n, unsigned seed) {
 std::vector<std::byte> native_frame(const std::vector<std::byte>& body, std::uint16_t fds,
                                     std::optional<std::uint64_t> length = std::nullopt) {
   const auto h = wire::encode_native({length.value_or(body.size()), fds, 0});
-  std::vector<std::byte> out(h.begin(), h.end());
+  // The header byte by byte: GCC 12 misjudges a bulk copy of it into the vector as out of
+  // bounds (-Warray-bounds) or as a possible null (-Wnull-dereference) in optimised builds.
+  std::vector<std::byte> out;
+  out.reserve(h.size() + body.size());
+  for (const std::byte b : h)
+    out.push_back(b);
   out.insert(out.end(), body.begin(), body.end());
   return out;
 }
