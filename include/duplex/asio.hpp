@@ -72,7 +72,6 @@
 #include <concepts>
 #include <cstdint>
 #include <memory>
-#include <optional>
 #include <span>
 #include <system_error>
 #include <type_traits>
@@ -178,9 +177,10 @@ struct send_source {
 // async_receive: try_receive.
 struct receive_steps {
   static constexpr bool wants_read = true;
-  // Empty until a message arrives: the initiation's copies of the steps then cost no message
-  // construction and destruction.
-  std::optional<message> received;
+  // Built once, in the operation (the initiation carries a maker of steps, not steps). Not a
+  // std::optional: GCC 12 warns, in sanitizer builds, that a disengaged one's payload may be
+  // used uninitialised when it is moved.
+  message received;
 
   receive_steps() = default;
   // A copy is a fresh start (the initiation's copy, before any attempt): nothing received.
@@ -191,15 +191,12 @@ struct receive_steps {
   ~receive_steps() = default;
 
   // The message received (an empty one if none was), to be moved from.
-  message& take() noexcept {
-    if (!received) received.emplace();
-    return *received;
-  }
+  message& take() noexcept { return received; }
 
   bool attempt(duplex::channel& ch, std::error_code& ec) {
     auto r = ch.try_receive();
     if (r) {
-      received.emplace(std::move(*r));
+      received = std::move(*r);
       return true;
     }
     if (r.error() == errc::would_block) return false;
@@ -394,10 +391,12 @@ class channel_op : public ::asio::detail::reactor_op {
  public:
   ASIO_DEFINE_HANDLER_PTR(channel_op);
 
-  channel_op(duplex::channel& ch, Steps steps, Handler& handler, const IoExecutor& io_ex)
+  // make() gives the steps, built in place here.
+  template <typename Make>
+  channel_op(duplex::channel& ch, const Make& make, Handler& handler, const IoExecutor& io_ex)
       : reactor_op(std::error_code(), &channel_op::do_perform, &channel_op::do_complete),
         ch_(ch),
-        steps_(std::move(steps)),
+        steps_(make()),
         handler_(std::move(handler)),
         work_(handler_, io_ex) {}
 
@@ -448,25 +447,28 @@ class channel_op : public ::asio::detail::reactor_op {
   ::asio::detail::handler_work<Handler, IoExecutor> work_;
 };
 
-// The initiation of an operation (for asio::async_initiate).
-template <typename Executor, typename Steps>
+// The initiation of an operation (for asio::async_initiate). It carries make, which gives the
+// operation's steps, rather than the steps themselves: the initiation is moved and copied on its
+// way, and a receive's steps hold a message, which each copy would build and destroy.
+template <typename Executor, typename Make>
 class initiate {
  public:
   using executor_type = Executor;
+  using steps_type = std::invoke_result_t<const Make&>;
 
-  initiate(channel_state<Executor>* s, Steps steps) : s_(s), steps_(std::move(steps)) {}
+  initiate(channel_state<Executor>* s, Make make) : s_(s), make_(std::move(make)) {}
 
   [[nodiscard]] executor_type get_executor() const noexcept { return s_->ex; }
 
   template <typename Handler>
   void operator()(Handler&& handler) const {
     ::asio::detail::non_const_lvalue<Handler> h(handler);
-    using op = channel_op<Steps, std::decay_t<Handler>, Executor>;
-    constexpr int op_type = Steps::wants_read ? reactor::read_op : reactor::write_op;
+    using op = channel_op<steps_type, std::decay_t<Handler>, Executor>;
+    constexpr int op_type = steps_type::wants_read ? reactor::read_op : reactor::write_op;
     const bool is_continuation = asio_handler_cont_helpers::is_continuation(h.value);
     auto slot = ::asio::get_associated_cancellation_slot(h.value);
     typename op::ptr p = {std::addressof(h.value), op::ptr::allocate(h.value), nullptr};
-    p.p = new (p.v) op(s_->ch, steps_, h.value, s_->ex);
+    p.p = new (p.v) op(s_->ch, make_, h.value, s_->ex);
     if (slot.is_connected()) {
       p.p->cancellation_key_ =
           &slot.template emplace<cancel_handler>(&s_->watch, op_type, p.p->late_key());
@@ -477,12 +479,13 @@ class initiate {
 
  private:
   channel_state<Executor>* s_;
-  Steps steps_;
+  Make make_;
 };
 
-template <typename Signature, typename Executor, typename Steps, typename Token>
-auto start(channel_state<Executor>* s, Steps steps, Token&& token) {
-  return ::asio::async_initiate<Token, Signature>(initiate<Executor, Steps>(s, std::move(steps)),
+// Starts an operation whose steps make() gives.
+template <typename Signature, typename Executor, typename Make, typename Token>
+auto start(channel_state<Executor>* s, Make make, Token&& token) {
+  return ::asio::async_initiate<Token, Signature>(initiate<Executor, Make>(s, std::move(make)),
                                                   token);
 }
 
@@ -605,9 +608,11 @@ class composed_op {
   step step_ = step::start;
 };
 
-template <typename Signature, typename Executor, typename Steps, typename Token>
-auto start(channel_state<Executor>* s, Steps steps, Token&& token) {
-  return ::asio::async_compose<Token, Signature>(composed_op<Executor, Steps>(s, std::move(steps)),
+// Starts an operation whose steps make() gives.
+template <typename Signature, typename Executor, typename Make, typename Token>
+auto start(channel_state<Executor>* s, Make make, Token&& token) {
+  using steps_type = std::invoke_result_t<const Make&>;
+  return ::asio::async_compose<Token, Signature>(composed_op<Executor, steps_type>(s, make()),
                                                  token, s->descriptor);
 }
 
@@ -702,8 +707,8 @@ class basic_channel {
   template <::asio::completion_token_for<receive_signature> Token =
                 ::asio::default_completion_token_t<executor_type>>
   auto async_receive(Token&& token = ::asio::default_completion_token_t<executor_type>()) {
-    return detail::start<receive_signature>(s_.get(), detail::receive_steps{},
-                                            std::forward<Token>(token));
+    return detail::start<receive_signature>(
+        s_.get(), [] { return detail::receive_steps{}; }, std::forward<Token>(token));
   }
 
   // Sends parts (scatter/gather) as one message with fds attached (the caller keeps its fds).
@@ -758,8 +763,8 @@ class basic_channel {
   template <::asio::completion_token_for<send_signature> Token =
                 ::asio::default_completion_token_t<executor_type>>
   auto async_flush(Token&& token = ::asio::default_completion_token_t<executor_type>()) {
-    return detail::start<send_signature>(s_.get(), detail::flush_steps{},
-                                         std::forward<Token>(token));
+    return detail::start<send_signature>(
+        s_.get(), [] { return detail::flush_steps{}; }, std::forward<Token>(token));
   }
 
  private:
@@ -796,8 +801,8 @@ class basic_channel {
 
   template <typename Token>
   auto start_send(detail::send_source what, Token&& token) {
-    return detail::start<send_signature>(s_.get(), detail::send_steps{what},
-                                         std::forward<Token>(token));
+    return detail::start<send_signature>(
+        s_.get(), [what] { return detail::send_steps{what}; }, std::forward<Token>(token));
   }
 
   std::unique_ptr<state> s_;
