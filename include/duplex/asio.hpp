@@ -182,17 +182,6 @@ struct receive_steps {
   // used uninitialised when it is moved.
   message received;
 
-  receive_steps() = default;
-  // A copy is a fresh start (the initiation's copy, before any attempt): nothing received.
-  receive_steps(const receive_steps&) noexcept {}
-  receive_steps(receive_steps&&) noexcept = default;
-  receive_steps& operator=(const receive_steps&) = delete;
-  receive_steps& operator=(receive_steps&&) noexcept = default;
-  ~receive_steps() = default;
-
-  // The message received (an empty one if none was), to be moved from.
-  message& take() noexcept { return received; }
-
   bool attempt(duplex::channel& ch, std::error_code& ec) {
     auto r = ch.try_receive();
     if (r) {
@@ -434,7 +423,7 @@ class channel_op : public ::asio::detail::reactor_op {
   static auto bind(channel_op& o) {
     if constexpr (std::is_same_v<Steps, receive_steps>) {
       return ::asio::detail::move_binder2<Handler, std::error_code, message>(
-          0, std::move(o.handler_), o.ec_, std::move(o.steps_.take()));
+          0, std::move(o.handler_), o.ec_, std::move(o.steps_.received));
     } else {
       return ::asio::detail::binder1<Handler, std::error_code>(o.handler_, o.ec_);
     }
@@ -595,7 +584,7 @@ class composed_op {
   template <typename Self>
   void finish(Self& self) {
     if constexpr (std::is_same_v<Steps, receive_steps>) {
-      self.complete(ec_, ec_ ? message{} : std::move(steps_.take()));
+      self.complete(ec_, ec_ ? message{} : std::move(steps_.received));
     } else {
       self.complete(ec_);
     }
