@@ -452,11 +452,7 @@ result<void> channel::impl::put_small(std::span<const const_buffer> parts, std::
   std::array<std::byte, wire::native_header_size + small_payload> bytes;  // NOLINT
   const auto head = wire::encode_native({payload, 0, 0});
   std::memcpy(bytes.data(), head.data(), head.size());
-  std::size_t total = head.size();
-  for (const auto& p : parts) {
-    if (!p.empty()) std::memcpy(bytes.data() + total, p.data(), p.size());
-    total += p.size();
-  }
+  const std::size_t total = head.size() + detail::copy_parts(parts, bytes.data() + head.size());
   std::size_t sent = 0;
   if (blocking || queue.empty()) {
     auto n =
@@ -552,11 +548,7 @@ result<void> channel::impl::send_payload(std::span<const const_buffer> parts,
   // Into the pool if it has room; else a sealed memfd of its own (which takes one fd more).
   if (auto p = pool()) {
     if (auto b = p->allocate(static_cast<std::size_t>(payload))) {
-      std::size_t at = 0;
-      for (const auto& part : parts) {
-        if (!part.empty()) std::memcpy(b->data + at, part.data(), part.size());
-        at += part.size();
-      }
+      detail::copy_parts(parts, b->data);
       auto r = put_shared(*b, fds, blocking);
       if (!r) p->discard(*b);
       return r;

@@ -7,6 +7,7 @@
 
 #include <array>
 #include <cstddef>
+#include <cstring>
 #include <span>
 #include <vector>
 
@@ -85,6 +86,16 @@ class iovec_array {
   std::size_t size_ = 0;
   std::size_t total_ = 0;
 };
+
+// Copies parts one after the other to `to`, which has room for them all; returns how many bytes.
+inline std::size_t copy_parts(std::span<const const_buffer> parts, std::byte* to) noexcept {
+  std::size_t at = 0;
+  for (const auto& p : parts) {
+    if (!p.empty()) std::memcpy(to + at, p.data(), p.size());
+    at += p.size();
+  }
+  return at;
+}
 
 // One send(MSG_NOSIGNAL | flags) of size bytes, EINTR retried. Errors: errc::would_block, the
 // errno otherwise.

@@ -9,6 +9,8 @@
 #include <cstring>
 #include <new>
 
+#include "io.hpp"
+
 namespace duplex::detail {
 namespace {
 
@@ -240,11 +242,7 @@ result<unique_fd> standalone_buffer::seal() {
 result<unique_fd> sealed_memfd(std::span<const const_buffer> parts, std::size_t total) {
   auto b = standalone_buffer::create(total);
   if (!b) return std::unexpected(b.error());
-  std::size_t at = 0;
-  for (const auto& part : parts) {
-    if (!part.empty()) std::memcpy((*b)->bytes().data() + at, part.data(), part.size());
-    at += part.size();
-  }
+  copy_parts(parts, (*b)->bytes().data());
   return (*b)->seal();
 }
 
