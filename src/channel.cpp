@@ -296,6 +296,8 @@ struct channel::impl {
   result<std::size_t> receive_batch(const wait_spec& w, void (*call)(void*, message_view&),
                                     void* fn, std::size_t max);
   result<message_info> receive(const wait_spec& w, destination dest);
+  // receive() into a new message.
+  result<message> receive_message(const wait_spec& w);
   // A frame with descriptor flags, turned into the message it stands for (nullopt for a pool
   // announce, which only sets up the peer's pool).
   result<std::optional<message>> resolve(std::uint8_t flags, const_buffer descriptor,
@@ -1293,27 +1295,22 @@ std::size_t channel::queued_bytes() const noexcept { return impl_ ? impl_->queue
 
 result<message> channel::receive() { return receive(forever); }
 
-result<message> channel::receive(std::chrono::nanoseconds timeout) {
-  // Received straight into the result, the one object every path returns: no move of the
-  // message on the way out.
+result<message> channel::impl::receive_message(const wait_spec& w) {
+  // Received straight into the result, the one object returned: no move of the message on the
+  // way out.
   result<message> out(std::in_place);
-  if (!impl_) {
-    out = fail(errc::closed);
-  } else if (auto r = impl_->receive(wait_spec::from(timeout), destination{&*out, {}, {}}); !r) {
-    out = std::unexpected(r.error());
-  }
+  if (auto r = receive(w, destination{&*out, {}, {}}); !r) out = std::unexpected(r.error());
   return out;
 }
 
+result<message> channel::receive(std::chrono::nanoseconds timeout) {
+  if (!impl_) return fail(errc::closed);
+  return impl_->receive_message(wait_spec::from(timeout));
+}
+
 result<message> channel::try_receive() {
-  // As receive() above.
-  result<message> out(std::in_place);
-  if (!impl_) {
-    out = fail(errc::closed);
-  } else if (auto r = impl_->receive(wait_spec::now(), destination{&*out, {}, {}}); !r) {
-    out = std::unexpected(r.error());
-  }
-  return out;
+  if (!impl_) return fail(errc::closed);
+  return impl_->receive_message(wait_spec::now());
 }
 
 result<message_info> channel::receive_into(mutable_buffer buf, std::span<unique_fd> fds) {
