@@ -801,7 +801,7 @@ result<message_info> channel::impl::receive_stream(const wait_spec& w, destinati
         return message_info{plain.size(), 0};
       }
       try {
-        *dest.owned = message(plain);
+        dest.owned->assign(plain);
         decoder.finish_plain(plain);
         return message_info{plain.size(), 0};
       } catch (const std::bad_alloc&) {

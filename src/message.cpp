@@ -14,6 +14,17 @@ message::message(const_buffer bytes, std::vector<unique_fd> fds) : fds_(std::mov
   if (!bytes.empty()) std::memcpy(owned_bytes(), bytes.data(), bytes.size());
 }
 
+void message::assign(const_buffer bytes) {
+  if (bytes.size() <= inline_capacity && !data_ && !keeper_) {
+    // The common case of a small message received into a fresh one: no temporary.
+    if (!bytes.empty()) std::memmove(inline_.data(), bytes.data(), bytes.size());
+    size_ = bytes.size();
+    fds_.clear();
+    return;
+  }
+  *this = message(bytes);  // copied before this message's own bytes are let go
+}
+
 message message::with_size(std::size_t size) {
   message m;
   m.make_room(size);

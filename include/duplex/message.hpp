@@ -49,6 +49,11 @@ class message {
   message(message&&) noexcept = default;
   message& operator=(message&&) noexcept = default;
 
+  // Makes this message a copy of bytes, with no fds (any it held are closed). bytes may be this
+  // message's own. Throws std::bad_alloc if the memory cannot be had (the message is then
+  // unchanged).
+  void assign(const_buffer bytes);
+
   // A read-only view of size bytes at data, kept alive (and released) by keeper: how a message
   // received in place from shared memory is made. fds are taken over.
   [[nodiscard]] static message view(const std::byte* data, std::size_t size,

@@ -5,6 +5,7 @@
 
 #include <cstring>
 #include <memory>
+#include <span>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -51,6 +52,41 @@ TEST_F(message_test, BytesAndFdsSurviveEveryMoveAroundTheInlineCapacity) {
       ASSERT_EQ(target.fds().size(), 1U);
       EXPECT_EQ(target.fds()[0].get(), fd);
     }
+  }
+}
+
+// assign() makes a message a copy of other bytes, whatever it held before (inline or heap bytes,
+// fds, a view), and a copy of a part of its own bytes too. The fds it held are closed.
+TEST_F(message_test, AssignCopiesBytesOverWhateverTheMessageHeld) {
+  for (const std::size_t size : sizes) {
+    for (const std::size_t before : sizes) {
+      const auto bytes = test::pattern(size, 11);
+      message m(test::pattern(before, 12), one_fd());
+      const int fd = m.fds()[0].get();
+      m.assign(bytes);
+      EXPECT_TRUE(test::same(std::as_const(m).bytes(), bytes)) << before << " to " << size;
+      EXPECT_TRUE(m.fds().empty());
+      EXPECT_EQ(::fcntl(fd, F_GETFD), -1) << "the fd it held is closed";
+    }
+    // Its own bytes, whole and in part (the tail moves to the front).
+    message own(test::pattern(size, 13));
+    own.assign(std::as_const(own).bytes());
+    EXPECT_TRUE(test::same(std::as_const(own).bytes(), test::pattern(size, 13))) << size;
+    if (size > 1) {
+      const auto whole = test::pattern(size, 14);
+      message tail(whole);
+      tail.assign(std::as_const(tail).bytes().subspan(1));
+      EXPECT_TRUE(test::same(std::as_const(tail).bytes(), std::span(whole).subspan(1))) << size;
+    }
+    // Over a view: the view's memory is let go, the copy is the message's own.
+    auto shown = std::make_shared<std::vector<std::byte>>(test::pattern(64, 15));
+    message v = message::view(shown->data(), shown->size(), shown);
+    std::weak_ptr<std::vector<std::byte>> alive = shown;
+    shown.reset();
+    v.assign(test::pattern(size, 16));
+    EXPECT_FALSE(v.is_view());
+    EXPECT_TRUE(alive.expired());
+    EXPECT_TRUE(test::same(std::as_const(v).bytes(), test::pattern(size, 16)));
   }
 }
 
