@@ -174,6 +174,15 @@ struct channel::impl {
   call_lock rx;
   detail::stream_decoder decoder;  // stream channels; guarded by rx
   detail::fd_batch arrived;        // guarded by rx
+  // Whether the current receive call's last read came back short and clean (guarded by rx), and
+  // what drained() reports: that, with nothing left buffered when the call ended.
+  bool read_emptied = false;
+  std::atomic<bool> drained{false};
+  // Ends a receive call (under rx): publishes drained.
+  void end_receive() noexcept {
+    drained.store(read_emptied && decoder.starved(), std::memory_order_relaxed);
+    read_emptied = false;
+  }
 
   // Marks one call as inside the channel for its lifetime. ok() is false once the channel is
   // closed: the call must then not touch the socket.
@@ -665,6 +674,7 @@ result<message_info> channel::impl::receive(const wait_spec& w, destination dest
   result<message_info> r = stash                                ? take_stash()
                            : sock.kind() == socket_kind::stream ? receive_stream(w, dest)
                                                                 : receive_packet(w, dest);
+  end_receive();
   rx.release();
   if (!r && is_closed()) return fail(errc::closed);
   return r;
@@ -760,6 +770,9 @@ result<void> channel::impl::read_more(const wait_spec& w, spinner& spin) {
     iovec v{target.data(), target.size()};
     auto r = detail::recv_with_fds(fd, &v, 1, flags, arrived);
     if (r) {
+      // Shorter than the room it had, with no control message to stop it early: the read
+      // found the socket empty (see drained()).
+      read_emptied = r->bytes > 0 && r->bytes < target.size() && !r->control && !r->ctrunc;
       if (r->bytes == 0) {
         decoder.end_of_stream();
       } else {
@@ -999,9 +1012,12 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
     return fail(w.kind == wait_kind::try_once ? errc::would_block : errc::timed_out);
   }
   struct release_rx {
-    call_lock& l;
-    ~release_rx() { l.release(); }
-  } release{rx};
+    impl& i;
+    ~release_rx() {
+      i.end_receive();
+      i.rx.release();
+    }
+  } release{*this};
   std::size_t count = 0;
   if (stash) {
     message m = std::move(*stash);
@@ -1290,6 +1306,10 @@ std::size_t channel::buffered_bytes() const noexcept {
 }
 
 bool channel::wants_write() const noexcept { return impl_ && impl_->queued.load() > 0; }
+
+bool channel::drained() const noexcept {
+  return impl_ && impl_->drained.load(std::memory_order_relaxed);
+}
 
 std::size_t channel::queued_bytes() const noexcept { return impl_ ? impl_->queued.load() : 0; }
 

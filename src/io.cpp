@@ -142,7 +142,7 @@ result<raw_received> recv_with_fds(int fd, iovec* iov, std::size_t iovlen, int f
     }
   }
   return raw_received{static_cast<std::size_t>(n), (msg.msg_flags & MSG_CTRUNC) != 0,
-                      (msg.msg_flags & MSG_TRUNC) != 0};
+                      (msg.msg_flags & MSG_TRUNC) != 0, msg.msg_controllen != 0};
 }
 
 bool packet_copy_would_crawl(const iovec* iov, std::size_t iovlen) noexcept {

@@ -39,6 +39,8 @@ struct raw_received {
   std::size_t bytes = 0;  // as the kernel returned it (the real packet size with MSG_TRUNC)
   bool ctrunc = false;    // MSG_CTRUNC: control data (fds) was cut short
   bool trunc = false;     // MSG_TRUNC: the packet was larger than the buffers
+  bool control = false;   // a control message came (fds, credentials): a stream read may have
+                          // stopped at it with more bytes queued behind
 };
 
 // iovecs for a span of buffers, on the stack for the common few, with room for one extra

@@ -236,6 +236,15 @@ class channel {
   // whole message (a frame may be partial).
   [[nodiscard]] std::size_t buffered_bytes() const noexcept;
 
+  // True if the last receive call read the socket empty and left nothing buffered: its last read
+  // came back shorter than the room it had, with no fds or other control message, so the kernel
+  // held no more bytes for this end at that moment. For edge-triggered loops (EPOLLET): until
+  // the next edge, a try_receive could only fail with would_block, unless the peer had already
+  // ended its side (watch EPOLLRDHUP: the end of stream is not a byte, and a read that returns
+  // bytes does not report it) or sent MSG_OOB (duplex never does; a read stops at the urgent
+  // byte). Always false on seqpacket channels, and after a call served from the buffer.
+  [[nodiscard]] bool drained() const noexcept;
+
   // True while try_send left bytes to write: wait for POLLOUT on native_handle(), then flush().
   [[nodiscard]] bool wants_write() const noexcept;
 

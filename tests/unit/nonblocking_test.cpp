@@ -303,6 +303,55 @@ TEST_P(nonblocking_test, BufferedBytesSaysWhetherAReceiveNeedsTheSocket) {
   EXPECT_EQ(b.buffered_bytes(), 0U);
 }
 
+// drained(): the last receive call's last read came back short and clean, and nothing is left
+// buffered. An edge-triggered loop relies on it to wait for the next edge without trying first,
+// so each case where bytes may still wait says false.
+TEST_P(nonblocking_test, DrainedSaysTheLastReadFoundTheSocketEmpty) {
+  const bool stream = GetParam() == socket_kind::stream;
+  auto [a, b] = test::must(channel_pair(GetParam()));
+  EXPECT_FALSE(b.drained());
+  ASSERT_THAT(a.send(as_bytes("one")), Succeeded());
+  ASSERT_THAT(b.wait_readable(10s), Succeeded());
+  EXPECT_EQ(b.try_receive()->text(), "one");
+  EXPECT_EQ(b.drained(), stream);  // a packet read says nothing of the next
+  EXPECT_THAT(b.try_receive(), HasError(errc::would_block));
+  EXPECT_FALSE(b.drained());
+  // Two frames in one read: the first call leaves the second buffered, the second reads nothing.
+  ASSERT_THAT(a.send(as_bytes("two")), Succeeded());
+  ASSERT_THAT(a.send(as_bytes("three")), Succeeded());
+  EXPECT_EQ(b.receive()->text(), "two");
+  EXPECT_FALSE(b.drained());
+  EXPECT_EQ(b.receive()->text(), "three");
+  EXPECT_FALSE(b.drained());
+  // A read that carried fds: the kernel ends a read after their bytes, whatever follows.
+  auto [read_end, write_end] = test::make_pipe();
+  const std::array<int, 1> fds{read_end.get()};
+  ASSERT_THAT(a.send(as_bytes("with an fd"), fds), Succeeded());
+  auto with_fd = b.receive();
+  ASSERT_THAT(with_fd, Succeeded());
+  EXPECT_EQ(with_fd->fds().size(), 1U);
+  EXPECT_FALSE(b.drained());
+  ASSERT_THAT(a.send(as_bytes("four")), Succeeded());
+  EXPECT_EQ(b.receive()->text(), "four");
+  EXPECT_EQ(b.drained(), stream);
+}
+
+TEST_F(nonblocking_test, DrainedIsFalseAfterAReadThatFilledItsRoom) {
+  // A frame exactly the size of the receive buffer, then another: the first read fills the
+  // buffer, so the second frame may (and does) still wait in the socket.
+  constexpr std::size_t room = 4096;
+  auto [a, b] = test::must(channel_pair(socket_kind::stream, {.receive_buffer_size = room}));
+  ASSERT_THAT(a.send(pattern(room - 16, 5)), Succeeded());  // header and payload fill the room
+  ASSERT_THAT(a.send(as_bytes("tail")), Succeeded());
+  auto first = b.receive();
+  ASSERT_THAT(first, Succeeded());
+  EXPECT_EQ(first->size(), room - 16);
+  EXPECT_EQ(b.buffered_bytes(), 0U);
+  EXPECT_FALSE(b.drained());
+  EXPECT_EQ(b.try_receive()->text(), "tail");
+  EXPECT_TRUE(b.drained());
+}
+
 TEST_F(nonblocking_test, TrySendSaysWouldBlockWhileAnotherThreadIsSending) {
   auto [a, b] = test::must(channel_pair(socket_kind::stream));
   std::thread sender([&a] { EXPECT_THAT(a.send(pattern(8 << 20, 4)), Succeeded()); });
