@@ -29,7 +29,10 @@
 // With Asio 1.22 to 1.27 on epoll (Linux's default), an operation is one of Asio's own reactor
 // operations, like a socket's async_receive: the reactor tries it at once, in the initiating
 // call, and queues it only if the channel would block; the epoll registration made when the
-// channel was wrapped serves every later wait. Elsewhere (io_uring as Asio's default, other Asio
+// channel was wrapped serves every later wait. A receive that read a stream socket empty tells
+// the reactor so, which then waits for the next edge instead of trying the next receive in vain;
+// an end watch (an epoll fd of its own per stream channel, so three fds in all) makes sure the
+// peer's end is still heard (docs/design.md). Elsewhere (io_uring as Asio's default, other Asio
 // versions, or DUPLEX_ASIO_PORTABLE defined) each operation is an async_compose over
 // asio::posix::stream_descriptor::async_wait, built on Asio's public interface only; Asio then
 // re-arms epoll (EPOLL_CTL_MOD) for every wait, one syscall more than a plain Asio socket makes.
@@ -53,6 +56,7 @@
 #pragma once
 
 #include <fcntl.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -192,20 +196,6 @@ struct receive_steps {
     ec = r.error();
     return true;
   }
-  // The attempt made in the initiating call (reactor operations). With nothing buffered, a
-  // one-byte MSG_PEEK recv first asks the socket whether anything is there: when nothing is (the
-  // usual case in a request-reply exchange), that costs what plain Asio's speculative recv
-  // costs, where a recvmsg with a control buffer costs more.
-  bool first_attempt(duplex::channel& ch, std::error_code& ec) {
-    if (!worth_trying(ch)) {
-      std::byte probe{};
-      if (::recv(ch.native_handle(), &probe, 1, MSG_PEEK | MSG_DONTWAIT) < 0 &&
-          (errno == EAGAIN || errno == EWOULDBLOCK)) {
-        return false;
-      }
-    }
-    return attempt(ch, ec);
-  }
   // Once true, a cancellation of type total can no longer be honoured (never, for a receive:
   // a message partly read stays buffered in the channel).
   [[nodiscard]] bool taken() const noexcept { return false; }
@@ -242,7 +232,6 @@ struct send_steps {
   // The message is in the channel's queue and cannot be taken back: a cancellation from here on
   // has a side effect (the rest of the message is still delivered later), which total
   // cancellation forbids. Terminal and partial cancellation are still honoured.
-  bool first_attempt(duplex::channel& ch, std::error_code& ec) { return attempt(ch, ec); }
   [[nodiscard]] bool taken() const noexcept { return accepted; }
   [[nodiscard]] static bool worth_trying(const duplex::channel&) noexcept { return true; }
 };
@@ -256,7 +245,6 @@ struct flush_steps {
     if (!flushed) ec = flushed.error();
     return !flushed || *flushed;
   }
-  static bool first_attempt(duplex::channel& ch, std::error_code& ec) { return attempt(ch, ec); }
   [[nodiscard]] static bool taken() noexcept { return false; }
   [[nodiscard]] static bool worth_trying(const duplex::channel&) noexcept { return true; }
 };
@@ -276,11 +264,24 @@ using reactor = ::asio::detail::epoll_reactor;
 // The registration of a channel's duplicate fd with Asio's epoll reactor: what Asio's own
 // descriptor service keeps for a descriptor, kept here so that operations can be started with
 // allow_speculative, as a socket's reads and writes are.
+//
+// A receive that reads a stream socket empty tells the reactor so (done_and_exhausted, as Asio's
+// own sends do when the socket is full): the reactor then starts the next receive without trying
+// it, and tries it at the socket's next edge. In a request-reply exchange that saves the recvmsg
+// that would fail with EAGAIN, once per message. The socket's end of stream is not a byte,
+// though: if the peer ended its side before that read, its edge is spent and no other will come.
+// The end watch covers that: an epoll fd of its own that holds the socket, level-triggered, for
+// EPOLLRDHUP (EPOLLHUP and EPOLLERR come with any registration), registered with the reactor as
+// Asio registers its own internal descriptors, with one operation that never completes. Once
+// the peer's end shows, no receive claims an empty socket again, and a shutdown(SHUT_RD) of this
+// end (a no-op for the stream then: nothing more can arrive) wakes the socket's waiters, so the
+// reactor tries a receive it queued on such a claim.
 class reactor_watch {
  public:
   // Registers fd (owned from here on; -1 for a closed channel: nothing to watch) with ctx's
-  // reactor. Throws std::system_error if the reactor refuses it (fd is closed).
-  reactor_watch(::asio::execution_context& ctx, int fd)
+  // reactor, with an end watch if stream. Throws std::system_error if the reactor refuses fd (fd
+  // is closed). Without an end watch (no fd left for it), receives never claim an empty socket.
+  reactor_watch(::asio::execution_context& ctx, int fd, bool stream)
       : reactor_(::asio::use_service<reactor>(ctx)) {
     reactor_.init_task();
     if (fd < 0) return;
@@ -290,6 +291,7 @@ class reactor_watch {
                               "duplex::asio::channel: register with the reactor");
     }
     fd_ = fd;
+    if (stream) watch_end();
   }
   reactor_watch(const reactor_watch&) = delete;
   reactor_watch& operator=(const reactor_watch&) = delete;
@@ -310,6 +312,7 @@ class reactor_watch {
   // Aborts every queued operation and unregisters the fd; returns it (-1 if none).
   int release() noexcept {
     if (fd_ < 0) return -1;
+    stop_end_watch();
     // Not "closing": the socket stays open through the channel's own fd, so epoll must be told.
     reactor_.deregister_descriptor(fd_, data_, false);
     reactor_.cleanup_descriptor_data(data_);
@@ -326,11 +329,81 @@ class reactor_watch {
     }
     reactor_.start_op(op_type, fd_, data_, op, is_continuation, true);
   }
+  // Completes op, which has its outcome, as if posted.
+  void post(::asio::detail::reactor_op* op, bool is_continuation) {
+    reactor_.post_immediate_completion(op, is_continuation);
+  }
+
+  // True if a receive that read the socket empty may tell the reactor so: the end watch is on and
+  // has not seen the peer's end.
+  [[nodiscard]] bool may_claim_empty() const noexcept {
+    return end_fd_ >= 0 && !peer_ended_.load();
+  }
+  // Whether the reactor was last told that the socket is read empty (it then starts the next
+  // receive without trying it). Set by the receives, under the descriptor's lock.
+  [[nodiscard]] bool claimed_empty() const noexcept {
+    return claimed_empty_.load(std::memory_order_relaxed);
+  }
+  void set_claimed_empty(bool v) noexcept { claimed_empty_.store(v, std::memory_order_relaxed); }
 
  private:
+  // The end watch's operation: performed by the reactor when the peer's end shows; never
+  // completes (destroyed with the registration, and a member: nothing to free).
+  class end_watcher : public ::asio::detail::reactor_op {
+   public:
+    explicit end_watcher(reactor_watch* w)
+        : reactor_op(std::error_code(), &end_watcher::do_perform, &end_watcher::do_complete),
+          w_(w) {}
+
+   private:
+    static status do_perform(reactor_op* base) {
+      static_cast<end_watcher*>(base)->w_->peer_end_seen();
+      return not_done;
+    }
+    static void do_complete(void*, ::asio::detail::operation*, const std::error_code&,
+                            std::size_t) {}
+    reactor_watch* w_;
+  };
+
+  void watch_end() noexcept {
+    const int e = ::epoll_create1(EPOLL_CLOEXEC);
+    if (e < 0) return;
+    epoll_event ev{};
+    ev.events = EPOLLRDHUP;
+    if (::epoll_ctl(e, EPOLL_CTL_ADD, fd_, &ev) != 0) {
+      ::close(e);
+      return;
+    }
+    if (reactor_.register_internal_descriptor(reactor::read_op, e, end_data_, &end_watcher_) != 0) {
+      // The state goes back to the reactor's pool without the watcher in its queue.
+      reactor_.deregister_internal_descriptor(e, end_data_);
+      reactor_.cleanup_descriptor_data(end_data_);
+      ::close(e);
+      return;
+    }
+    end_fd_ = e;
+  }
+  void stop_end_watch() noexcept {
+    if (end_fd_ < 0) return;
+    // Waits for a watcher being performed (the descriptor's lock): none runs after this.
+    reactor_.deregister_internal_descriptor(end_fd_, end_data_);
+    reactor_.cleanup_descriptor_data(end_data_);
+    ::close(std::exchange(end_fd_, -1));
+  }
+  // Run by the reactor, under the end watch's lock. The order matters: a receive that read
+  // peer_ended_ false before this store is woken by the shutdown after it.
+  void peer_end_seen() noexcept {
+    if (!peer_ended_.exchange(true)) ::shutdown(fd_, SHUT_RD);
+  }
+
   reactor& reactor_;
   int fd_ = -1;
   reactor::per_descriptor_data data_ = nullptr;
+  int end_fd_ = -1;
+  reactor::per_descriptor_data end_data_ = nullptr;
+  end_watcher end_watcher_{this};
+  std::atomic<bool> peer_ended_{false};
+  std::atomic<bool> claimed_empty_{false};
 };
 
 // What the operations share with the channel object. On the heap, so that moving a channel
@@ -338,7 +411,9 @@ class reactor_watch {
 template <typename Executor>
 struct channel_state {
   channel_state(duplex::channel c, const Executor& e, int fd)
-      : ch(std::move(c)), ex(e), watch(::asio::query(e, ::asio::execution::context), fd) {}
+      : ch(std::move(c)),
+        ex(e),
+        watch(::asio::query(e, ::asio::execution::context), fd, ch.kind() == socket_kind::stream) {}
 
   duplex::channel ch;
   Executor ex;
@@ -382,9 +457,11 @@ class channel_op : public ::asio::detail::reactor_op {
 
   // make() gives the steps, built in place here.
   template <typename Make>
-  channel_op(duplex::channel& ch, const Make& make, Handler& handler, const IoExecutor& io_ex)
+  channel_op(duplex::channel& ch, reactor_watch& watch, const Make& make, Handler& handler,
+             const IoExecutor& io_ex)
       : reactor_op(std::error_code(), &channel_op::do_perform, &channel_op::do_complete),
         ch_(ch),
+        watch_(watch),
         steps_(make()),
         handler_(std::move(handler)),
         work_(handler_, io_ex) {}
@@ -392,13 +469,23 @@ class channel_op : public ::asio::detail::reactor_op {
   // The key the operation is queued under once its steps say taken().
   void* late_key() noexcept { return &steps_; }
 
+  // An attempt made outside the reactor, for a receive that the reactor would not try (see
+  // initiate). True once the operation has its outcome.
+  bool attempt_now() { return steps_.attempt(ch_, ec_); }
+
  private:
   static status do_perform(reactor_op* base) {
     auto* o = static_cast<channel_op*>(base);
-    const bool first = std::exchange(o->first_, false);
-    if (first ? o->steps_.first_attempt(o->ch_, o->ec_) : o->steps_.attempt(o->ch_, o->ec_)) {
+    if (o->steps_.attempt(o->ch_, o->ec_)) {
+      if constexpr (Steps::wants_read) {
+        // See reactor_watch: a receive that read the socket empty says so.
+        const bool empty = !o->ec_ && o->ch_.drained() && o->watch_.may_claim_empty();
+        o->watch_.set_claimed_empty(empty);
+        return empty ? done_and_exhausted : done;
+      }
       return done;
     }
+    if constexpr (Steps::wants_read) o->watch_.set_claimed_empty(false);
     if (o->steps_.taken() && o->cancellation_key_ != nullptr) o->cancellation_key_ = o->late_key();
     return not_done;
   }
@@ -430,8 +517,8 @@ class channel_op : public ::asio::detail::reactor_op {
   }
 
   duplex::channel& ch_;
+  reactor_watch& watch_;
   Steps steps_;
-  bool first_ = true;  // the next perform is the one in the initiating call
   Handler handler_;
   ::asio::detail::handler_work<Handler, IoExecutor> work_;
 };
@@ -457,10 +544,22 @@ class initiate {
     const bool is_continuation = asio_handler_cont_helpers::is_continuation(h.value);
     auto slot = ::asio::get_associated_cancellation_slot(h.value);
     typename op::ptr p = {std::addressof(h.value), op::ptr::allocate(h.value), nullptr};
-    p.p = new (p.v) op(s_->ch, make_, h.value, s_->ex);
+    p.p = new (p.v) op(s_->ch, s_->watch, make_, h.value, s_->ex);
     if (slot.is_connected()) {
       p.p->cancellation_key_ =
           &slot.template emplace<cancel_handler>(&s_->watch, op_type, p.p->late_key());
+    }
+    if constexpr (steps_type::wants_read) {
+      // Told that the socket was read empty, the reactor will not try this receive before the
+      // next edge. That is right unless the channel's own calls were used since: a receive that
+      // left bytes buffered or whose last read did not empty the socket (either way, drained()
+      // is false), or a close. Then the attempt is made here.
+      if (s_->watch.claimed_empty() && (!s_->ch.drained() || s_->ch.native_handle() < 0) &&
+          p.p->attempt_now()) {
+        s_->watch.post(p.p, is_continuation);
+        p.v = p.p = nullptr;
+        return;
+      }
     }
     s_->watch.start(op_type, p.p, is_continuation);
     p.v = p.p = nullptr;

@@ -11,8 +11,10 @@
 #include <asio/use_future.hpp>
 #pragma GCC diagnostic pop
 
+#include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <asio/bind_cancellation_slot.hpp>
 #include <asio/bind_executor.hpp>
@@ -31,6 +33,7 @@
 #include <functional>
 #include <future>
 #include <memory>
+#include <optional>
 #include <random>
 #include <span>
 #include <string>
@@ -312,6 +315,119 @@ TEST_P(asio_test, AnAsyncReceiveAfterTheChannelsOwnReceiveGetsWhatThatLeft) {
   ASSERT_THAT(five, Succeeded());
   EXPECT_EQ(five->text(), "5");
   next("6");
+}
+
+// A receive that reads a stream socket empty tells the reactor so, which then waits for the next
+// edge before trying the next receive. The peer's end is no byte: when it came before that read,
+// with its edge already spent, the end watch must still make the next receive hear it. Both
+// ways the peer can end (a half-close and the close of its last fd), the end's edge taken by the
+// loop before the read, or arriving in one batch with the last message.
+TEST_P(asio_test, ThePeersEndIsHeardAfterAReceiveThatReadTheSocketEmpty) {
+  for (const bool half_close : {true, false}) {
+    for (const bool edge_taken_first : {true, false}) {
+      SCOPED_TRACE(::testing::Message()
+                   << "half_close " << half_close << ", edge taken first " << edge_taken_first);
+      ::asio::io_context io;
+      auto ends = test::must(channel_pair(GetParam()));
+      duplex::asio::channel a(io, std::move(ends.first));
+      duplex::channel peer = std::move(ends.second);
+      const auto end = [&] {
+        ASSERT_THAT(peer.send(as_bytes("last")), Succeeded());
+        if (half_close) {
+          ASSERT_THAT(peer.shutdown_send(), Succeeded());
+        } else {
+          peer.close();
+        }
+      };
+      std::vector<std::string> texts;
+      std::vector<std::error_code> errors;
+      ::asio::steady_timer keep(io, 1h);
+      keep.async_wait([](std::error_code) {});
+      // The first message is read whole by a receive: the socket is then empty.
+      ASSERT_THAT(peer.send(as_bytes("first")), Succeeded());
+      spawn(io, [&]() -> ::asio::awaitable<void> {
+        texts.emplace_back((co_await a.async_receive(use_awaitable)).text());
+        if (edge_taken_first) {
+          end();
+          // The loop takes the end's edge while no receive waits.
+          co_await ::asio::post(io, use_awaitable);
+          co_await ::asio::post(io, use_awaitable);
+        } else {
+          // The end comes while the next receive waits in the reactor.
+          ::asio::post(io, end);
+        }
+        texts.emplace_back((co_await a.async_receive(use_awaitable)).text());
+        for (int i = 0; i < 2; ++i) {
+          auto [ec, m] = co_await a.async_receive(::asio::experimental::as_tuple(use_awaitable));
+          errors.push_back(ec);
+        }
+        keep.cancel();
+      });
+      run(io, 10s);
+      EXPECT_THAT(texts, ::testing::ElementsAre("first", "last"));
+      EXPECT_THAT(errors,
+                  ::testing::ElementsAre(HasError(errc::peer_closed), HasError(errc::peer_closed)));
+    }
+  }
+}
+
+// What wrapping a channel opens: the reactor's duplicate of its fd, and on a stream with reactor
+// operations the end watch's epoll fd. Each is close-on-exec, and close() (as the destructor)
+// closes them all.
+TEST_P(asio_test, TheAdaptersOwnFdsAreCloseOnExecAndGoWithTheChannel) {
+  ::asio::io_context io;
+  auto ends = test::must(channel_pair(GetParam()));
+  // The peer's end first: the reactor opens its own fds (epoll, eventfd, timerfd) on first use.
+  duplex::asio::channel b(io, std::move(ends.second));
+  const std::vector<int> before = test::open_fds();
+  std::optional<duplex::asio::channel> a;
+  a.emplace(io, std::move(ends.first));
+  std::vector<int> opened;
+  for (const int fd : test::open_fds()) {
+    if (std::find(before.begin(), before.end(), fd) == before.end()) opened.push_back(fd);
+  }
+  // The end watch is the reactor operations' (DUPLEX_ASIO_REACTOR).
+  const bool end_watch = DUPLEX_ASIO_REACTOR == 1 && GetParam() == socket_kind::stream;
+  EXPECT_EQ(opened.size(), end_watch ? 2U : 1U);
+  for (const int fd : opened)
+    EXPECT_TRUE(test::fd_is_cloexec(fd)) << fd;
+  a->close();
+  for (const int fd : opened)
+    EXPECT_FALSE(test::fd_is_open(fd)) << fd;
+  EXPECT_EQ(test::open_fds().size(), before.size() - 1);  // the channel's own fd went too
+  a.reset();
+  EXPECT_EQ(test::open_fds().size(), before.size() - 1);
+}
+
+// A peer that sends an urgent byte (MSG_OOB, which duplex never sends) stops the kernel's read
+// at it: nothing of the stream is lost, and the peer's end is still heard.
+TEST(asio_stream, AnUrgentByteFromThePeerLosesNothing) {
+  ::asio::io_context io;
+  auto ends = test::must(channel_pair(socket_kind::stream));
+  duplex::asio::channel a(io, std::move(ends.first));
+  duplex::channel peer = std::move(ends.second);
+  ASSERT_THAT(peer.send(as_bytes("before")), Succeeded());
+  const char urgent = '!';
+  if (::send(peer.native_handle(), &urgent, 1, MSG_OOB) != 1) {
+    GTEST_SKIP() << "this kernel has no MSG_OOB for AF_UNIX";
+  }
+  ASSERT_THAT(peer.send(as_bytes("after")), Succeeded());
+  peer.close();
+  std::vector<std::string> texts;
+  std::error_code last;
+  spawn(io, [&]() -> ::asio::awaitable<void> {
+    for (;;) {
+      auto [ec, m] = co_await a.async_receive(::asio::experimental::as_tuple(use_awaitable));
+      if (ec) {
+        last = ec;
+        co_return;
+      }
+      texts.emplace_back(m.text());
+    }
+  });
+  run(io, 10s);
+  EXPECT_THAT(texts, ::testing::ElementsAre("before", "after"));
+  EXPECT_THAT(last, HasError(errc::peer_closed));
 }
 
 TEST_P(asio_test, CoroutinesRoundTripEveryOverload) {
