@@ -97,11 +97,14 @@ bool peer_gone(const std::error_code& ec) {
 // busy is always notified.
 class call_lock {
  public:
-  // Takes the lock, waiting as w says; false if it could not be had in time.
-  [[nodiscard]] bool acquire(const struct wait_spec& w);
+  // Takes the lock, waiting as w says; false if it could not be had in time. Inline for the
+  // free lock, the case of every call that is not contended.
+  [[nodiscard]] bool acquire(const struct wait_spec& w) {
+    return !busy_.exchange(true) || wait_to_acquire(w);
+  }
   // Lockable, for std::lock_guard and std::unique_lock: lock() waits as long as it takes.
   void lock();
-  [[nodiscard]] bool try_lock();
+  [[nodiscard]] bool try_lock() { return !busy_.exchange(true); }
   void unlock() { release(); }
   void release() {
     busy_.store(false);
@@ -114,6 +117,9 @@ class call_lock {
   }
 
  private:
+  // acquire() once the lock was found taken.
+  [[nodiscard]] bool wait_to_acquire(const struct wait_spec& w);
+
   std::atomic<bool> busy_{false};
   std::atomic<int> waiters_{0};
   std::mutex m_;
@@ -129,10 +135,7 @@ struct destination {
 
 void call_lock::lock() { static_cast<void>(acquire(wait_spec{})); }
 
-bool call_lock::try_lock() { return acquire(wait_spec::now()); }
-
-bool call_lock::acquire(const wait_spec& w) {
-  if (!busy_.exchange(true)) return true;
+bool call_lock::wait_to_acquire(const wait_spec& w) {
   if (w.kind == wait_kind::try_once) return false;
   std::unique_lock g(m_);
   waiters_.fetch_add(1);
