@@ -824,7 +824,7 @@ result<message_info> channel::impl::receive_stream(const wait_spec& w, destinati
         // poll() below meets the same frame and reports ENOMEM for it.
       }
     }
-    switch (decoder.starved() ? detail::stream_decoder::event::need_more : decoder.poll()) {
+    switch (decoder.next_event()) {
       case detail::stream_decoder::event::complete: {
         if (const std::uint8_t flags = decoder.pending_flags(); flags != 0) {
           message d = decoder.take_message();
@@ -1059,7 +1059,7 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
       ++count;
       continue;
     }
-    switch (decoder.starved() ? detail::stream_decoder::event::need_more : decoder.poll()) {
+    switch (decoder.next_event()) {
       case detail::stream_decoder::event::header_ready:
         if (decoder.payload_buffered() && decoder.pending_flags() == 0) {
           // In place: the bytes stay in the receive buffer, nothing is allocated.

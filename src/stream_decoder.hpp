@@ -104,6 +104,9 @@ class stream_decoder {
   [[nodiscard]] bool starved() const noexcept {
     return state_ == state::idle && begin_ == end_ && !eof_ && !stray_;
   }
+  // poll(), without its call when starved() already says need_more: what the channel's receive
+  // loops ask after each read.
+  [[nodiscard]] event next_event() { return starved() ? event::need_more : poll(); }
 
   void finish_plain(const_buffer payload) noexcept {
     const std::size_t n = wire::native_header_size + payload.size();
