@@ -398,6 +398,70 @@ class Bench(unittest.TestCase):
             self.assertIn(word, r.stdout)
 
 
+@unittest.skipUnless(os.path.exists("/dev/full"), "needs /dev/full")
+class OutputErrors(unittest.TestCase):
+    """Output that cannot be written (a full disk: /dev/full) is a failure, as in coreutils."""
+
+    ENOSPC = "duplex: write error: No space left on device\n"
+    MEMCPY = ("--quick", "--filter", "^throughput/threads/memcpy/64B$")
+
+    def to_full(self, *args):
+        with open("/dev/full", "w") as full:
+            return subprocess.run([DUPLEX, *args], stdout=full, stderr=subprocess.PIPE, text=True,
+                                  timeout=120)
+
+    def assert_write_error(self, *args, message=ENOSPC):
+        r = self.to_full(*args)
+        self.assertEqual((r.returncode, r.stderr), (1, message), args)
+
+    def test_info(self):
+        self.assert_write_error("info")
+        self.assert_write_error("info", "--json")
+
+    def test_demo(self):
+        for scenario in ("fork", "dgram", "threads", "all"):
+            with self.subTest(scenario=scenario):
+                self.assert_write_error("demo", scenario)
+
+    def test_help_and_version(self):
+        for args in (["--version"], ["--help"], ["info", "--help"], ["bench", "--help"]):
+            with self.subTest(args=args):
+                self.assert_write_error(*args)
+
+    def test_bench_table(self):
+        self.assert_write_error("bench", *self.MEMCPY)
+
+    def test_bench_json_to_stdout(self):
+        self.assert_write_error("bench", *self.MEMCPY, "--json", "-",
+                                message="duplex: bench: cannot write '-': No space left on device\n")
+
+    def test_bench_files(self):
+        for option in ("--json", "--svg"):
+            with self.subTest(option=option):
+                r = run("bench", *self.MEMCPY, option, "/dev/full")
+                self.assertEqual(r.returncode, 1)
+                self.assertEqual(r.stderr, "duplex: bench: cannot write '/dev/full': "
+                                 "No space left on device\n")
+                self.assertIn("throughput/threads/memcpy/64B", r.stdout)  # the table still went
+        r = run("bench", *self.MEMCPY, "--svg", "/nonexistent-dir/bench.svg")
+        self.assertEqual((r.returncode, r.stdout), (1, ""))
+        self.assertEqual(r.stderr, "duplex: bench: cannot write '/nonexistent-dir/bench.svg': "
+                         "No such file or directory\n")
+
+    def test_a_closed_pipe_is_a_write_error_too(self):
+        # The reader is gone before duplex writes: EPIPE (SIGPIPE ignored, as a shell may leave it).
+        import signal
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            r = subprocess.run([DUPLEX, "info"], stdout=write_end, stderr=subprocess.PIPE,
+                               text=True, timeout=60,
+                               preexec_fn=lambda: signal.signal(signal.SIGPIPE, signal.SIG_IGN))
+        finally:
+            os.close(write_end)
+        self.assertEqual((r.returncode, r.stderr), (1, "duplex: write error: Broken pipe\n"))
+
+
 if __name__ == "__main__":
     DUPLEX = sys.argv.pop(1)
     unittest.main(verbosity=2)

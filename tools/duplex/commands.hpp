@@ -48,6 +48,19 @@ std::string bench_filter_error(const std::string& regex);
 // The end of `duplex bench --help`: row names, transports, how each row is measured.
 std::string bench_help();
 
+// Writes text to stdout (through stdio's buffer). False if it was lost; the first such error is
+// kept for finish_output, which reports it.
+bool write_stdout(std::string_view text) noexcept;
+
+// Flushes stdout. False if that lost output; the error is kept for finish_output.
+bool flush_stdout() noexcept;
+
+// The end of every command (and of --help and --version): flushes stdout and returns status, or,
+// when status is 0 but output to stdout was lost (a full disk, a closed pipe), prints
+// "duplex: write error: <why>" on stderr and returns 1. A nonzero status is returned as it is: the
+// command has reported its own failure.
+int finish_output(int status) noexcept;
+
 // Prints "duplex: <what>: <error message>" on stderr and returns exit status 1.
 int report_failure(std::string_view what, const std::error_code& ec);
 

@@ -5,7 +5,9 @@
 
 #include <array>
 #include <cstdio>
+#include <optional>
 #include <string>
+#include <system_error>
 #include <thread>
 
 #include "commands.hpp"
@@ -14,9 +16,11 @@
 namespace duplex::cli {
 namespace {
 
+// One line on stdout, flushed at once so that the parent's and the child's lines interleave in
+// the order they happened. A write error is kept and reported when the command ends.
 void say(std::string_view line) {
-  fmt::print("{}\n", line);
-  std::fflush(stdout);
+  static_cast<void>(write_stdout(fmt::format("{}\n", line)));
+  static_cast<void>(flush_stdout());
 }
 
 // Reads a stream until the peer's end-of-stream: the whole message, however the kernel cut it.
@@ -53,15 +57,14 @@ int demo_fork() {
   say("== fork: a parent and a forked child over a stream pair ==");
   auto pair = socket_pair(socket_kind::stream);
   if (!pair) return report_failure("demo fork: socketpair", pair.error());
-  std::fflush(nullptr);
+  static_cast<void>(flush_stdout());  // nothing buffered is left to be written twice
   const pid_t pid = ::fork();
   if (pid < 0)
     return report_failure("demo fork: fork", std::error_code(errno, std::system_category()));
   if (pid == 0) {
     pair->first.close();
-    const int status = fork_child(pair->second);
-    std::fflush(nullptr);
-    ::_exit(status);
+    // The child's lines are output of the command too: their loss is the child's failure.
+    ::_exit(finish_output(fork_child(pair->second)));
   }
   pair->second.close();
   socket& s = pair->first;
@@ -78,6 +81,8 @@ int demo_fork() {
     if (errno != EINTR)
       return report_failure("demo fork: waitpid", std::error_code(errno, std::system_category()));
   }
+  // Status 1 is a failure the child has reported on stderr itself; one line says it.
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 1) return 1;
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
     return report_failure(
         fmt::format("demo fork: child did not exit cleanly (status {:#x})", status));
@@ -118,40 +123,53 @@ int demo_dgram() {
   return 0;
 }
 
+// What failed on one side of the threads scenario, reported once both sides are done.
+struct side_failure {
+  std::string what;
+  std::error_code ec;
+};
+
 int demo_threads() {
   say("== threads: a thread and the main thread over a seqpacket pair ==");
   auto pair = socket_pair(socket_kind::seqpacket);
   if (!pair) return report_failure("demo threads: socketpair", pair.error());
   auto& [main_end, thread_end] = *pair;
-  int thread_status = 0;
-  std::thread worker([&thread_end, &thread_status] {
+  // A side that fails closes its end, so that the other is not left waiting; the other's failure
+  // (peer_closed) is then only the echo of the first one, which alone is reported.
+  std::optional<side_failure> thread_failed;
+  std::thread worker([&thread_end, &thread_failed] {
     say("Thread: sending message...");
     if (auto r = thread_end.send(as_bytes("Message from thread")); !r) {
-      thread_status = report_failure("demo threads: thread: send", r.error());
+      thread_failed = side_failure{"demo threads: thread: send", r.error()};
+      thread_end.close();
       return;
     }
     std::array<std::byte, 128> buf{};
     auto n = thread_end.receive(buf, std::chrono::seconds(10));
     if (!n) {
-      thread_status = report_failure("demo threads: thread: receive", n.error());
+      thread_failed = side_failure{"demo threads: thread: receive", n.error()};
+      thread_end.close();
       return;
     }
     say(fmt::format("Thread: received reply: {}", as_string_view(std::span(buf).first(*n))));
   });
+  std::optional<side_failure> main_failed;
   std::array<std::byte, 128> buf{};
   auto n = main_end.receive(buf, std::chrono::seconds(10));
-  int status = 0;
   if (!n) {
-    status = report_failure("demo threads: main: receive", n.error());
+    main_failed = side_failure{"demo threads: main: receive", n.error()};
   } else {
     say(fmt::format("Main: received from thread: {}", as_string_view(std::span(buf).first(*n))));
     if (auto r = main_end.send(as_bytes("Reply from main")); !r) {
-      status = report_failure("demo threads: main: send", r.error());
+      main_failed = side_failure{"demo threads: main: send", r.error()};
     }
   }
-  if (status != 0) main_end.close();  // the thread's receive then ends with peer_closed
+  if (main_failed) main_end.close();
   worker.join();
-  return status != 0 ? status : thread_status;
+  const bool main_is_echo = main_failed && thread_failed && main_failed->ec == errc::peer_closed;
+  if (main_failed && !main_is_echo) return report_failure(main_failed->what, main_failed->ec);
+  if (thread_failed) return report_failure(thread_failed->what, thread_failed->ec);
+  return 0;
 }
 
 }  // namespace

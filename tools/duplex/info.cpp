@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <optional>
 #include <string>
 #include <thread>
@@ -221,29 +222,34 @@ std::string opt(const std::optional<std::int64_t>& v) {
 
 std::string yes_no(const feature& f) { return f.works ? "yes" : fmt::format("no ({})", f.why); }
 
-void print_text(const facts& f) {
-  fmt::print("duplex {} on Linux {} ({}, {} cores)\n", library_version(), f.kernel_release,
-             f.machine, f.cores);
-  fmt::print("{:<22}{}\n", "kernel build", f.kernel_version);
-  fmt::print("{:<22}default {} B, max {} B (net.core.wmem_default, wmem_max)\n", "send buffer",
-             opt(f.wmem_default), opt(f.wmem_max));
-  fmt::print("{:<22}default {} B, max {} B (net.core.rmem_default, rmem_max)\n", "receive buffer",
-             opt(f.rmem_default), opt(f.rmem_max));
-  fmt::print("{:<22}SO_SNDBUF {} B, SO_RCVBUF {} B on a new pair\n", "stream pair", f.stream_sndbuf,
-             f.stream_rcvbuf);
-  fmt::print("{:<22}{} B with default buffers, {} B with SO_SNDBUF raised to {} B\n",
-             "largest datagram", f.datagram.default_buffers, f.datagram.raised_buffers,
-             f.datagram.raised_sndbuf);
-  fmt::print("{:<22}{} B with default buffers, {} B with SO_SNDBUF raised to {} B\n",
-             "largest seqpacket", f.seqpacket.default_buffers, f.seqpacket.raised_buffers,
-             f.seqpacket.raised_sndbuf);
-  fmt::print("{:<22}{} (SCM_RIGHTS)\n", "fds per message", f.fds_per_message);
-  fmt::print("{:<22}{} B (net.core.optmem_max: bounds control data per socket)\n", "option memory",
-             opt(f.optmem_max));
-  fmt::print("{:<22}{} (net.unix.max_dgram_qlen)\n", "datagram queue", opt(f.max_dgram_qlen));
-  fmt::print("{:<22}soft {}, hard {}\n", "RLIMIT_NOFILE", f.nofile_soft, f.nofile_hard);
-  fmt::print("{:<22}memfd with seals: {}; pidfd: {}; SO_PEERPIDFD: {}; io_uring: {}\n", "features",
-             yes_no(f.memfd_seals), yes_no(f.pidfd), yes_no(f.so_peerpidfd), yes_no(f.io_uring));
+std::string text_of(const facts& f) {
+  std::string out;
+  auto line = std::back_inserter(out);
+  fmt::format_to(line, "duplex {} on Linux {} ({}, {} cores)\n", library_version(),
+                 f.kernel_release, f.machine, f.cores);
+  fmt::format_to(line, "{:<22}{}\n", "kernel build", f.kernel_version);
+  fmt::format_to(line, "{:<22}default {} B, max {} B (net.core.wmem_default, wmem_max)\n",
+                 "send buffer", opt(f.wmem_default), opt(f.wmem_max));
+  fmt::format_to(line, "{:<22}default {} B, max {} B (net.core.rmem_default, rmem_max)\n",
+                 "receive buffer", opt(f.rmem_default), opt(f.rmem_max));
+  fmt::format_to(line, "{:<22}SO_SNDBUF {} B, SO_RCVBUF {} B on a new pair\n", "stream pair",
+                 f.stream_sndbuf, f.stream_rcvbuf);
+  fmt::format_to(line, "{:<22}{} B with default buffers, {} B with SO_SNDBUF raised to {} B\n",
+                 "largest datagram", f.datagram.default_buffers, f.datagram.raised_buffers,
+                 f.datagram.raised_sndbuf);
+  fmt::format_to(line, "{:<22}{} B with default buffers, {} B with SO_SNDBUF raised to {} B\n",
+                 "largest seqpacket", f.seqpacket.default_buffers, f.seqpacket.raised_buffers,
+                 f.seqpacket.raised_sndbuf);
+  fmt::format_to(line, "{:<22}{} (SCM_RIGHTS)\n", "fds per message", f.fds_per_message);
+  fmt::format_to(line, "{:<22}{} B (net.core.optmem_max: bounds control data per socket)\n",
+                 "option memory", opt(f.optmem_max));
+  fmt::format_to(line, "{:<22}{} (net.unix.max_dgram_qlen)\n", "datagram queue",
+                 opt(f.max_dgram_qlen));
+  fmt::format_to(line, "{:<22}soft {}, hard {}\n", "RLIMIT_NOFILE", f.nofile_soft, f.nofile_hard);
+  fmt::format_to(line, "{:<22}memfd with seals: {}; pidfd: {}; SO_PEERPIDFD: {}; io_uring: {}\n",
+                 "features", yes_no(f.memfd_seals), yes_no(f.pidfd), yes_no(f.so_peerpidfd),
+                 yes_no(f.io_uring));
+  return out;
 }
 
 void put(json_writer& j, std::string_view key, const std::optional<std::int64_t>& v) {
@@ -269,7 +275,7 @@ void put(json_writer& j, std::string_view key, const packet_limit& p) {
   j.end_object();
 }
 
-void print_json(const facts& f) {
+std::string json_of(const facts& f) {
   json_writer j;
   j.begin_object();
   j.key("duplex_version").value(library_version());
@@ -306,18 +312,14 @@ void print_json(const facts& f) {
   put(j, "io_uring", f.io_uring);
   j.end_object();
   j.end_object();
-  fmt::print("{}\n", j.str());
+  return j.str() + "\n";
 }
 
 }  // namespace
 
 int run_info(bool json) {
   const facts f = gather();
-  if (json) {
-    print_json(f);
-  } else {
-    print_text(f);
-  }
+  static_cast<void>(write_stdout(json ? json_of(f) : text_of(f)));  // finish_output reports a loss
   return 0;
 }
 

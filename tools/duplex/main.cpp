@@ -5,6 +5,10 @@
 #include <CLI/CLI.hpp>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <iostream>
+#include <sstream>
 #include <string>
 
 #include "commands.hpp"
@@ -12,14 +16,63 @@
 
 namespace duplex::cli {
 
+// fputs rather than fmt::print, which throws when stderr cannot be written: there is nowhere left
+// to say so, and the exit status still tells.
 int report_failure(std::string_view what, const std::error_code& ec) {
-  fmt::print(stderr, "duplex: {}: {}\n", what, ec.message());
+  std::fputs(fmt::format("duplex: {}: {}\n", what, ec.message()).c_str(), stderr);
   return 1;
 }
 
 int report_failure(std::string_view what) {
-  fmt::print(stderr, "duplex: {}\n", what);
+  std::fputs(fmt::format("duplex: {}\n", what).c_str(), stderr);
   return 1;
+}
+
+namespace {
+// The first error that lost output to stdout (0: none). stdio drops its buffer when a flush fails
+// and keeps only the error flag, so the reason is kept here for finish_output.
+int stdout_errno = 0;
+
+bool stdout_failed(int err) noexcept {
+  if (stdout_errno == 0) stdout_errno = err != 0 ? err : EIO;
+  return false;
+}
+}  // namespace
+
+bool write_stdout(std::string_view text) noexcept {
+  if (std::fwrite(text.data(), 1, text.size(), stdout) != text.size()) {
+    return stdout_failed(errno);
+  }
+  return true;
+}
+
+bool flush_stdout() noexcept {
+  if (std::fflush(stdout) != 0) return stdout_failed(errno);
+  return true;
+}
+
+int finish_output(int status) noexcept {
+  // std::cout writes through stdout's stdio buffer, flushed first so that the reason of a failure
+  // is kept; then std::cout's own state.
+  const bool flushed = flush_stdout() && !std::cout.flush().bad();
+  if (status != 0) return status;
+  if (!flushed || std::ferror(stdout) != 0) {
+    if (stdout_errno == 0) return report_failure("write error");
+    return report_failure("write error", std::error_code(stdout_errno, std::system_category()));
+  }
+  return 0;
+}
+
+// CLI11's help or version text, written as any other output so that finish_output can tell its
+// loss with the reason (CLI11 itself ends the version with std::endl, a flush whose errno it
+// drops).
+int print_cli_exit(const CLI::App& app, const CLI::Error& e) {
+  std::ostringstream out;
+  std::ostringstream err;
+  const int status = app.exit(e, out, err);
+  static_cast<void>(write_stdout(out.str()));
+  std::fputs(err.str().c_str(), stderr);
+  return finish_output(status);
 }
 
 }  // namespace duplex::cli
@@ -101,20 +154,20 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
+    return duplex::cli::print_cli_exit(app, e);
   } catch (const CLI::CallForAllHelp& e) {
-    return app.exit(e);
+    return duplex::cli::print_cli_exit(app, e);
   } catch (const CLI::CallForVersion& e) {
-    return app.exit(e);
+    return duplex::cli::print_cli_exit(app, e);
   } catch (const CLI::ParseError& e) {
     fmt::print(stderr, "duplex: {} (see 'duplex --help')\n", e.what());
     return 2;
   }
 
   try {
-    if (demo->parsed()) return duplex::cli::run_demo(scenario);
-    if (info->parsed()) return duplex::cli::run_info(json);
-    if (bench->parsed()) return duplex::cli::run_bench(bench_opts);
+    if (demo->parsed()) return duplex::cli::finish_output(duplex::cli::run_demo(scenario));
+    if (info->parsed()) return duplex::cli::finish_output(duplex::cli::run_info(json));
+    if (bench->parsed()) return duplex::cli::finish_output(duplex::cli::run_bench(bench_opts));
     if (run->parsed()) {
       run_opts.kind =
           kind == "seqpacket" ? duplex::socket_kind::seqpacket : duplex::socket_kind::stream;
@@ -125,7 +178,7 @@ int main(int argc, char** argv) {
                    "duplex: run: --framing python needs --kind stream (see 'duplex run --help')\n");
         return 2;
       }
-      return duplex::cli::run_command(run_opts);
+      return duplex::cli::finish_output(duplex::cli::run_command(run_opts));
     }
   } catch (const std::exception& e) {
     return duplex::cli::report_failure(e.what());
