@@ -462,6 +462,63 @@ class OutputErrors(unittest.TestCase):
         self.assertEqual((r.returncode, r.stderr), (1, "duplex: write error: Broken pipe\n"))
 
 
+class BenchFilter(unittest.TestCase):
+    """duplex bench --filter: a regular expression matched in bounded time; --list measures nothing."""
+
+    def listed(self, *args):
+        r = run("bench", "--list", *args, timeout=30)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertEqual(r.stderr, "")
+        return r.stdout.splitlines()
+
+    def assert_bad_filter(self, pattern, why):
+        r = run("bench", "--quick", "--filter", pattern, timeout=30)
+        self.assertEqual((r.returncode, r.stdout), (2, ""), r.stderr)
+        self.assertEqual(len(r.stderr.splitlines()), 1, r.stderr)
+        self.assertTrue(r.stderr.startswith("duplex: bench: "), r.stderr)
+        self.assertIn(why, r.stderr)
+        self.assertLess(len(r.stderr), 300)  # a huge pattern is not echoed whole
+
+    def test_deep_nesting_is_refused(self):
+        self.assert_bad_filter("(" * 30000 + ")" * 30000, "longer than 1024 characters")
+        self.assert_bad_filter("(" * 100 + "rtt" + ")" * 100, "groups nested deeper than 32")
+
+    def test_a_pattern_that_backtracks_exponentially_is_bounded(self):
+        self.assert_bad_filter("(.*)*Z", "no row matches")
+        self.assert_bad_filter("(a*)*" * 200 + "Z", "no row matches")
+        every = self.listed()
+        self.assertEqual(self.listed("--filter", "(.*)*B$"), every)
+        self.assertEqual(self.listed("--filter", "(.*)*(.*)*(.*)*8B$"),
+                         [name for name in every if name.endswith("/8B")])
+
+    def test_syntax_errors_are_bad_usage(self):
+        for pattern, why in (("(rtt", "missing ')'"), ("rtt)", "unmatched ')'"),
+                             ("*rtt", "nothing to repeat"), ("[z-a]", "bad range"),
+                             ("[rtt", "missing ']'"), ("rtt{2}", "{m,n}"), ("\\d", "\\d"),
+                             ("rtt\\", "at the end")):
+            with self.subTest(pattern=pattern):
+                self.assert_bad_filter(pattern, why)
+
+    def test_the_filters_in_use_select_their_rows(self):
+        # The test suite's own filter, with the raw rows the ratios need.
+        self.assertEqual(sorted(self.listed("--quick", "--filter", Bench.FILTER)),
+                         sorted(Bench.ROWS))
+        self.assertEqual(self.listed("--quick", "--filter", "memcpy/64B$"),
+                         ["throughput/threads/memcpy/64B"])
+        # docs/performance.md's `--filter seqpacket`: every seqpacket row and its raw baseline.
+        seqpacket = self.listed("--filter", "seqpacket")
+        self.assertEqual(len(seqpacket), 18)
+        self.assertTrue(all("seqpacket" in name for name in seqpacket))
+        self.assertEqual(self.listed("--quick", "--filter", "^throughput/threads/duplex-shm-c.py/16[M]iB$"),
+                         ["throughput/threads/raw-stream/16MiB",
+                          "throughput/threads/duplex-shm-copy/16MiB"])
+        self.assertEqual(self.listed("--quick", "--filter", "rtt/[^/]*/duplex-stream-busypoll/8B"),
+                         ["rtt/threads/raw-stream/8B", "rtt/threads/raw-stream-busypoll/8B",
+                          "rtt/threads/duplex-stream-busypoll/8B", "rtt/processes/raw-stream/8B",
+                          "rtt/processes/raw-stream-busypoll/8B",
+                          "rtt/processes/duplex-stream-busypoll/8B"])
+
+
 if __name__ == "__main__":
     DUPLEX = sys.argv.pop(1)
     unittest.main(verbosity=2)

@@ -17,18 +17,13 @@
 #include <fstream>
 #include <memory>
 #include <optional>
-// GCC 12 at -O1 with sanitizers warns inside <regex>'s own templates (-Wmaybe-uninitialized, a
-// false positive in std::function's move); the warning is theirs, not this file's.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <regex>
-#pragma GCC diagnostic pop
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "bench.hpp"
 #include "commands.hpp"
+#include "name_filter.hpp"
 
 namespace duplex::cli {
 namespace {
@@ -160,24 +155,22 @@ std::uint64_t calibrate(session& s, const row_spec& spec, const plan& p) {
   }
 }
 
-const row_result* find(const std::vector<row_result>& rows, const row_spec& like,
-                       const std::string& transport) {
+const row_result* find(const std::vector<row_result>& rows, pattern pat, peers who,
+                       std::size_t size, const std::string& transport) {
   for (const auto& r : rows) {
     const row_spec& s = *r.spec;
-    if (s.pat == like.pat && s.who == like.who && s.size == like.size && s.transport == transport) {
-      return &r;
-    }
+    if (s.pat == pat && s.who == who && s.size == size && s.transport == transport) return &r;
   }
   return nullptr;
 }
 
-const row_result* find(const std::vector<row_result>& rows, pattern pat, peers who,
-                       std::size_t size, const std::string& transport) {
-  row_spec like;
-  like.pat = pat;
-  like.who = who;
-  like.size = size;
-  return find(rows, like, transport);
+// The measured row that row's ratio over transport needs (see row_spec::needs), if any.
+const row_result* reference(const std::vector<row_result>& rows, const row_spec& row,
+                            const std::string& transport) {
+  for (const auto& r : rows) {
+    if (row.needs(*r.spec) && r.spec->transport == transport) return &r;
+  }
+  return nullptr;
 }
 
 double metric(const row_result& r) {
@@ -187,11 +180,9 @@ double metric(const row_result& r) {
 void compare(std::vector<row_result>& rows) {
   for (auto& r : rows) {
     const row_spec& s = *r.spec;
-    if (!s.baseline.empty()) {
-      if (const auto* b = find(rows, s, s.baseline)) r.ratio = metric(r) / metric(*b);
-    }
-    if (s.transport.ends_with("-busypoll")) {
-      if (const auto* b = find(rows, s, "raw-stream")) r.ratio_to_blocking = metric(r) / metric(*b);
+    if (const auto* b = reference(rows, s, s.baseline)) r.ratio = metric(r) / metric(*b);
+    if (const auto* b = reference(rows, s, s.blocking_baseline)) {
+      r.ratio_to_blocking = metric(r) / metric(*b);
     }
   }
 }
@@ -263,15 +254,6 @@ struct output {
 
 }  // namespace
 
-std::string bench_filter_error(const std::string& regex) {
-  try {
-    const std::regex check(regex);
-  } catch (const std::regex_error& e) {
-    return fmt::format("invalid regular expression '{}': {}", regex, e.what());
-  }
-  return {};
-}
-
 std::string bench_help() {
   return fmt::format(
       "Rows are named PATTERN/PEERS/TRANSPORT/SIZE, e.g. rtt/processes/duplex-stream/8B or "
@@ -303,12 +285,15 @@ std::string bench_help() {
 }
 
 int run_bench(const bench_options& o) {
-  std::regex filter;
-  try {
-    filter = std::regex(o.filter.empty() ? std::string(".") : o.filter);
-  } catch (const std::regex_error& e) {
-    fmt::print(stderr, "duplex: bench: --filter: invalid regular expression '{}': {}\n", o.filter,
-               e.what());
+  // The filter as messages quote it: a pattern too long to be read is cut.
+  const std::string quoted =
+      o.filter.size() <= 80
+          ? o.filter
+          : o.filter.substr(0, 80) + fmt::format("... ({} bytes)", o.filter.size());
+  const auto filter = name_filter::compile(o.filter);
+  if (!filter) {
+    fmt::print(stderr, "duplex: bench: --filter '{}': {} (see 'duplex bench --help')\n", quoted,
+               filter.error());
     return 2;
   }
   const std::vector<row_spec> rows = all_rows(o.quick);
@@ -316,26 +301,27 @@ int run_bench(const bench_options& o) {
   std::vector<bool> chosen(rows.size(), false);
   bool any = false;
   for (std::size_t i = 0; i < rows.size(); ++i) {
-    if (!std::regex_search(rows[i].name, filter)) continue;
+    if (!filter->search(rows[i].name)) continue;
     chosen[i] = any = true;
     for (std::size_t j = 0; j < rows.size(); ++j) {
-      const bool same =
-          rows[j].pat == rows[i].pat && rows[j].who == rows[i].who && rows[j].size == rows[i].size;
-      if (same &&
-          (rows[j].transport == rows[i].baseline ||
-           (rows[i].transport.ends_with("-busypoll") && rows[j].transport == "raw-stream"))) {
-        chosen[j] = true;
-      }
+      if (rows[i].needs(rows[j])) chosen[j] = true;
     }
   }
   if (!any) {
     fmt::print(stderr, "duplex: bench: no row matches --filter '{}' (see 'duplex bench --help')\n",
-               o.filter);
+               quoted);
     return 2;
   }
   std::vector<const row_spec*> selected;
   for (std::size_t i = 0; i < rows.size(); ++i) {
     if (chosen[i]) selected.push_back(&rows[i]);
+  }
+  if (o.list) {
+    std::string names;
+    for (const row_spec* r : selected)
+      names += r->name + "\n";
+    static_cast<void>(write_stdout(names));  // finish_output reports a loss
+    return 0;
   }
 
   output json;

@@ -64,9 +64,20 @@ struct row_spec {
   peers who = peers::threads;
   std::size_t size = 0;
   std::string baseline;  // transport this row is compared with; empty for baselines
-  std::string group;     // rows of one group are measured alternately
-  std::string method;    // how it is measured, in words
+  // busy-poll rows: the blocking transport their ratio_to_blocking is taken over; else empty.
+  std::string blocking_baseline;
+  std::string group;   // rows of one group are measured alternately
+  std::string method;  // how it is measured, in words
   std::function<std::unique_ptr<session>(const placement&)> open;
+
+  // Whether this row's ratios are taken over other's measurement: other is its baseline or its
+  // blocking baseline, at the same pattern, peers and size. The one rule for choosing the rows a
+  // filtered run needs and for computing the ratios.
+  [[nodiscard]] bool needs(const row_spec& other) const {
+    const bool same_place = other.pat == pat && other.who == who && other.size == size;
+    return same_place && !other.transport.empty() &&
+           (other.transport == baseline || other.transport == blocking_baseline);
+  }
 };
 
 // Every row there is; quick keeps the sizes the goals need and a few more.

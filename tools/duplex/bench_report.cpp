@@ -186,7 +186,7 @@ std::string format_json(const report& r) {
       }
     }
     if (row.ratio_to_blocking) {
-      j.key("blocking_baseline").value("raw-stream");
+      j.key("blocking_baseline").value(s.blocking_baseline);
       j.key("ratio_to_blocking").value(*row.ratio_to_blocking);
     }
     j.key("iterations").value(row.iterations);

@@ -907,6 +907,7 @@ std::vector<row_spec> all_rows(bool quick) {
     r.group =
         solo ? r.name : fmt::format("{}/{}/{}", to_string(pat), to_string(who), size_label(size));
     r.baseline = baseline_of(transport);
+    if (transport.ends_with("-busypoll")) r.blocking_baseline = "raw-stream";
     r.method = pat == pattern::rtt ? rtt_method(transport) : throughput_method(transport);
     r.open = std::move(open);
     rows.push_back(std::move(r));

@@ -35,15 +35,13 @@ struct bench_options {
   bool quick = false;  // fewer sizes, repetitions and iterations: under 20 s
   std::string json;    // write the JSON report here ("-": stdout, instead of the table)
   std::string svg;     // write the SVG chart here
-  std::string filter;  // std::regex: rows whose name it matches (empty: every row)
+  std::string filter;  // name_filter: rows whose name it matches (empty: every row)
+  bool list = false;   // print the chosen rows' names and measure nothing
 };
 
 // Measures duplex beside the raw syscalls, pipes and memcpy and prints the table and the goals.
 // Returns 0, 2 for a bad --filter (invalid, or matching no row), 1 on failure.
 int run_bench(const bench_options& options);
-
-// Why a --filter of `duplex bench` is not a valid regular expression, or an empty string.
-std::string bench_filter_error(const std::string& regex);
 
 // The end of `duplex bench --help`: row names, transports, how each row is measured.
 std::string bench_help();

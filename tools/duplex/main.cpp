@@ -138,9 +138,12 @@ int main(int argc, char** argv) {
   bench
       ->add_option("--filter", bench_opts.filter,
                    "Measure only the rows whose name the regular expression matches (searched "
-                   "anywhere in the name), with the raw rows their ratios need")
-      ->type_name("REGEX")
-      ->check(duplex::cli::bench_filter_error);
+                   "anywhere in the name), with the raw rows their ratios need. Syntax: . [ ] ^ $ "
+                   "( ) | * + ? and \\ before punctuation; matched in time linear in the name")
+      ->type_name("REGEX");
+  bench->add_flag("--list", bench_opts.list,
+                  "Print the names of the rows that would be measured, one a line, and measure "
+                  "nothing");
   bench->footer(duplex::cli::bench_help());
 
   const auto is_command = [&app](const std::string& name) {
