@@ -519,6 +519,73 @@ class BenchFilter(unittest.TestCase):
                           "rtt/processes/duplex-stream-busypoll/8B"])
 
 
+@unittest.skipIf("UBSAN_OPTIONS" in os.environ,
+                 "UBSan's vptr check itself needs free fds, so it cannot run out of them")
+class InfoAtTheFdLimit(unittest.TestCase):
+    """duplex info under a low RLIMIT_NOFILE: what it could not measure it says, never a number."""
+
+    def info(self, *args, soft, hard):
+        def limit():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+        return subprocess.run([DUPLEX, "info", *args], capture_output=True, text=True, timeout=60,
+                              preexec_fn=limit)
+
+    def test_text_at_4_fds(self):
+        # One fd free beyond stdio: no socket pair can be made, a memfd or a pidfd can.
+        r = self.info(soft=4, hard=4)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertEqual(len(r.stderr.splitlines()), 1, r.stderr)
+        self.assertRegex(r.stderr, r"^duplex: info: \d+ facts not measured \(first: .*"
+                                   r"socketpair: Too many open files\)\n$")
+        for label in ("stream pair", "largest datagram", "largest seqpacket", "fds per message"):
+            self.assertRegex(r.stdout, label + r" +not measured \(socketpair: Too many open files\)\n")
+        self.assertNotRegex(r.stdout, r"\b0 B\b")
+        self.assertIn("SO_PEERPIDFD: not measured (socketpair: Too many open files)", r.stdout)
+        self.assertIn("memfd with seals: yes", r.stdout)  # a probe that fits is still made
+        self.assertIn("soft 4, hard 4", r.stdout)
+
+    def test_json_at_4_fds(self):
+        r = self.info("--json", soft=4, hard=4)
+        self.assertEqual(r.returncode, 1, r.stderr)
+        facts = json.loads(r.stdout)
+        self.assertIsNone(facts["fds_per_message"])
+        self.assertIsNone(facts["socket_buffers"]["stream_sndbuf"])
+        for kind in ("datagram", "seqpacket"):
+            self.assertEqual(set(facts["max_payload"][kind].values()), {None})
+        self.assertIsNone(facts["features"]["so_peerpidfd"]["works"])
+        self.assertIn("Too many open files", facts["features"]["so_peerpidfd"]["reason"])
+        self.assertTrue(facts["features"]["memfd_seals"]["works"])
+        missing = facts["not_measured"]
+        for name in ("fds_per_message", "socket_buffers.stream_sndbuf",
+                     "max_payload.datagram.default_buffers", "features.so_peerpidfd"):
+            self.assertEqual(missing[name], "socketpair: Too many open files")
+        self.assertNotIn("features.memfd_seals", missing)
+
+    def test_at_100_fds_the_kernels_limit_is_told_apart_from_this_process(self):
+        r = self.info(soft=100, hard=100)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        self.assertRegex(r.stdout, r"fds per message +253 \(SCM_RIGHTS\); this process, at "
+                                   r"RLIMIT_NOFILE 100, cannot receive that many at once")
+        facts = json.loads(self.info("--json", soft=100, hard=100).stdout)
+        self.assertEqual(facts["fds_per_message"], 253)
+        self.assertTrue(facts["fds_receive_limited_by_rlimit"])
+        self.assertEqual(facts["not_measured"], {})
+
+    def test_a_low_soft_limit_is_raised_for_the_probes(self):
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard != resource.RLIM_INFINITY and hard < 300:
+            self.skipTest("the hard limit is too low to receive 253 fds")
+        r = self.info("--json", soft=4, hard=hard)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        facts = json.loads(r.stdout)
+        self.assertEqual(facts["fds_per_message"], 253)
+        self.assertFalse(facts["fds_receive_limited_by_rlimit"])
+        self.assertGreater(facts["max_payload"]["datagram"]["default_buffers"], 64 * 1024)
+        self.assertEqual(facts["rlimit_nofile"]["soft"], 4)  # as this process was started
+        self.assertEqual(facts["not_measured"], {})
+
+
 if __name__ == "__main__":
     DUPLEX = sys.argv.pop(1)
     unittest.main(verbosity=2)

@@ -14,7 +14,9 @@ namespace duplex::cli {
 // Runs one of the tutorial's scenarios: "fork", "dgram", "threads", or "all" of them in turn.
 int run_demo(std::string_view scenario);
 
-// Prints this system's facts for the library, as text or as one JSON object.
+// Prints this system's facts for the library, as text or as one JSON object. A fact that could
+// not be measured is printed as such (null in the JSON, named under "not_measured"); the status is
+// then 1, after everything else was printed, with one line on stderr.
 int run_info(bool json);
 
 // What `duplex run` was asked to do.

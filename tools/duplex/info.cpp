@@ -1,4 +1,9 @@
 // duplex info: the facts of this system that matter to the library, measured rather than assumed.
+//
+// A fact that could not be measured (this process ran out of fds or memory while probing) is
+// printed as "not measured (why)" and null in the JSON, never as a number, and the command then
+// exits 1 after printing everything it did measure. A feature the kernel lacks or refuses (an
+// old kernel, io_uring disabled) is a fact, not a failure.
 #include <fcntl.h>
 #include <fmt/core.h>
 #include <linux/io_uring.h>
@@ -9,13 +14,16 @@
 #include <sys/utsname.h>
 #include <unistd.h>
 
+#include <array>
 #include <cerrno>
+#include <charconv>
 #include <cstring>
-#include <fstream>
+#include <expected>
 #include <iterator>
 #include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "commands.hpp"
@@ -25,35 +33,21 @@
 namespace duplex::cli {
 namespace {
 
-// Whether a feature works here, and if not, why (an errno name or a short reason).
-struct feature {
-  bool works = false;
-  std::string why;
-};
+// A measured value, or why it could not be measured ("socketpair: Too many open files").
+template <class T>
+using measured = std::expected<T, std::string>;
 
-struct packet_limit {
-  std::size_t default_buffers = 0;  // largest payload with the default socket buffers
-  std::size_t raised_buffers = 0;   // largest payload with SO_SNDBUF/SO_RCVBUF raised
-  std::size_t raised_sndbuf = 0;    // the SO_SNDBUF that "raised" means (as the kernel reports it)
-};
+std::unexpected<std::string> not_measured(std::string_view what, const std::error_code& ec) {
+  return std::unexpected(fmt::format("{}: {}", what, ec.message()));
+}
 
-struct facts {
-  std::string kernel_release, kernel_version, machine;
-  unsigned cores = 0;
-  std::optional<std::int64_t> wmem_default, wmem_max, rmem_default, rmem_max, optmem_max;
-  std::optional<std::int64_t> max_dgram_qlen;
-  std::size_t stream_sndbuf = 0, stream_rcvbuf = 0;
-  packet_limit datagram, seqpacket;
-  std::size_t fds_per_message = 0;
-  std::int64_t nofile_soft = 0, nofile_hard = 0;
-  feature memfd_seals, pidfd, so_peerpidfd, io_uring;
-};
+std::unexpected<std::string> not_measured(std::string_view what, int err) {
+  return not_measured(what, std::error_code(err, std::system_category()));
+}
 
-std::optional<std::int64_t> read_sysctl(const char* path) {
-  std::ifstream in(path);
-  std::int64_t v = 0;
-  if (in >> v) return v;
-  return std::nullopt;
+// Errors that say this process lacked a resource for the probe, not what the kernel supports.
+bool out_of_resources(int err) {
+  return err == EMFILE || err == ENFILE || err == ENOMEM || err == ENOBUFS;
 }
 
 std::string errno_name(int err) {
@@ -61,15 +55,72 @@ std::string errno_name(int err) {
   return name != nullptr ? name : fmt::format("errno {}", err);
 }
 
+// Whether a feature works here: yes, no (and why: an errno name or a short reason), or not
+// measured (and why).
+struct feature {
+  measured<bool> works = false;
+  std::string why;  // when *works is false
+};
+
 feature works() { return {true, {}}; }
-feature fails(int err) { return {false, errno_name(err)}; }
-feature fails(const std::error_code& ec) {
-  if (ec.category() == std::system_category()) return fails(ec.value());
+feature fails(std::string_view what, int err) {
+  if (out_of_resources(err)) return {not_measured(what, err), {}};
+  return {false, errno_name(err)};
+}
+feature fails(std::string_view what, const std::error_code& ec) {
+  if (ec.category() == std::system_category()) return fails(what, ec.value());
   return {false, ec.message()};
 }
 
+struct packet_limit {
+  measured<std::size_t> default_buffers;  // largest payload with the default socket buffers
+  measured<std::size_t> raised_buffers;   // largest payload with SO_SNDBUF/SO_RCVBUF raised
+  measured<std::size_t> raised_sndbuf;    // the SO_SNDBUF that "raised" means (as reported)
+};
+
+// The kernel's limit of fds in one SCM_RIGHTS message, as sendmsg(2) takes or refuses them.
+struct fd_limit {
+  std::size_t count = 0;
+  bool more = false;  // the kernel took even max_fds_per_message + 1 (count): more may go
+  // This process could not receive count fds at once (MSG_CTRUNC at its RLIMIT_NOFILE).
+  bool receive_cut = false;
+};
+
+struct facts {
+  std::string kernel_release, kernel_version, machine;
+  unsigned cores = 0;
+  measured<std::optional<std::int64_t>> wmem_default, wmem_max, rmem_default, rmem_max, optmem_max,
+      max_dgram_qlen;
+  measured<std::size_t> stream_sndbuf, stream_rcvbuf;
+  packet_limit datagram, seqpacket;
+  measured<fd_limit> fds_per_message;
+  std::int64_t nofile_soft = 0, nofile_hard = 0;
+  feature memfd_seals, pidfd, so_peerpidfd, io_uring;
+};
+
+// A sysctl's value; nullopt if this system does not show it (e.g. a sysctl that is not visible
+// in a container's network namespace).
+measured<std::optional<std::int64_t>> read_sysctl(const char* path) {
+  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    if (out_of_resources(errno)) return not_measured(fmt::format("open {}", path), errno);
+    return std::nullopt;
+  }
+  const unique_fd owned(fd);
+  std::array<char, 64> buf{};
+  ssize_t n = 0;
+  do {
+    n = ::read(fd, buf.data(), buf.size() - 1);
+  } while (n < 0 && errno == EINTR);
+  if (n < 0) return not_measured(fmt::format("read {}", path), errno);
+  std::int64_t v = 0;
+  const char* end = buf.data() + n;
+  if (std::from_chars(buf.data(), end, v).ec != std::errc{}) return std::nullopt;
+  return v;
+}
+
 // Raises both buffers of s as far as this process may: SO_*BUFFORCE when privileged, else up to
-// net.core.[rw]mem_max.
+// net.core.[rw]mem_max. Best effort: what they became is read back and reported.
 void raise_buffers(socket& s, int bytes) {
   const int fd = s.native_handle();
   if (::setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &bytes, sizeof(bytes)) != 0) {
@@ -80,40 +131,104 @@ void raise_buffers(socket& s, int bytes) {
   }
 }
 
+struct packet_probe {
+  std::size_t largest = 0;
+  std::size_t sndbuf = 0;
+};
+
 // Binary search for the largest packet of `kind` that goes through a fresh pair whole.
-std::size_t largest_packet(socket_kind kind, bool raised, std::size_t* sndbuf_out) {
+measured<packet_probe> largest_packet(socket_kind kind, bool raised) {
   auto pair = socket_pair(kind);
-  if (!pair) return 0;
+  if (!pair) return not_measured("socketpair", pair.error());
   auto& [a, b] = *pair;
   if (raised) {
     raise_buffers(a, 32 << 20);
     raise_buffers(b, 32 << 20);
   }
-  if (sndbuf_out != nullptr) *sndbuf_out = a.send_buffer_size().value_or(0);
+  auto sndbuf = a.send_buffer_size();
+  if (!sndbuf) return not_measured("SO_SNDBUF", sndbuf.error());
   const std::size_t ceiling = raised ? (64U << 20) : (2U << 20);
   std::vector<std::byte> out(ceiling, std::byte{0x5a});
   std::vector<std::byte> in(ceiling + 1);
-  auto goes_through = [&](std::size_t n) {
-    if (!a.send(std::span(out).first(n), io_flags::dont_wait)) return false;
+  // Whether a packet of n bytes goes through; an error that is not the kernel's "too large" or
+  // "no room" ends the probe.
+  auto goes_through = [&](std::size_t n) -> measured<bool> {
+    auto sent = a.send(std::span(out).first(n), io_flags::dont_wait);
+    if (!sent) {
+      const std::error_code ec = sent.error();
+      if (ec == errc::would_block || ec == std::errc::message_size ||
+          ec == std::errc::no_buffer_space) {
+        return false;
+      }
+      return not_measured("send", ec);
+    }
     auto got = b.receive(in, io_flags::dont_wait);
-    return got && *got == n;
+    if (!got) return not_measured("receive", got.error());
+    if (*got != n) return std::unexpected(fmt::format("{} B sent came back as {} B", n, *got));
+    return true;
   };
+  auto whole = goes_through(ceiling);
+  if (!whole) return std::unexpected(whole.error());
+  if (*whole) return packet_probe{ceiling, *sndbuf};
   std::size_t lo = 0;            // known to go through
   std::size_t hi = ceiling + 1;  // known not to
-  if (goes_through(ceiling)) return ceiling;
   while (hi - lo > 1) {
     const std::size_t mid = lo + (hi - lo) / 2;
-    (goes_through(mid) ? lo : hi) = mid;
+    auto ok = goes_through(mid);
+    if (!ok) return std::unexpected(ok.error());
+    (*ok ? lo : hi) = mid;
   }
-  return lo;
+  return packet_probe{lo, *sndbuf};
 }
 
-// Does the kernel accept `count` fds in one SCM_RIGHTS message? (Raw sendmsg: this measures the
-// kernel, not duplex's own check.)
-bool kernel_accepts_fds(std::size_t count) {
-  auto pair = socket_pair(socket_kind::seqpacket);
-  if (!pair) return false;
-  std::vector<int> fds(count, pair->first.native_handle());
+packet_limit probe_packets(socket_kind kind) {
+  packet_limit p;
+  auto plain = largest_packet(kind, false);
+  auto raised = largest_packet(kind, true);
+  if (plain) {
+    p.default_buffers = plain->largest;
+  } else {
+    p.default_buffers = std::unexpected(plain.error());
+  }
+  if (raised) {
+    p.raised_buffers = raised->largest;
+    p.raised_sndbuf = raised->sndbuf;
+  } else {
+    p.raised_buffers = p.raised_sndbuf = std::unexpected(raised.error());
+  }
+  return p;
+}
+
+// RLIMIT_NOFILE's soft limit raised to the hard one while the probes run, then put back: the
+// probes measure the kernel, as far as this process may, not the limit it was started with.
+class nofile_raised {
+ public:
+  nofile_raised() {
+    if (::getrlimit(RLIMIT_NOFILE, &saved_) != 0) return;
+    rlimit raised = saved_;
+    raised.rlim_cur = raised.rlim_max;
+    changed_ = raised.rlim_cur != saved_.rlim_cur && ::setrlimit(RLIMIT_NOFILE, &raised) == 0;
+  }
+  ~nofile_raised() {
+    if (changed_) static_cast<void>(::setrlimit(RLIMIT_NOFILE, &saved_));
+  }
+  nofile_raised(const nofile_raised&) = delete;
+  nofile_raised& operator=(const nofile_raised&) = delete;
+
+  [[nodiscard]] std::int64_t soft() const { return static_cast<std::int64_t>(saved_.rlim_cur); }
+  [[nodiscard]] std::int64_t hard() const { return static_cast<std::int64_t>(saved_.rlim_max); }
+
+ private:
+  rlimit saved_{};
+  bool changed_ = false;
+};
+
+// Whether the kernel takes `count` fds in one SCM_RIGHTS message: a raw sendmsg, so that this
+// measures the kernel (SCM_MAX_FD refuses more with EINVAL), not duplex's own check. Whatever was
+// sent is received again with the library, which closes every fd that arrived; a receive cut
+// short by this process's own fd limit is noted in *cut, and says nothing about the kernel's.
+measured<bool> kernel_takes_fds(connected_pair& pair, std::size_t count, bool* cut) {
+  std::vector<int> fds(count, pair.first.native_handle());
   std::vector<char> control(CMSG_SPACE(sizeof(int) * count), 0);
   char byte = 'x';
   iovec iov{&byte, 1};
@@ -127,52 +242,101 @@ bool kernel_accepts_fds(std::size_t count) {
   c->cmsg_type = SCM_RIGHTS;
   c->cmsg_len = CMSG_LEN(sizeof(int) * count);
   std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * count);
-  if (::sendmsg(pair->first.native_handle(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT) != 1) return false;
-  // Take them with the library: every fd is owned and closed again.
+  ssize_t sent = 0;
+  do {
+    sent = ::sendmsg(pair.first.native_handle(), &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+  } while (sent < 0 && errno == EINTR);
+  if (sent < 0) {
+    if (errno == EINVAL) return false;
+    return not_measured(fmt::format("sendmsg of {} fds", count), errno);
+  }
   std::vector<unique_fd> got(count);
   std::array<std::byte, 1> buf{};
   const std::array<mutable_buffer, 1> bufs{buf};
-  auto r = pair->second.receive_msg(bufs, got);
-  return r && r->fds == count;
+  auto r = pair.second.receive_msg(bufs, got);
+  if (!r) {
+    if (r.error() != errc::fds_truncated) return not_measured("receive_msg", r.error());
+    *cut = true;
+  }
+  return true;
+}
+
+// The kernel's SCM_MAX_FD: the largest count sendmsg takes, checked one above the known 253 and
+// searched below it if that is refused.
+measured<fd_limit> probe_fds_per_message() {
+  auto pair = socket_pair(socket_kind::seqpacket);
+  if (!pair) return not_measured("socketpair", pair.error());
+  fd_limit limit;
+  bool cut = false;
+  auto above = kernel_takes_fds(*pair, max_fds_per_message + 1, &cut);
+  if (!above) return std::unexpected(above.error());
+  if (*above) {
+    limit.count = max_fds_per_message + 1;
+    limit.more = true;
+    limit.receive_cut = cut;
+    return limit;
+  }
+  std::size_t lo = 0;                        // known to be taken
+  std::size_t hi = max_fds_per_message + 1;  // known to be refused
+  bool cut_at_lo = false;
+  while (hi - lo > 1) {
+    const std::size_t mid = lo + (hi - lo) / 2;
+    bool cut_here = false;
+    auto ok = kernel_takes_fds(*pair, mid, &cut_here);
+    if (!ok) return std::unexpected(ok.error());
+    if (*ok) {
+      lo = mid;
+      cut_at_lo = cut_here;
+    } else {
+      hi = mid;
+    }
+  }
+  if (lo == 0) return std::unexpected(std::string("the kernel refused even 1 fd (EINVAL)"));
+  limit.count = lo;
+  limit.receive_cut = cut_at_lo;
+  return limit;
 }
 
 feature probe_memfd_seals() {
   const int fd = static_cast<int>(
       ::syscall(SYS_memfd_create, "duplex-probe", MFD_CLOEXEC | MFD_ALLOW_SEALING));
-  if (fd < 0) return fails(errno);
+  if (fd < 0) return fails("memfd_create", errno);
   unique_fd owned(fd);
-  if (::ftruncate(fd, 4096) != 0) return fails(errno);
+  if (::ftruncate(fd, 4096) != 0) return fails("ftruncate", errno);
   if (::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) != 0) {
-    return fails(errno);
+    return fails("F_ADD_SEALS", errno);
   }
   return works();
 }
 
 feature probe_pidfd() {
   const int fd = static_cast<int>(::syscall(SYS_pidfd_open, ::getpid(), 0));
-  if (fd < 0) return fails(errno);
+  if (fd < 0) return fails("pidfd_open", errno);
   unique_fd owned(fd);
   return works();
 }
 
 feature probe_so_peerpidfd() {
   auto pair = socket_pair(socket_kind::stream);
-  if (!pair) return fails(pair.error());
+  if (!pair) return {not_measured("socketpair", pair.error()), {}};
   auto pidfd = pair->first.peer_pidfd();
-  if (!pidfd) return fails(pidfd.error());
+  if (!pidfd) return fails("SO_PEERPIDFD", pidfd.error());
   return works();
 }
 
 feature probe_io_uring() {
   io_uring_params params{};
   const int fd = static_cast<int>(::syscall(SYS_io_uring_setup, 1, &params));
-  if (fd < 0) return fails(errno);
+  if (fd < 0) return fails("io_uring_setup", errno);
   unique_fd owned(fd);
   return works();
 }
 
 facts gather() {
   facts f;
+  const nofile_raised nofile;
+  f.nofile_soft = nofile.soft();
+  f.nofile_hard = nofile.hard();
   utsname u{};
   if (::uname(&u) == 0) {
     f.kernel_release = u.release;
@@ -187,28 +351,19 @@ facts gather() {
   f.optmem_max = read_sysctl("/proc/sys/net/core/optmem_max");
   f.max_dgram_qlen = read_sysctl("/proc/sys/net/unix/max_dgram_qlen");
   if (auto pair = socket_pair(socket_kind::stream)) {
-    f.stream_sndbuf = pair->first.send_buffer_size().value_or(0);
-    f.stream_rcvbuf = pair->first.receive_buffer_size().value_or(0);
+    const auto size = [](std::string_view what,
+                         const result<std::size_t>& r) -> measured<std::size_t> {
+      if (!r) return not_measured(what, r.error());
+      return *r;
+    };
+    f.stream_sndbuf = size("SO_SNDBUF", pair->first.send_buffer_size());
+    f.stream_rcvbuf = size("SO_RCVBUF", pair->first.receive_buffer_size());
+  } else {
+    f.stream_sndbuf = f.stream_rcvbuf = not_measured("socketpair", pair.error());
   }
-  f.datagram.default_buffers = largest_packet(socket_kind::datagram, false, nullptr);
-  f.datagram.raised_buffers =
-      largest_packet(socket_kind::datagram, true, &f.datagram.raised_sndbuf);
-  f.seqpacket.default_buffers = largest_packet(socket_kind::seqpacket, false, nullptr);
-  f.seqpacket.raised_buffers =
-      largest_packet(socket_kind::seqpacket, true, &f.seqpacket.raised_sndbuf);
-  rlimit lim{};
-  if (::getrlimit(RLIMIT_NOFILE, &lim) == 0) {
-    f.nofile_soft = static_cast<std::int64_t>(lim.rlim_cur);
-    f.nofile_hard = static_cast<std::int64_t>(lim.rlim_max);
-  }
-  // The kernel's SCM_MAX_FD: the largest count that goes, checked one above.
-  for (std::size_t n :
-       {max_fds_per_message + 1, max_fds_per_message, std::size_t{64}, std::size_t{1}}) {
-    if (kernel_accepts_fds(n)) {
-      f.fds_per_message = n;
-      break;
-    }
-  }
+  f.datagram = probe_packets(socket_kind::datagram);
+  f.seqpacket = probe_packets(socket_kind::seqpacket);
+  f.fds_per_message = probe_fds_per_message();
   f.memfd_seals = probe_memfd_seals();
   f.pidfd = probe_pidfd();
   f.so_peerpidfd = probe_so_peerpidfd();
@@ -216,11 +371,65 @@ facts gather() {
   return f;
 }
 
-std::string opt(const std::optional<std::int64_t>& v) {
-  return v ? fmt::format("{}", *v) : "unknown";
+// Every fact that could not be measured: its JSON name and why.
+std::vector<std::pair<std::string, std::string>> unmeasured(const facts& f) {
+  std::vector<std::pair<std::string, std::string>> out;
+  const auto check = [&out](std::string name, const auto& m) {
+    if (!m) out.emplace_back(std::move(name), m.error());
+  };
+  check("socket_buffers.wmem_default", f.wmem_default);
+  check("socket_buffers.wmem_max", f.wmem_max);
+  check("socket_buffers.rmem_default", f.rmem_default);
+  check("socket_buffers.rmem_max", f.rmem_max);
+  check("socket_buffers.stream_sndbuf", f.stream_sndbuf);
+  check("socket_buffers.stream_rcvbuf", f.stream_rcvbuf);
+  for (const auto& [kind, p] :
+       {std::pair{"datagram", &f.datagram}, std::pair{"seqpacket", &f.seqpacket}}) {
+    check(fmt::format("max_payload.{}.default_buffers", kind), p->default_buffers);
+    check(fmt::format("max_payload.{}.raised_buffers", kind), p->raised_buffers);
+    check(fmt::format("max_payload.{}.raised_sndbuf", kind), p->raised_sndbuf);
+  }
+  check("fds_per_message", f.fds_per_message);
+  check("optmem_max", f.optmem_max);
+  check("max_dgram_qlen", f.max_dgram_qlen);
+  check("features.memfd_seals", f.memfd_seals.works);
+  check("features.pidfd", f.pidfd.works);
+  check("features.so_peerpidfd", f.so_peerpidfd.works);
+  check("features.io_uring", f.io_uring.works);
+  return out;
 }
 
-std::string yes_no(const feature& f) { return f.works ? "yes" : fmt::format("no ({})", f.why); }
+std::string not_measured_text(const std::string& why) {
+  return fmt::format("not measured ({})", why);
+}
+
+// A sysctl's value in text: the number, "unknown" if not shown here, or why not measured.
+std::string text(const measured<std::optional<std::int64_t>>& v) {
+  if (!v) return not_measured_text(v.error());
+  return *v ? fmt::format("{} B", **v) : "unknown";
+}
+
+// A size in bytes in text, or why it was not measured.
+std::string bytes(const measured<std::size_t>& v) {
+  return v ? fmt::format("{} B", *v) : not_measured_text(v.error());
+}
+
+std::string yes_no(const feature& f) {
+  if (!f.works) return not_measured_text(f.works.error());
+  return *f.works ? "yes" : fmt::format("no ({})", f.why);
+}
+
+std::string fds_text(const facts& f) {
+  if (!f.fds_per_message) return not_measured_text(f.fds_per_message.error());
+  const fd_limit& l = *f.fds_per_message;
+  std::string s = fmt::format("{}{} (SCM_RIGHTS)", l.more ? "at least " : "", l.count);
+  if (l.receive_cut) {
+    s += fmt::format(
+        "; this process, at RLIMIT_NOFILE {}, cannot receive that many at once (MSG_CTRUNC)",
+        f.nofile_hard);
+  }
+  return s;
+}
 
 std::string text_of(const facts& f) {
   std::string out;
@@ -228,23 +437,37 @@ std::string text_of(const facts& f) {
   fmt::format_to(line, "duplex {} on Linux {} ({}, {} cores)\n", library_version(),
                  f.kernel_release, f.machine, f.cores);
   fmt::format_to(line, "{:<22}{}\n", "kernel build", f.kernel_version);
-  fmt::format_to(line, "{:<22}default {} B, max {} B (net.core.wmem_default, wmem_max)\n",
-                 "send buffer", opt(f.wmem_default), opt(f.wmem_max));
-  fmt::format_to(line, "{:<22}default {} B, max {} B (net.core.rmem_default, rmem_max)\n",
-                 "receive buffer", opt(f.rmem_default), opt(f.rmem_max));
-  fmt::format_to(line, "{:<22}SO_SNDBUF {} B, SO_RCVBUF {} B on a new pair\n", "stream pair",
-                 f.stream_sndbuf, f.stream_rcvbuf);
-  fmt::format_to(line, "{:<22}{} B with default buffers, {} B with SO_SNDBUF raised to {} B\n",
-                 "largest datagram", f.datagram.default_buffers, f.datagram.raised_buffers,
-                 f.datagram.raised_sndbuf);
-  fmt::format_to(line, "{:<22}{} B with default buffers, {} B with SO_SNDBUF raised to {} B\n",
-                 "largest seqpacket", f.seqpacket.default_buffers, f.seqpacket.raised_buffers,
-                 f.seqpacket.raised_sndbuf);
-  fmt::format_to(line, "{:<22}{} (SCM_RIGHTS)\n", "fds per message", f.fds_per_message);
-  fmt::format_to(line, "{:<22}{} B (net.core.optmem_max: bounds control data per socket)\n",
-                 "option memory", opt(f.optmem_max));
-  fmt::format_to(line, "{:<22}{} (net.unix.max_dgram_qlen)\n", "datagram queue",
-                 opt(f.max_dgram_qlen));
+  fmt::format_to(line, "{:<22}default {}, max {} (net.core.wmem_default, wmem_max)\n",
+                 "send buffer", text(f.wmem_default), text(f.wmem_max));
+  fmt::format_to(line, "{:<22}default {}, max {} (net.core.rmem_default, rmem_max)\n",
+                 "receive buffer", text(f.rmem_default), text(f.rmem_max));
+  // A line whose facts all failed for one reason says it once.
+  if (!f.stream_sndbuf && !f.stream_rcvbuf && f.stream_sndbuf.error() == f.stream_rcvbuf.error()) {
+    fmt::format_to(line, "{:<22}{}\n", "stream pair", not_measured_text(f.stream_sndbuf.error()));
+  } else {
+    fmt::format_to(line, "{:<22}SO_SNDBUF {}, SO_RCVBUF {} on a new pair\n", "stream pair",
+                   bytes(f.stream_sndbuf), bytes(f.stream_rcvbuf));
+  }
+  for (const auto& [label, p] :
+       {std::pair{"largest datagram", &f.datagram}, std::pair{"largest seqpacket", &f.seqpacket}}) {
+    if (!p->default_buffers && !p->raised_buffers &&
+        p->default_buffers.error() == p->raised_buffers.error()) {
+      fmt::format_to(line, "{:<22}{}\n", label, not_measured_text(p->default_buffers.error()));
+    } else if (!p->raised_buffers) {
+      fmt::format_to(line, "{:<22}{} with default buffers, {} with SO_SNDBUF raised\n", label,
+                     bytes(p->default_buffers), bytes(p->raised_buffers));
+    } else {
+      fmt::format_to(line, "{:<22}{} with default buffers, {} with SO_SNDBUF raised to {}\n", label,
+                     bytes(p->default_buffers), bytes(p->raised_buffers), bytes(p->raised_sndbuf));
+    }
+  }
+  fmt::format_to(line, "{:<22}{}\n", "fds per message", fds_text(f));
+  fmt::format_to(line, "{:<22}{} (net.core.optmem_max: bounds control data per socket)\n",
+                 "option memory", text(f.optmem_max));
+  const std::string qlen =
+      f.max_dgram_qlen ? (*f.max_dgram_qlen ? fmt::format("{}", **f.max_dgram_qlen) : "unknown")
+                       : not_measured_text(f.max_dgram_qlen.error());
+  fmt::format_to(line, "{:<22}{} (net.unix.max_dgram_qlen)\n", "datagram queue", qlen);
   fmt::format_to(line, "{:<22}soft {}, hard {}\n", "RLIMIT_NOFILE", f.nofile_soft, f.nofile_hard);
   fmt::format_to(line, "{:<22}memfd with seals: {}; pidfd: {}; SO_PEERPIDFD: {}; io_uring: {}\n",
                  "features", yes_no(f.memfd_seals), yes_no(f.pidfd), yes_no(f.so_peerpidfd),
@@ -252,26 +475,40 @@ std::string text_of(const facts& f) {
   return out;
 }
 
-void put(json_writer& j, std::string_view key, const std::optional<std::int64_t>& v) {
+void put(json_writer& j, std::string_view key, const measured<std::optional<std::int64_t>>& v) {
+  j.key(key);
+  if (v && *v) {
+    j.value(**v);
+  } else {
+    j.null();
+  }
+}
+
+void put(json_writer& j, std::string_view key, const measured<std::size_t>& v) {
   j.key(key);
   if (v) {
-    j.value(*v);
+    j.value(static_cast<std::uint64_t>(*v));
   } else {
     j.null();
   }
 }
 
 void put(json_writer& j, std::string_view key, const feature& f) {
-  j.key(key).begin_object().key("works").value(f.works);
-  if (!f.works) j.key("reason").value(f.why);
+  j.key(key).begin_object().key("works");
+  if (f.works) {
+    j.value(*f.works);
+    if (!*f.works) j.key("reason").value(f.why);
+  } else {
+    j.null().key("reason").value(not_measured_text(f.works.error()));
+  }
   j.end_object();
 }
 
 void put(json_writer& j, std::string_view key, const packet_limit& p) {
   j.key(key).begin_object();
-  j.key("default_buffers").value(static_cast<std::uint64_t>(p.default_buffers));
-  j.key("raised_buffers").value(static_cast<std::uint64_t>(p.raised_buffers));
-  j.key("raised_sndbuf").value(static_cast<std::uint64_t>(p.raised_sndbuf));
+  put(j, "default_buffers", p.default_buffers);
+  put(j, "raised_buffers", p.raised_buffers);
+  put(j, "raised_sndbuf", p.raised_sndbuf);
   j.end_object();
 }
 
@@ -288,14 +525,21 @@ std::string json_of(const facts& f) {
   put(j, "wmem_max", f.wmem_max);
   put(j, "rmem_default", f.rmem_default);
   put(j, "rmem_max", f.rmem_max);
-  j.key("stream_sndbuf").value(static_cast<std::uint64_t>(f.stream_sndbuf));
-  j.key("stream_rcvbuf").value(static_cast<std::uint64_t>(f.stream_rcvbuf));
+  put(j, "stream_sndbuf", f.stream_sndbuf);
+  put(j, "stream_rcvbuf", f.stream_rcvbuf);
   j.end_object();
   j.key("max_payload").begin_object();
   put(j, "datagram", f.datagram);
   put(j, "seqpacket", f.seqpacket);
   j.end_object();
-  j.key("fds_per_message").value(static_cast<std::uint64_t>(f.fds_per_message));
+  j.key("fds_per_message");
+  if (f.fds_per_message) {
+    j.value(static_cast<std::uint64_t>(f.fds_per_message->count));
+  } else {
+    j.null();
+  }
+  j.key("fds_receive_limited_by_rlimit")
+      .value(f.fds_per_message.has_value() && f.fds_per_message->receive_cut);
   put(j, "optmem_max", f.optmem_max);
   put(j, "max_dgram_qlen", f.max_dgram_qlen);
   j.key("rlimit_nofile")
@@ -311,6 +555,10 @@ std::string json_of(const facts& f) {
   put(j, "so_peerpidfd", f.so_peerpidfd);
   put(j, "io_uring", f.io_uring);
   j.end_object();
+  j.key("not_measured").begin_object();
+  for (const auto& [name, why] : unmeasured(f))
+    j.key(name).value(why);
+  j.end_object();
   j.end_object();
   return j.str() + "\n";
 }
@@ -320,7 +568,11 @@ std::string json_of(const facts& f) {
 int run_info(bool json) {
   const facts f = gather();
   static_cast<void>(write_stdout(json ? json_of(f) : text_of(f)));  // finish_output reports a loss
-  return 0;
+  const auto missing = unmeasured(f);
+  if (missing.empty()) return 0;
+  return report_failure(fmt::format("info: {} {} not measured (first: {}: {})", missing.size(),
+                                    missing.size() == 1 ? "fact" : "facts", missing[0].first,
+                                    missing[0].second));
 }
 
 }  // namespace duplex::cli
