@@ -448,6 +448,16 @@ class OutputErrors(unittest.TestCase):
         self.assertEqual(r.stderr, "duplex: bench: cannot write '/nonexistent-dir/bench.svg': "
                          "No such file or directory\n")
 
+    def test_an_unwritable_stderr_changes_no_status(self):
+        # The error line is lost, but the command neither crashes nor changes its status.
+        for args, status in ((["--bogus"], 2), (["frobnicate"], 2), (["demo", "pipes"], 2),
+                             (["bench", "--filter", "(rtt"], 2), (["bench", "--filter", "^no$"], 2),
+                             (["bench", "--json", "/nonexistent-dir/x.json"], 1)):
+            with self.subTest(args=args), open("/dev/full", "w") as full:
+                r = subprocess.run([DUPLEX, *args], stdout=subprocess.PIPE, stderr=full,
+                                   timeout=60)
+                self.assertEqual(r.returncode, status)
+
     def test_a_closed_pipe_is_a_write_error_too(self):
         # The reader is gone before duplex writes: EPIPE (SIGPIPE ignored, as a shell may leave it).
         import signal

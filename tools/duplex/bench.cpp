@@ -100,14 +100,17 @@ class progress {
 
   void show(std::size_t done, const std::string& row, const std::string& what) {
     if (!on_) return;
-    fmt::print(stderr, "\r\033[Kduplex bench: {} ({}) - {} of {} rows left", row, what,
-               total_ - done, total_);
+    // fputs: a progress line that cannot be written is no reason to stop the run.
+    std::fputs(fmt::format("\r\033[Kduplex bench: {} ({}) - {} of {} rows left", row, what,
+                           total_ - done, total_)
+                   .c_str(),
+               stderr);
     std::fflush(stderr);
     shown_ = true;
   }
   void clear() {
     if (!on_ || !shown_) return;
-    fmt::print(stderr, "\r\033[K");
+    std::fputs("\r\033[K", stderr);
     std::fflush(stderr);
     shown_ = false;
   }
@@ -292,9 +295,8 @@ int run_bench(const bench_options& o) {
           : o.filter.substr(0, 80) + fmt::format("... ({} bytes)", o.filter.size());
   const auto filter = name_filter::compile(o.filter);
   if (!filter) {
-    fmt::print(stderr, "duplex: bench: --filter '{}': {} (see 'duplex bench --help')\n", quoted,
-               filter.error());
-    return 2;
+    return report_usage(fmt::format("bench: --filter '{}': {} (see 'duplex bench --help')", quoted,
+                                    filter.error()));
   }
   const std::vector<row_spec> rows = all_rows(o.quick);
   // The rows asked for, and the rows their ratios refer to.
@@ -308,9 +310,8 @@ int run_bench(const bench_options& o) {
     }
   }
   if (!any) {
-    fmt::print(stderr, "duplex: bench: no row matches --filter '{}' (see 'duplex bench --help')\n",
-               quoted);
-    return 2;
+    return report_usage(
+        fmt::format("bench: no row matches --filter '{}' (see 'duplex bench --help')", quoted));
   }
   std::vector<const row_spec*> selected;
   for (std::size_t i = 0; i < rows.size(); ++i) {

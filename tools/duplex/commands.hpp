@@ -61,10 +61,16 @@ bool flush_stdout() noexcept;
 // command has reported its own failure.
 int finish_output(int status) noexcept;
 
+// The report_* functions never throw: a stderr that cannot be written loses the line, and the
+// exit status still tells.
+
 // Prints "duplex: <what>: <error message>" on stderr and returns exit status 1.
 int report_failure(std::string_view what, const std::error_code& ec);
 
 // Prints "duplex: <what>" on stderr and returns exit status 1.
 int report_failure(std::string_view what);
+
+// Prints "duplex: <what>" on stderr and returns exit status 2 (bad usage).
+int report_usage(std::string_view what);
 
 }  // namespace duplex::cli

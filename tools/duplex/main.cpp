@@ -28,6 +28,11 @@ int report_failure(std::string_view what) {
   return 1;
 }
 
+int report_usage(std::string_view what) {
+  std::fputs(fmt::format("duplex: {}\n", what).c_str(), stderr);
+  return 2;
+}
+
 namespace {
 // The first error that lost output to stdout (0: none). stdio drops its buffer when a flush fails
 // and keeps only the error flag, so the reason is kept here for finish_output.
@@ -151,8 +156,8 @@ int main(int argc, char** argv) {
     return std::any_of(all.begin(), all.end(), [&](CLI::App* c) { return c->check_name(name); });
   };
   if (argc > 1 && argv[1][0] != '-' && !is_command(argv[1])) {
-    fmt::print(stderr, "duplex: unknown command '{}' (see 'duplex --help')\n", argv[1]);
-    return 2;
+    return duplex::cli::report_usage(
+        fmt::format("unknown command '{}' (see 'duplex --help')", argv[1]));
   }
   try {
     app.parse(argc, argv);
@@ -163,8 +168,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForVersion& e) {
     return duplex::cli::print_cli_exit(app, e);
   } catch (const CLI::ParseError& e) {
-    fmt::print(stderr, "duplex: {} (see 'duplex --help')\n", e.what());
-    return 2;
+    return duplex::cli::report_usage(fmt::format("{} (see 'duplex --help')", e.what()));
   }
 
   try {
@@ -177,9 +181,8 @@ int main(int argc, char** argv) {
       run_opts.format = format == "python" ? duplex::framing::python : duplex::framing::native;
       if (run_opts.format == duplex::framing::python &&
           run_opts.kind != duplex::socket_kind::stream) {
-        fmt::print(stderr,
-                   "duplex: run: --framing python needs --kind stream (see 'duplex run --help')\n");
-        return 2;
+        return duplex::cli::report_usage(
+            "run: --framing python needs --kind stream (see 'duplex run --help')");
       }
       return duplex::cli::finish_output(duplex::cli::run_command(run_opts));
     }
