@@ -7,9 +7,11 @@ import os
 import pty
 import re
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import unittest
 import xml.etree.ElementTree as ET
 
@@ -179,6 +181,222 @@ class Run(unittest.TestCase):
             r = run(*args)
             self.assertEqual(r.returncode, 2, args)
             self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+
+
+def process_gone(pid, within=10):
+    """True once pid is neither running nor a zombie (it was reaped), waiting up to `within` s."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not os.path.exists(f"/proc/{pid}"):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def default_signals():
+    """For a duplex under test: the signals it handles at their defaults (a shell without job
+    control starts background commands with SIGINT and SIGQUIT ignored, which duplex keeps), and
+    no core file from a death by SIGQUIT."""
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+        signal.signal(sig, signal.SIG_DFL)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+class RunEnds(unittest.TestCase):
+    """How duplex run ends on faults of its own (input, output, limits, signals): one line and
+    status 1 (or death by the signal), and its child ended and reaped, never orphaned."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.pidfile = os.path.join(self.tmp.name, "child.pid")
+        self.env = dict(os.environ, RUN_PEER_PIDFILE=self.pidfile)
+        self.duplex = None
+
+    def tearDown(self):
+        if self.duplex is not None and self.duplex.poll() is None:
+            self.duplex.kill()
+            self.duplex.wait()
+        if os.path.exists(self.pidfile):  # never leave a child of a failed test behind
+            try:
+                os.kill(self.child_pid(), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.tmp.cleanup()
+
+    # A child that is not Python, for a stdin Python refuses to start with (a directory).
+    SH_HOLD = ("sh", "-c", 'echo $$ > "$RUN_PEER_PIDFILE.tmp" && mv "$RUN_PEER_PIDFILE.tmp" '
+               '"$RUN_PEER_PIDFILE" && exec sleep 60')
+
+    def start(self, *peer, framing="python", extra=(), preexec=None, command=None, **popen):
+        def prepare():
+            default_signals()
+            if preexec is not None:
+                preexec()
+
+        popen.setdefault("stderr", subprocess.PIPE)
+        self.duplex = subprocess.Popen(
+            [DUPLEX, "run", "--framing", framing, *extra, "--",
+             *(command or (sys.executable, PEER, *peer))],
+            env=self.env, preexec_fn=prepare, **popen)
+        return self.duplex
+
+    def finish(self, input=None, timeout=30):
+        out, err = self.duplex.communicate(input=input, timeout=timeout)
+        return self.duplex.returncode, out, err
+
+    def child_pid(self, within=30):
+        deadline = time.monotonic() + within
+        while not os.path.exists(self.pidfile):
+            self.assertLess(time.monotonic(), deadline, "the child never started")
+            time.sleep(0.02)
+        with open(self.pidfile) as f:
+            return int(f.read())
+
+    def holders_of_our_environment(self):
+        """Live processes started for this test (whose environment names its pid file)."""
+        mark = ("RUN_PEER_PIDFILE=" + self.pidfile).encode() + b"\0"
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if mark in f.read():
+                        found.append(int(entry))
+            except (OSError, ValueError):
+                pass
+        return found
+
+    def assert_child_gone(self):
+        """duplex has exited; its child must be gone too: reaped, not orphaned. A child killed
+        before it could write its pid file is looked for by its environment."""
+        if os.path.exists(self.pidfile):
+            self.assertTrue(process_gone(self.child_pid()), "the child of duplex run is there")
+        deadline = time.monotonic() + 10
+        while self.holders_of_our_environment():
+            self.assertLess(time.monotonic(), deadline, "the child of duplex run is still there")
+            time.sleep(0.05)
+
+    def assert_one_line_failure(self, err, line):
+        self.assertEqual(err.decode(), "duplex: run: " + line + "\n")
+
+    # An input line it cannot send.
+
+    def test_a_line_over_the_maximum_message_size_ends_the_run(self):
+        self.start("upper", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        code, _, err = self.finish(b"first line\n" + b"a" * 70_000_000 + b"\nafter\n")
+        self.assertEqual(code, 1, err)
+        self.assert_one_line_failure(
+            err, "line 2 is longer than the maximum message size (67108864 bytes)")
+        self.assert_child_gone()
+
+    def test_a_line_over_the_packet_limit_ends_the_run(self):
+        self.start("hold", framing="native", extra=("--kind", "seqpacket"),
+                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        code, _, err = self.finish(b"ok\n" + b"a" * 20_000_000 + b"\n")
+        self.assertEqual(code, 1, err)
+        self.assertRegex(err.decode(), r"^duplex: run: line 2 \(20000000 bytes\) is longer than "
+                                        r"a seqpacket message can be \(the socket's send buffer "
+                                        r"is \d+ bytes\)\n$")
+        self.assert_child_gone()
+
+    def test_a_child_that_stops_reading_decides_the_status(self):
+        # The child answers one line and exits 3 while 200,000 more are on their way to it.
+        self.start("first", "3", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        code, out, err = self.finish(b"".join(b"line %d\n" % i for i in range(200000)))
+        self.assertEqual((code, out, err), (3, b"LINE 0\n", b""))
+
+    # Input and output errors.
+
+    def test_a_full_stdout_is_a_write_error(self):
+        with open("/dev/full", "wb") as full:
+            self.start("spew", stdin=subprocess.DEVNULL, stdout=full)
+            code, _, err = self.finish()
+        self.assertEqual(code, 1, err)
+        self.assert_one_line_failure(err, "write error: No space left on device")
+        self.assert_child_gone()
+
+    def test_a_stdin_that_cannot_be_read_is_a_read_error(self):
+        directory = os.open("/", os.O_RDONLY)
+        try:
+            self.start(command=self.SH_HOLD, stdin=directory, stdout=subprocess.PIPE)
+        finally:
+            os.close(directory)
+        code, out, err = self.finish()
+        self.assertEqual((code, out), (1, b""), err)
+        self.assert_one_line_failure(err, "reading stdin: Is a directory")
+        self.assert_child_gone()
+
+    # --fd against the open-file limit.
+
+    def test_an_fd_at_the_open_file_limit_is_bad_usage(self):
+        r = run("run", "--fd", "64", "--", "true", limit_fds=64)
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertEqual(r.stderr, "duplex: run: --fd 64 is not below the limit on open files "
+                                   "(RLIMIT_NOFILE: 64)\n")
+
+    def test_the_last_fd_below_the_open_file_limit_works(self):
+        r = run("run", "--framing", "python", "--fd", "63", "--", sys.executable, PEER, "fd",
+                limit_fds=64, input="")
+        self.assertEqual((r.returncode, r.stdout), (0, "63\n"), r.stderr)
+
+    # Signals: passed on to the child, which is reaped; then duplex dies of the same signal.
+
+    def check_signal_ends_the_run(self, sig, peer="hold"):
+        self.start(peer, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        pid = self.child_pid()
+        os.kill(self.duplex.pid, sig)
+        code, _, err = self.finish(timeout=30)
+        self.assertEqual(code, -sig, err)
+        self.assertTrue(process_gone(pid), "the child of duplex run is still there")
+
+    def test_sigterm_is_passed_on_and_duplex_dies_of_it(self):
+        self.check_signal_ends_the_run(signal.SIGTERM)
+
+    def test_sigint_is_passed_on_and_duplex_dies_of_it(self):
+        self.check_signal_ends_the_run(signal.SIGINT)
+
+    def test_sighup_is_passed_on_and_duplex_dies_of_it(self):
+        self.check_signal_ends_the_run(signal.SIGHUP)
+
+    def test_sigquit_is_passed_on_and_duplex_dies_of_it(self):
+        self.check_signal_ends_the_run(signal.SIGQUIT)
+
+    def test_a_child_that_ignores_the_signal_is_killed_after_the_grace_period(self):
+        started = time.monotonic()
+        self.check_signal_ends_the_run(signal.SIGTERM, peer="stubborn")
+        self.assertGreaterEqual(time.monotonic() - started, 5)
+
+    def test_a_closed_stdout_pipe_ends_the_child_and_duplex_dies_of_sigpipe(self):
+        # duplex run ... | head -1: the reader leaves after the first line.
+        self.start("upper-hold", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.duplex.stdin.write(b"one\n")
+        self.duplex.stdin.flush()
+        self.assertEqual(self.duplex.stdout.readline(), b"ONE\n")
+        self.duplex.stdout.close()
+        self.duplex.stdin.write(b"two\n")
+        self.duplex.stdin.flush()
+        self.duplex.stdin.close()
+        self.duplex.wait(timeout=30)
+        self.assert_child_gone()  # first: an orphaned child would hold stderr open
+        err = self.duplex.stderr.read()
+        self.assertEqual((self.duplex.returncode, err), (-signal.SIGPIPE, b""))
+
+    def test_a_child_outlives_no_sigkill_of_duplex(self):
+        self.start("hold", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        pid = self.child_pid()
+        os.kill(self.duplex.pid, signal.SIGKILL)
+        self.duplex.wait(timeout=30)
+        # Killed by the kernel (PR_SET_PDEATHSIG); reaped by whoever inherited it, or a zombie.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                        break
+            except FileNotFoundError:
+                break
+            time.sleep(0.05)
+        else:
+            self.fail("the child of a killed duplex run is still running")
 
 
 class Info(unittest.TestCase):

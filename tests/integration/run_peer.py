@@ -11,6 +11,14 @@ through DUPLEX_FD (or writes raw bytes to it), and behaves as its first argument
   die SIGNAL     send "about to die", then kill itself with the signal
   fd             send the value of DUPLEX_FD
   fds            send the numbers of every fd it holds
+  first CODE     answer the first message with its upper-cased copy, then exit with CODE
+                 without reading any further
+  hold           sleep, neither reading nor sending (any framing)
+  stubborn       ignore SIGTERM, SIGINT, SIGHUP and SIGQUIT, then hold
+  spew           send "spew <i>" for ever, never reading
+  upper-hold     answer each message with its upper-cased copy; at end-of-stream, hold
+
+With RUN_PEER_PIDFILE set, it first writes its pid to that file.
 """
 import os
 import signal
@@ -24,9 +32,19 @@ def main():
     fd = int(os.environ["DUPLEX_FD"])
     mode = sys.argv[1]
     signal.alarm(60)  # never outlive a broken test
+    if "RUN_PEER_PIDFILE" in os.environ:
+        with open(os.environ["RUN_PEER_PIDFILE"] + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(os.environ["RUN_PEER_PIDFILE"] + ".tmp", os.environ["RUN_PEER_PIDFILE"])
     if mode == "garbage":
         os.write(fd, b"this is not a duplex frame at all")
         time.sleep(30)
+        return 0
+    if mode in ("hold", "stubborn"):
+        if mode == "stubborn":
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+                signal.signal(sig, signal.SIG_IGN)
+        time.sleep(60)
         return 0
     conn = Connection(fd)
     if mode == "upper":
@@ -67,6 +85,22 @@ def main():
                       if os.path.lexists(f"/proc/self/fd/{n}"))
         conn.send_bytes(" ".join(map(str, held)).encode())
         return 0
+    if mode == "first":
+        conn.send_bytes(conn.recv_bytes().upper())
+        return int(sys.argv[2])
+    if mode == "upper-hold":
+        while True:
+            try:
+                data = conn.recv_bytes()
+            except EOFError:
+                time.sleep(60)
+                return 0
+            conn.send_bytes(data.upper())
+    if mode == "spew":
+        i = 0
+        while True:
+            conn.send_bytes(b"spew %d" % i)
+            i += 1
     print(f"run_peer: unknown mode {mode}", file=sys.stderr)
     return 99
 
