@@ -325,6 +325,31 @@ class RunEnds(unittest.TestCase):
         self.assert_one_line_failure(err, "reading stdin: Is a directory")
         self.assert_child_gone()
 
+    # Closed stdio: no fd of duplex takes its number; reading or writing it fails as on the
+    # closed fd (EBADF), as coreutils' `cat <&-` and `echo >&-` do.
+
+    def test_a_closed_stdin_is_a_read_error(self):
+        self.start(command=self.SH_HOLD, preexec=lambda: os.close(0), stdout=subprocess.PIPE)
+        code, out, err = self.finish()
+        self.assertEqual((code, out), (1, b""), err)
+        self.assert_one_line_failure(err, "reading stdin: Bad file descriptor")
+        self.assert_child_gone()
+
+    def test_a_closed_stdout_is_a_write_error(self):
+        self.start("spew", preexec=lambda: os.close(1), stdin=subprocess.DEVNULL)
+        code, _, err = self.finish()
+        self.assertEqual(code, 1, err)
+        self.assert_one_line_failure(err, "write error: Bad file descriptor")
+        self.assert_child_gone()
+
+    def test_demo_with_a_closed_stdout_is_a_write_error(self):
+        r = subprocess.run([DUPLEX, "demo", "fork"], stdin=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, timeout=60,
+                           preexec_fn=lambda: os.close(1))
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("Bad file descriptor", r.stderr)
+        self.assertEqual(len(r.stderr.splitlines()), 1, r.stderr)
+
     # --fd against the open-file limit.
 
     def test_an_fd_at_the_open_file_limit_is_bad_usage(self):

@@ -13,6 +13,7 @@
 
 #include "commands.hpp"
 #include "duplex/version.hpp"
+#include "stdio.hpp"
 
 namespace duplex::cli {
 
@@ -83,6 +84,10 @@ int print_cli_exit(const CLI::App& app, const CLI::Error& e) {
 }  // namespace duplex::cli
 
 int main(int argc, char** argv) {
+  // First of all: no fd opened below may take the number of a closed stdin, stdout or stderr.
+  if (const auto ec = duplex::cli::keep_stdio_open(); ec) {
+    return duplex::cli::report_failure("cannot hold a closed stdin, stdout or stderr open", ec);
+  }
   CLI::App app{"duplex: full-duplex local communication over socketpair(2).", "duplex"};
   app.set_version_flag("--version", std::string("duplex ") + DUPLEX_VERSION_STRING);
   app.require_subcommand(1);
