@@ -28,8 +28,12 @@ struct run_options {
 };
 
 // Runs a command holding a channel end: stdin lines become messages to it, its messages become
-// stdout lines. Returns the child's exit code (128 + signal if killed), or 1 if it broke the
-// protocol or could not start.
+// stdout lines. Returns the child's exit code (128 + signal if killed); 2 if options.fd is not
+// below RLIMIT_NOFILE's soft limit; 1, after killing and reaping the child, if it could not
+// start, broke the protocol, or a line could not be sent, stdin read or stdout written. Does not
+// return when duplex must die of a signal (SIGTERM, SIGINT, SIGHUP, SIGQUIT: passed on to the
+// child first; SIGPIPE: stdout's reader left); the child is reaped before. Installs signal
+// handlers for the rest of the process: call it once, from the main thread.
 int run_command(const run_options& options);
 
 // What `duplex bench` was asked to do.

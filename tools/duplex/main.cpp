@@ -117,13 +117,19 @@ int main(int argc, char** argv) {
       "run",
       "Start CMD holding one end of a channel (at fd 3, named by DUPLEX_FD): each line of "
       "stdin is sent as one message, each message received is printed as one line, and "
-      "duplex exits with CMD's status (128 + N if a signal N killed it).");
+      "duplex exits with CMD's status (128 + N if a signal N killed it). If CMD breaks the "
+      "protocol, a line cannot be sent (over the maximum message size, or a seqpacket packet), "
+      "or stdin cannot be read or stdout written, CMD is killed and duplex exits 1 with one "
+      "line; a closed stdout pipe ends CMD and duplex dies of SIGPIPE. SIGTERM, SIGINT, SIGHUP "
+      "and SIGQUIT are passed on to CMD (SIGKILL after 5 s), then duplex dies of the signal.");
   run->add_option("--kind", kind, "Socket kind of the pair: stream or seqpacket")
       ->check(CLI::IsMember({"stream", "seqpacket"}));
   run->add_option("--framing", format,
                   "Wire format: native (duplex's) or python (multiprocessing.connection)")
       ->check(CLI::IsMember({"native", "python"}));
-  run->add_option("--fd", run_opts.fd, "The fd number of the child's end (default 3)")
+  run->add_option("--fd", run_opts.fd,
+                  "The fd number of the child's end (default 3; below the open-file limit, "
+                  "RLIMIT_NOFILE)")
       ->check(CLI::Range(3, 1 << 20));
   run->add_option("command", run_opts.command, "CMD [ARG...], after --")->required();
   run->footer("Example: duplex run --framing python -- python3 worker.py < requests.txt");
