@@ -7,6 +7,7 @@ import os
 import pty
 import re
 import resource
+import select
 import signal
 import subprocess
 import sys
@@ -384,6 +385,53 @@ class RunEnds(unittest.TestCase):
 
     def test_sigquit_is_passed_on_and_duplex_dies_of_it(self):
         self.check_signal_ends_the_run(signal.SIGQUIT)
+
+    def interrupts_seen_by_the_child(self):
+        with open(self.pidfile + ".ints") as f:
+            return int(f.read())
+
+    def test_a_sigint_from_kill_reaches_the_child_once(self):
+        self.start("count-int", stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self.child_pid()
+        os.kill(self.duplex.pid, signal.SIGINT)
+        code, _, err = self.finish()
+        self.assertEqual(code, -signal.SIGINT, err)
+        self.assertEqual(self.interrupts_seen_by_the_child(), 1)
+
+    def test_a_ctrl_c_on_the_terminal_reaches_the_child_once(self):
+        # The terminal signals its whole foreground process group, the child with duplex: duplex
+        # must not send it a second SIGINT.
+        pid, terminal = pty.fork()
+        if pid == 0:  # duplex, leading a session on a new terminal
+            try:
+                default_signals()
+                os.execve(DUPLEX, [DUPLEX, "run", "--framing", "python", "--", sys.executable,
+                                   PEER, "count-int"], self.env)
+            finally:
+                os._exit(127)
+        try:
+            self.child_pid()
+            os.write(terminal, b"\x03")  # ^C: VINTR, with ISIG on as a new terminal has it
+            deadline = time.monotonic() + 30
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    self.fail("duplex run did not end")
+                ready, _, _ = select.select([terminal], [], [], 0.05)
+                if ready:
+                    try:
+                        os.read(terminal, 4096)  # keep the terminal drained
+                    except OSError:
+                        pass
+        finally:
+            os.close(terminal)
+        self.assertTrue(os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGINT, status)
+        self.assertEqual(self.interrupts_seen_by_the_child(), 1)
+        self.assert_child_gone()
 
     def test_a_child_that_ignores_the_signal_is_killed_after_the_grace_period(self):
         started = time.monotonic()

@@ -17,6 +17,8 @@ through DUPLEX_FD (or writes raw bytes to it), and behaves as its first argument
   stubborn       ignore SIGTERM, SIGINT, SIGHUP and SIGQUIT, then hold
   spew           send "spew <i>" for ever, never reading
   upper-hold     answer each message with its upper-cased copy; at end-of-stream, hold
+  count-int      count SIGINTs: once one came, wait a second for more, write the count to
+                 RUN_PEER_PIDFILE + ".ints" and exit 0
 
 With RUN_PEER_PIDFILE set, it first writes its pid to that file.
 """
@@ -39,6 +41,15 @@ def main():
     if mode == "garbage":
         os.write(fd, b"this is not a duplex frame at all")
         time.sleep(30)
+        return 0
+    if mode == "count-int":
+        count = [0]
+        signal.signal(signal.SIGINT, lambda *_: count.__setitem__(0, count[0] + 1))
+        while count[0] == 0:
+            signal.pause()
+        time.sleep(1)  # a second SIGINT, if any, comes now
+        with open(os.environ["RUN_PEER_PIDFILE"] + ".ints", "w") as f:
+            f.write(str(count[0]))
         return 0
     if mode in ("hold", "stubborn"):
         if mode == "stubborn":
