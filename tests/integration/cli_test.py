@@ -217,9 +217,9 @@ class RunEnds(unittest.TestCase):
         if self.duplex is not None and self.duplex.poll() is None:
             self.duplex.kill()
             self.duplex.wait()
-        if os.path.exists(self.pidfile):  # never leave a child of a failed test behind
+        for pid in self.holders_of_our_environment():  # never leave a failed test's child
             try:
-                os.kill(self.child_pid(), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         self.tmp.cleanup()
