@@ -285,7 +285,10 @@ struct channel::impl {
   // This end's pool, created on first use (nullptr if it cannot be).
   std::shared_ptr<detail::pool_tx> pool();
   // Writes iov (the rest of a frame of which `sent` bytes are already out), blocking or as far as
-  // the kernel takes it; returns the frame's bytes out in all (sent included).
+  // the kernel takes it; returns the frame's bytes out in all (sent included). A local error
+  // with none of the frame out is returned (nothing changed); one after the frame's first byte
+  // is not: the count is, with the rest left in iov and the error in write_stopped (which the
+  // caller clears first).
   result<std::size_t> write(detail::iovec_array& iov, std::span<const int> fds, bool blocking,
                             std::size_t sent = 0);
 
@@ -299,6 +302,11 @@ struct channel::impl {
   std::unique_ptr<std::byte, free_deleter> staging;
   result<bool> flush_queue(bool blocking);
   result<void> enqueue(detail::iovec_array& iov, std::span<const int> fds, bool started);
+  // Queues the rest of a frame whose first byte (with its fds) is out; if it cannot be, the
+  // channel is broken (the peer would misread whatever followed).
+  result<void> enqueue_rest(detail::iovec_array& iov);
+  // The local error that stopped write() after a frame's first byte (guarded by tx).
+  std::error_code write_stopped;
   result<void> send(std::span<const const_buffer> parts, std::span<const int> fds);
   result<void> try_send(std::span<const const_buffer> parts, std::span<const int> fds);
   result<void> send_frames(std::span<const std::byte> wire, std::uint64_t largest,
@@ -388,9 +396,13 @@ result<std::size_t> channel::impl::write(detail::iovec_array& iov, std::span<con
     if (is_closed()) return fail(errc::closed);
     if (peer_gone(n.error())) return fail(errc::peer_closed);
     if (n.error() == std::errc::message_size) return fail(errc::message_too_large);
-    // Part of a frame is out: the peer would misread whatever followed.
-    if (written > 0) broken.store(true);
-    return std::unexpected(n.error());
+    // A local error (ETOOMANYREFS at the fds-in-flight limit, ENOBUFS, ENOMEM): the socket and
+    // the peer are fine. Before the frame's first byte nothing has changed and the error is the
+    // caller's to report; after it, the rest of the frame must still follow, so the bytes out
+    // are returned with the rest left in iov and the error kept in write_stopped.
+    if (written == 0) return std::unexpected(n.error());
+    write_stopped = n.error();
+    return written;
   }
   return written;
 }
@@ -403,17 +415,25 @@ result<bool> channel::impl::flush_queue(bool blocking) {
     std::array<int, max_fds_per_message> raw{};
     for (std::size_t i = 0; i < q.fds.size(); ++i)
       raw[i] = q.fds[i].get();
+    write_stopped.clear();
     auto n = write(iov, std::span(raw).first(q.sent == 0 ? q.fds.size() : 0), blocking);
     if (!n) {
-      // Nothing queued can be delivered any more.
-      queue.clear();
-      queued = 0;
+      // Only the end of the channel or of the peer drops what was queued: nothing queued can be
+      // delivered any more. A local error (ETOOMANYREFS, ENOBUFS, ...) leaves every queued
+      // message where it is, for a later flush or send once the limit is no longer reached.
+      if (n.error() == errc::peer_closed || n.error() == errc::closed) {
+        queue.clear();
+        queued = 0;
+      }
       return std::unexpected(n.error());
     }
     if (*n > 0) q.fds.clear();  // they went with the frame's first byte
     q.sent += *n;
     queued -= *n;
-    if (q.sent < q.bytes.size()) return false;
+    if (q.sent < q.bytes.size()) {
+      if (write_stopped) return std::unexpected(write_stopped);  // kept: reported, not dropped
+      return false;
+    }
     queue.pop_front();
   }
   return true;
@@ -485,25 +505,35 @@ result<void> channel::impl::put_small(std::span<const const_buffer> parts, std::
 result<void> channel::impl::put_framed(detail::iovec_array& iov, std::span<const int> fds,
                                        std::uint64_t total, bool blocking, std::size_t sent) {
   if (blocking) {
+    write_stopped.clear();
     auto n = write(iov, fds, true, sent);
     if (!n) return std::unexpected(n.error());
+    // A local error stopped the frame after its first byte (and its fds) went out: the rest
+    // waits in the queue, as try_send's would, and goes first with the next flush or send. The
+    // message is accepted: the caller must not send it again.
+    if (iov.size() > 0) return enqueue_rest(iov);
     return {};
   }
   if (!queue.empty()) {
     if (queued + total > options.max_queued_bytes) return fail(errc::queue_full);
     return enqueue(iov, fds, false);
   }
+  write_stopped.clear();
   auto n = write(iov, fds, false, sent);
   if (!n) return std::unexpected(n.error());
   // What the kernel did not take waits in the queue (the first message of an empty queue is
   // taken whatever its size).
   if (iov.size() > 0) {
-    if (auto q = enqueue(iov, fds, *n > 0); !q) {
-      if (*n > 0) broken.store(true);  // part of the frame is out and the rest cannot follow
-      return q;
-    }
+    if (*n > 0) return enqueue_rest(iov);
+    return enqueue(iov, fds, false);
   }
   return {};
+}
+
+result<void> channel::impl::enqueue_rest(detail::iovec_array& iov) {
+  auto q = enqueue(iov, {}, true);
+  if (!q) broken.store(true);  // part of the frame is out and the rest cannot follow
+  return q;
 }
 
 std::shared_ptr<detail::pool_tx> channel::impl::pool() {
@@ -615,8 +645,12 @@ result<void> channel::impl::send_frames(std::span<const std::byte> wire, std::ui
                             std::span<const int> with) -> result<void> {
     const std::array<const_buffer, 1> run{wire.subspan(begin, end - begin)};
     detail::iovec_array iov{std::span<const const_buffer>(run)};
+    // Once a local error left part of a run queued, the runs after it follow it there.
+    if (!queue.empty()) return enqueue(iov, with, false);
+    write_stopped.clear();
     auto n = write(iov, with, true);
     if (!n) return std::unexpected(n.error());
+    if (iov.size() > 0) return enqueue_rest(iov);  // its first byte and fds are out: accepted
     return {};
   };
   const auto fds_of = [&](const detail::batch_fd_frame& f) {
