@@ -261,6 +261,16 @@ struct channel::impl {
   bool pool_announced = false;
   std::shared_ptr<detail::pool_rx> pool_in;
   std::optional<message> stash;
+  // Set (under rx) when the peer's pool announce was skipped for a local reason (its fd cut
+  // short at RLIMIT_NOFILE, no memory or address space to map it): the error each message in
+  // that pool is then skipped with, while every other message still flows.
+  std::error_code pool_lost;
+  // After a frame with these flags was skipped with error e: a pool announce takes its pool
+  // with it (pool_lost). Returns e.
+  std::unexpected<std::error_code> lose_pool(std::uint8_t flags, std::error_code e) {
+    if (flags == wire::flag_pool && !pool_in && !pool_lost) pool_lost = e;
+    return std::unexpected(e);
+  }
 
   struct frame;
   result<frame> make_frame(std::span<const const_buffer> parts, std::span<const int> fds,
@@ -740,20 +750,29 @@ result<std::optional<message>> channel::impl::resolve(std::uint8_t flags, const_
   if (!shm.accept) return break_with(errc::protocol_error, "shared memory is not accepted here");
   switch (flags) {
     case wire::flag_pool: {
-      if (pool_in) return break_with(errc::protocol_error, "a second pool was announced");
+      if (pool_in || pool_lost) {
+        return break_with(errc::protocol_error, "a second pool was announced");
+      }
       auto a = wire::decode_pool_announce(descriptor);
       if (!a) return break_with(errc::protocol_error, "a malformed pool announce");
       std::string why;
       auto mapped = detail::pool_rx::map(std::move(fds.front()), *a, shm.max_peer_pool, why);
-      if (!mapped) return break_with(errc::protocol_error, why);
-      pool_in = std::move(mapped);
+      if (!mapped) {
+        if (mapped.error() == errc::protocol_error) return break_with(errc::protocol_error, why);
+        return lose_pool(flags, mapped.error());  // no room to map it here: a local limit
+      }
+      pool_in = std::move(*mapped);
       return std::optional<message>{};
     }
     case wire::flag_shared: {
       auto r = wire::decode_shared_ref(descriptor);
       if (!r) return break_with(errc::protocol_error, "a malformed shared-memory reference");
-      if (!pool_in)
+      if (!pool_in) {
+        // The pool was announced but could not be had here: each of its messages is skipped with
+        // the local error that lost it, and the channel goes on.
+        if (pool_lost) return std::unexpected(pool_lost);
         return break_with(errc::protocol_error, "a shared-memory message came before its pool");
+      }
       const auto bytes = pool_in->locate(*r);
       if (!bytes) {
         return break_with(errc::protocol_error,
@@ -788,12 +807,15 @@ result<std::optional<message>> channel::impl::resolve(std::uint8_t flags, const_
       if (r->length > options.max_message_size) return fail(errc::message_too_large);
       std::string why;
       auto mapped = detail::map_sealed(fds.front().get(), r->length, why);
-      if (!mapped) return break_with(errc::protocol_error, why);
+      if (!mapped) {
+        if (mapped.error() == errc::protocol_error) return break_with(errc::protocol_error, why);
+        return std::unexpected(mapped.error());  // a local limit: this message is skipped
+      }
       fds.erase(fds.begin());  // the mapping outlives the memfd's fd
-      const std::byte* data = mapped->data();
+      const std::byte* data = (*mapped)->data();
       // Sealed against writing: safe to show in place, whoever sent it.
       return std::optional<message>{message::view(data, static_cast<std::size_t>(r->length),
-                                                  std::move(mapped), std::move(fds))};
+                                                  std::move(*mapped), std::move(fds))};
     }
     default: return break_with(errc::protocol_error, "unknown frame flags");
   }
@@ -891,8 +913,11 @@ result<message_info> channel::impl::receive_stream(const wait_spec& w, destinati
         if (decoder.fatal()) {
           set_detail(decoder.detail());
           broken.store(true);
+          return std::unexpected(decoder.error());
         }
-        return std::unexpected(decoder.error());
+        // A frame skipped whole (pending_flags() are still its own): a pool announce among them
+        // takes its pool with it.
+        return lose_pool(decoder.pending_flags(), decoder.error());
       case detail::stream_decoder::event::need_more:
         if (auto r = read_more(w, spin); !r) {
           // The caller's buffer must not be written to after this call returns.
@@ -985,7 +1010,7 @@ result<message_info> channel::impl::receive_packet(const wait_spec& w, destinati
     }
     if (r->ctrunc) {
       arrived.clear();
-      return fail(errc::fds_truncated);
+      return lose_pool(h->flags, make_error_code(errc::fds_truncated));
     }
     if (arrived.count != h->fd_count) {
       return broken_by("a frame announced " + std::to_string(h->fd_count) + " fds and " +
@@ -1018,7 +1043,7 @@ result<message_info> channel::impl::receive_packet(const wait_spec& w, destinati
         m = message::with_size(length);
       } catch (const std::bad_alloc&) {
         arrived.clear();
-        return fail_errno(ENOMEM);
+        return lose_pool(h->flags, std::error_code(ENOMEM, std::system_category()));
       }
       auto out = m.bytes();
       if (in_first > 0) std::memcpy(out.data(), first.data(), in_first);
@@ -1123,6 +1148,8 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
         if (decoder.fatal()) {
           set_detail(decoder.detail());
           broken.store(true);
+        } else {
+          static_cast<void>(lose_pool(decoder.pending_flags(), decoder.error()));
         }
         // close() from another thread shuts the socket down to wake this call: it reads as the
         // end of the stream, but what the caller must hear is closed.

@@ -1,3 +1,5 @@
+// Shared memory for large payloads: the sender's pool, the receiver's checked mapping of it, and
+// the sealed memfds of single messages (see shm.hpp).
 #include "shm.hpp"
 
 #include <fcntl.h>
@@ -17,6 +19,18 @@ namespace {
 constexpr std::size_t page = 4096;
 
 std::size_t round_up(std::size_t n, std::size_t to) noexcept { return (n + to - 1) / to * to; }
+
+// Whether mmap failed for want of something of this process's own (address space, the
+// vm.max_map_count limit on mappings, locked memory, file table) rather than for what the peer
+// sent (a size or file the mapping refuses: EINVAL, EACCES, ENODEV, EOVERFLOW, ...).
+bool local_map_error(int e) noexcept { return e == ENOMEM || e == EAGAIN || e == ENFILE; }
+
+// A failed mapping of a peer's memfd: the local errno, or a protocol error with why said.
+std::unexpected<std::error_code> map_failed(int e, const char* what, std::string& why) {
+  if (local_map_error(e)) return fail_errno(e);
+  why = std::string(what) + std::strerror(e);
+  return fail(errc::protocol_error);
+}
 
 result<unique_fd> new_memfd(const char* name, std::size_t size) {
   const int fd = ::memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
@@ -130,38 +144,32 @@ void pool_tx::discard(const block& b) noexcept {
 
 // --- the receiver's mapping ----------------------------------------------------------------
 
-std::shared_ptr<pool_rx> pool_rx::map(unique_fd fd, const wire::pool_announce& a,
-                                      std::size_t max_bytes, std::string& why) {
+result<std::shared_ptr<pool_rx>> pool_rx::map(unique_fd fd, const wire::pool_announce& a,
+                                              std::size_t max_bytes, std::string& why) {
   if (a.slots == 0 || a.slots > max_pool_slots || a.data_size == 0 || a.data_size > max_bytes) {
     why = "a pool of " + std::to_string(a.data_size) + " bytes and " + std::to_string(a.slots) +
           " slots is out of bounds";
-    return nullptr;
+    return fail(errc::protocol_error);
   }
   const int seals = ::fcntl(fd.get(), F_GET_SEALS);
   if (seals < 0) {
     why = "the pool's fd is not a memfd";
-    return nullptr;
+    return fail(errc::protocol_error);
   }
   if ((seals & F_SEAL_SHRINK) == 0) {
     why = "the pool's memfd is not sealed against shrinking";
-    return nullptr;
+    return fail(errc::protocol_error);
   }
   const pool_layout layout = pool_layout::of(a.data_size, a.slots);
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0 || static_cast<std::uint64_t>(st.st_size) != layout.total) {
     why = "the pool's memfd is not the announced size";
-    return nullptr;
+    return fail(errc::protocol_error);
   }
   std::shared_ptr<pool_rx> p(new (std::nothrow) pool_rx);
-  if (!p) {
-    why = "no memory";
-    return nullptr;
-  }
+  if (!p) return fail_errno(ENOMEM);
   void* data = ::mmap(nullptr, layout.total, PROT_READ, MAP_SHARED, fd.get(), 0);
-  if (data == MAP_FAILED) {
-    why = std::string("cannot map the pool: ") + std::strerror(errno);
-    return nullptr;
-  }
+  if (data == MAP_FAILED) return map_failed(errno, "cannot map the pool: ", why);
   p->data_ = static_cast<const std::byte*>(data);
   p->layout_ = layout;
   p->data_size_ = a.data_size;
@@ -171,10 +179,7 @@ std::shared_ptr<pool_rx> pool_rx::map(unique_fd fd, const wire::pool_announce& a
   p->table_map_size_ = layout.data_offset - first;
   void* table = ::mmap(nullptr, p->table_map_size_, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(),
                        static_cast<off_t>(first));
-  if (table == MAP_FAILED) {
-    why = std::string("cannot map the pool's slot table: ") + std::strerror(errno);
-    return nullptr;
-  }
+  if (table == MAP_FAILED) return map_failed(errno, "cannot map the pool's slot table: ", why);
   p->table_ = static_cast<std::byte*>(table);
   p->fd_ = std::move(fd);
   return p;
@@ -246,29 +251,31 @@ result<unique_fd> sealed_memfd(std::span<const const_buffer> parts, std::size_t 
   return (*b)->seal();
 }
 
-std::shared_ptr<mapping> map_sealed(int fd, std::uint64_t length, std::string& why) {
+result<std::shared_ptr<mapping>> map_sealed(int fd, std::uint64_t length, std::string& why) {
   const int seals = ::fcntl(fd, F_GET_SEALS);
   if (seals < 0) {
     why = "a memfd frame's fd is not a memfd";
-    return nullptr;
+    return fail(errc::protocol_error);
   }
   if ((seals & (F_SEAL_WRITE | F_SEAL_SHRINK)) != (F_SEAL_WRITE | F_SEAL_SHRINK)) {
     why = "a memfd frame's memfd is not sealed against writing and shrinking";
-    return nullptr;
+    return fail(errc::protocol_error);
   }
   struct stat st {};
   if (::fstat(fd, &st) != 0 || static_cast<std::uint64_t>(st.st_size) < length) {
     why = "a memfd frame's memfd is smaller than its message";
-    return nullptr;
+    return fail(errc::protocol_error);
   }
-  if (length == 0) return std::make_shared<mapping>(nullptr, 0);
+  if (length == 0) return std::make_shared<mapping>(nullptr, std::size_t{0});
   void* p = ::mmap(nullptr, static_cast<std::size_t>(length), PROT_READ, MAP_SHARED, fd, 0);
-  if (p == MAP_FAILED) {
-    why = std::string("cannot map a memfd frame: ") + std::strerror(errno);
-    return nullptr;
+  if (p == MAP_FAILED) return map_failed(errno, "cannot map a memfd frame: ", why);
+  try {
+    return std::make_shared<mapping>(static_cast<const std::byte*>(p),
+                                     static_cast<std::size_t>(length));
+  } catch (const std::bad_alloc&) {
+    ::munmap(p, static_cast<std::size_t>(length));
+    return fail_errno(ENOMEM);
   }
-  return std::make_shared<mapping>(static_cast<const std::byte*>(p),
-                                   static_cast<std::size_t>(length));
 }
 
 }  // namespace duplex::detail

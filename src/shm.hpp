@@ -99,9 +99,13 @@ class pool_tx {
 class pool_rx {
  public:
   // Checks and maps the peer's pool memfd: a memfd sealed against shrinking, exactly as large as
-  // the announce says, within max_bytes. On failure returns why (a protocol error).
-  [[nodiscard]] static std::shared_ptr<pool_rx> map(unique_fd fd, const wire::pool_announce& a,
-                                                    std::size_t max_bytes, std::string& why);
+  // the announce says, within max_bytes. Errors: errc::protocol_error (with why said) for what
+  // the peer sent; ENOMEM, EAGAIN or ENFILE when this process lacks the memory, address space or
+  // mappings (vm.max_map_count) to map it: a local limit, not the peer's fault.
+  [[nodiscard]] static result<std::shared_ptr<pool_rx>> map(unique_fd fd,
+                                                            const wire::pool_announce& a,
+                                                            std::size_t max_bytes,
+                                                            std::string& why);
   ~pool_rx();
   pool_rx(const pool_rx&) = delete;
   pool_rx& operator=(const pool_rx&) = delete;
@@ -161,7 +165,10 @@ class standalone_buffer {
                                              std::size_t total);
 
 // Maps a received memfd of one message read-only, after checking that it is sealed against
-// writing and shrinking and holds at least length bytes. On failure returns why.
-[[nodiscard]] std::shared_ptr<mapping> map_sealed(int fd, std::uint64_t length, std::string& why);
+// writing and shrinking and holds at least length bytes. Errors: errc::protocol_error (with why
+// said) for what the peer sent; ENOMEM, EAGAIN or ENFILE for a local limit (address space,
+// vm.max_map_count), as pool_rx::map.
+[[nodiscard]] result<std::shared_ptr<mapping>> map_sealed(int fd, std::uint64_t length,
+                                                          std::string& why);
 
 }  // namespace duplex::detail

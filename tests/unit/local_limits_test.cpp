@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <array>
+#include <cstdio>
 #include <vector>
 
 #include "duplex/channel.hpp"
@@ -205,6 +206,106 @@ TEST_P(local_limits_test, FdsInFlightLimitKeepsAQueuedPoolAnnounce) {
     return a.is_broken() || b.is_broken() ? 23 : 0;
   });
   EXPECT_EQ(status, 0);
+}
+
+// Class: local resource exhaustion, RLIMIT_NOFILE at the receiver. The pool's announce arrives
+// when no fd can be had (MSG_CTRUNC): that call says fds_truncated, and so does each later
+// message that lives in the pool it could not take (nothing of it can be read), while every
+// other message (inline, or in a memfd of its own once the limit is gone) still arrives. Neither
+// end is broken, and the peer is not blamed.
+TEST_P(local_limits_test, APoolAnnounceCutShortAtRlimitNofileBreaksNothing) {
+  const socket_kind kind = GetParam();
+  const int status = test::run_in_child([kind] {
+    auto [a, b] = test::must(channel_pair(kind, with_shm()));
+    const auto in_pool = pattern(100000, 4);
+    const auto own_memfd = pattern(std::size_t{2} << 20, 5);  // over the 1 MiB pool
+    if (!a.send(as_bytes("before"))) return 10;
+    auto first = b.receive(10s);  // the receive buffer or spill area is made first
+    if (!first || first->text() != "before") return 11;
+    if (!a.send(in_pool)) return 12;  // the announce, then the reference
+    if (!a.send(as_bytes("inline"))) return 13;
+    int lowest = 0;
+    while (test::fd_is_open(lowest))
+      ++lowest;
+    rlimit old{};
+    ::getrlimit(RLIMIT_NOFILE, &old);
+    if (!set_nofile(static_cast<rlim_t>(lowest))) return 14;  // no fd can be received
+    auto announce = b.receive(10s);
+    auto reference = b.receive(10s);
+    ::setrlimit(RLIMIT_NOFILE, &old);
+    if (announce || announce.error() != errc::fds_truncated) return 15;
+    if (reference || reference.error() != errc::fds_truncated) return 16;
+    auto plain = b.receive(10s);
+    if (!plain || plain->text() != "inline") return 17;
+    if (!a.send(in_pool)) return 18;  // the same pool: still out of reach
+    auto again = b.receive(10s);
+    if (again || again.error() != errc::fds_truncated) return 19;
+    if (!a.send(own_memfd)) return 20;
+    auto big = b.receive(10s);
+    if (!big || !same(std::as_const(*big).bytes(), own_memfd)) return 21;
+    if (!a.send(as_bytes("after"))) return 22;
+    auto last = b.receive(10s);
+    if (!last || last->text() != "after") return 23;
+    return a.is_broken() || b.is_broken() ? 24 : 0;
+  });
+  EXPECT_EQ(status, 0);
+}
+
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+// This process's address space, in bytes (from /proc/self/statm).
+std::size_t address_space() {
+  std::FILE* f = std::fopen("/proc/self/statm", "r");
+  if (f == nullptr) return 0;
+  unsigned long pages = 0;
+  const int got = std::fscanf(f, "%lu", &pages);
+  std::fclose(f);
+  return got == 1 ? pages * static_cast<std::size_t>(::sysconf(_SC_PAGESIZE)) : 0;
+}
+#endif
+
+// Class: local resource exhaustion, address space (RLIMIT_AS; the vm.max_map_count limit on
+// mappings fails mmap the same way, with ENOMEM). The receiver cannot map the peer's pool or a
+// message's memfd: each such call says ENOMEM, that message is skipped (the pool's messages
+// with it), nothing is blamed on the peer, and once there is room again a memfd message maps and
+// arrives. Sanitizers reserve terabytes of address space: there the limit cannot be set.
+TEST_P(local_limits_test, NoAddressSpaceToMapSharedMemoryBreaksNothing) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "a sanitizer's shadow memory needs an unlimited address space";
+#else
+  const socket_kind kind = GetParam();
+  const int status = test::run_in_child([kind] {
+    auto [a, b] = test::must(channel_pair(kind, with_shm()));
+    const auto in_pool = pattern(100000, 6);
+    const auto own_memfd = pattern(std::size_t{2} << 20, 7);  // over the 1 MiB pool
+    if (!a.send(as_bytes("before"))) return 10;
+    auto first = b.receive(10s);  // the receive buffer or spill area is made first
+    if (!first || first->text() != "before") return 11;
+    if (!a.send(in_pool)) return 12;
+    if (!a.send(own_memfd)) return 13;
+    if (!a.send(as_bytes("inline"))) return 14;
+    const std::error_code no_memory(ENOMEM, std::system_category());
+    rlimit old{};
+    ::getrlimit(RLIMIT_AS, &old);
+    // Room for small allocations, none for a mapping of 1 MiB or more.
+    const rlimit tight{address_space() + (std::size_t{256} << 10), old.rlim_max};
+    if (::setrlimit(RLIMIT_AS, &tight) != 0) return 15;
+    auto announce = b.receive(10s);
+    auto reference = b.receive(10s);
+    auto memfd = b.receive(10s);
+    auto plain = b.receive(10s);
+    ::setrlimit(RLIMIT_AS, &old);
+    if (announce || announce.error() != no_memory) return 16;
+    if (reference || reference.error() != no_memory) return 17;
+    if (memfd || memfd.error() != no_memory) return 18;
+    if (!plain || plain->text() != "inline") return 19;
+    if (b.is_broken()) return 20;
+    if (!a.send(own_memfd)) return 21;
+    auto big = b.receive(10s);
+    if (!big || !same(std::as_const(*big).bytes(), own_memfd)) return 22;
+    return a.is_broken() || b.is_broken() ? 23 : 0;
+  });
+  EXPECT_EQ(status, 0);
+#endif
 }
 
 }  // namespace
