@@ -343,9 +343,10 @@ struct channel::impl {
   result<void> retry_after(std::error_code e, const wait_spec& w, spinner& spin, int flags) const;
 
   // Seqpacket receives (guarded by rx): where a packet's payload goes past the first buffer, and
-  // the payload size of the last packet received into a message (the size the next is given).
+  // whether the last packet received into a message was larger than the spill area keeps
+  // resident (the next is then peeked at and read straight into a message of its size).
   detail::spill_area spill;
-  std::size_t expected_payload = 0;
+  bool last_packet_large = false;
 };
 
 // A frame ready to go out: its header (the payload stays in the caller's buffers). A value: the
@@ -932,8 +933,8 @@ result<message_info> channel::impl::receive_stream(const wait_spec& w, destinati
 result<message_info> channel::impl::receive_packet(const wait_spec& w, destination dest) {
   const int fd = sock.native_handle();
   // Every packet is read whole by one recvmsg: header, then the caller's buffer (or a message
-  // the size of the last packet's payload), then the spill area for whatever those cannot hold,
-  // which is as large as any packet this channel can take (see docs/design.md).
+  // the size of the packet there, see below), then the spill area for whatever those cannot
+  // hold, which is as large as any packet this channel can take (see docs/design.md).
   if (!spill.mapped()) {
     const auto limit = detail::largest_packet();
     if (!limit) return std::unexpected(limit.error());
@@ -946,13 +947,31 @@ result<message_info> channel::impl::receive_packet(const wait_spec& w, destinati
   bool first_made = false;
   for (;;) {
     const int flags = w.kind == wait_kind::block && !spin.active() ? 0 : MSG_DONTWAIT;
-    if (dest.owned != nullptr && !first_made) {
-      try {
-        first_part = message::with_size(expected_payload);
-      } catch (const std::bad_alloc&) {
-        return fail_errno(ENOMEM);
+    if (dest.owned != nullptr && !first_made && last_packet_large) {
+      // After a packet larger than the spill area keeps resident, the next may be as large: its
+      // size is learned first (MSG_PEEK | MSG_TRUNC into the header alone, with no control
+      // buffer, so its fds stay with it) and a message of exactly that size made, which the
+      // packet is then read straight into. Never sized by an earlier packet: a small packet
+      // after a large one costs its own size. If that message cannot be had, the packet is read
+      // into the spill area and reported (ENOMEM) below, so one squeeze skips one message and
+      // never blocks the ones after it. Smaller packets go to the spill area and are copied out.
+      std::array<std::byte, wire::native_header_size> peek_head{};
+      auto peeked =
+          detail::recv_bytes(fd, peek_head.data(), peek_head.size(), MSG_PEEK | MSG_TRUNC | flags);
+      if (!peeked) {
+        if (auto again = retry_after(peeked.error(), w, spin, flags); !again) {
+          return std::unexpected(again.error());
+        }
+        continue;
       }
       first_made = true;
+      if (*peeked > peek_head.size() && *peeked - peek_head.size() <= options.max_message_size) {
+        try {
+          first_part = message::with_size(*peeked - peek_head.size());
+        } catch (const std::bad_alloc&) {
+          first_part = message();  // read into the spill area instead: ENOMEM below
+        }
+      }
     }
     const mutable_buffer first = dest.owned != nullptr ? first_part.bytes() : dest.buf;
     std::array<std::byte, wire::native_header_size> head{};
@@ -1035,9 +1054,8 @@ result<message_info> channel::impl::receive_packet(const wait_spec& w, destinati
       return info;
     }
     message m;
-    if (dest.owned != nullptr && spilled == 0 && length == first.size()) {
-      m = std::move(first_part);  // the size the last packet had: no copy
-      first_made = false;
+    if (dest.owned != nullptr && spilled == 0 && length == first.size() && length > 0) {
+      m = std::move(first_part);  // made to the packet's size: no copy
     } else {
       try {
         m = message::with_size(length);
@@ -1049,7 +1067,9 @@ result<message_info> channel::impl::receive_packet(const wait_spec& w, destinati
       if (in_first > 0) std::memcpy(out.data(), first.data(), in_first);
       if (spilled > 0) std::memcpy(out.data() + in_first, spill.bytes().data(), spilled);
     }
-    if (dest.owned != nullptr) expected_payload = length;
+    first_made = false;
+    first_part = message();
+    if (dest.owned != nullptr) last_packet_large = length > detail::spill_area::kept;
     m.fds().reserve(got.size());
     for (auto& f : got)
       m.fds().push_back(std::move(f));

@@ -66,6 +66,14 @@ result<std::size_t> send_bytes(int fd, const void* data, std::size_t size, int f
   }
 }
 
+result<std::size_t> recv_bytes(int fd, void* data, std::size_t size, int flags) noexcept {
+  for (;;) {
+    const ssize_t n = ::recv(fd, data, size, flags);
+    if (n >= 0) return static_cast<std::size_t>(n);
+    if (errno != EINTR) return from_errno(errno);
+  }
+}
+
 result<std::size_t> send_with_fds(int fd, iovec* iov, std::size_t iovlen, std::span<const int> fds,
                                   int flags) noexcept {
   if (fds.size() > max_fds_per_message) return fail(errc::too_many_fds);

@@ -104,6 +104,12 @@ inline std::size_t copy_parts(std::span<const const_buffer> parts, std::byte* to
 [[nodiscard]] result<std::size_t> send_bytes(int fd, const void* data, std::size_t size,
                                              int flags) noexcept;
 
+// One recv(flags) of at most size bytes, EINTR retried, without a control buffer (so with
+// MSG_PEEK no fd is ever taken from the socket). Returns what recv returned: with MSG_TRUNC on a
+// packet socket, the whole packet's size. Errors: errc::would_block, the errno otherwise.
+[[nodiscard]] result<std::size_t> recv_bytes(int fd, void* data, std::size_t size,
+                                             int flags) noexcept;
+
 // One send (no fds, and a single piece or pieces of at most 1 KiB in all, gathered) or one
 // sendmsg with the fds attached, with MSG_NOSIGNAL | flags; EINTR retried.
 // Errors: errc::too_many_fds (over 253), errc::would_block, the errno otherwise.

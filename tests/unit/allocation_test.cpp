@@ -264,5 +264,49 @@ TEST_F(allocation_test, SmallMessagesAllocateNothingOnTheWayThrough) {
   }
 }
 
+// A seqpacket receive sizes its message by the packet really there, never by the one before:
+// after a large packet, a tiny one costs its own size, and a moment when the large size cannot
+// be had (every request of exactly that size refused, as under a memory squeeze) delays no
+// small message: each arrives at the first call.
+TEST_F(allocation_test, APacketAfterALargeOneCostsItsOwnSize) {
+  auto pair = test::must(channel_pair(socket_kind::seqpacket));
+  constexpr std::size_t large_size = 150001;  // larger than a packet keeps resident, and odd
+  const auto large = test::pattern(large_size, 6);
+  for (int round = 0; round < 2; ++round) {
+    ASSERT_THAT(pair.first.send(large), Succeeded());
+    auto m = pair.second.receive();
+    ASSERT_THAT(m, Succeeded());
+    ASSERT_TRUE(test::same(m->bytes(), large));
+  }
+  const auto tiny = test::pattern(3, 7);
+  const auto small = test::pattern(message::inline_capacity + 5, 8);
+  ASSERT_THAT(pair.first.send(tiny), Succeeded());
+  ASSERT_THAT(pair.first.send(small), Succeeded());
+  refused_size = large_size;
+  watch w;
+  auto first = pair.second.try_receive();
+  const auto seen_first = w.stop();
+  auto second = pair.second.try_receive();
+  refused_size = 0;
+  ASSERT_THAT(first, Succeeded());
+  EXPECT_TRUE(test::same(first->bytes(), tiny));
+  EXPECT_EQ(seen_first.largest, 0U);  // a tiny message lives inside the object
+  ASSERT_THAT(second, Succeeded());
+  EXPECT_TRUE(test::same(second->bytes(), small));
+  // A large packet that cannot be had is skipped (ENOMEM), and the next still arrives.
+  ASSERT_THAT(pair.first.send(large), Succeeded());
+  ASSERT_THAT(pair.second.receive(), Succeeded());  // the next receive looks for a large one
+  ASSERT_THAT(pair.first.send(large), Succeeded());
+  ASSERT_THAT(pair.first.send(tiny), Succeeded());
+  refused_size = large_size;
+  auto refused = pair.second.try_receive();
+  auto after = pair.second.try_receive();
+  refused_size = 0;
+  EXPECT_THAT(refused, HasError(test::sys(ENOMEM)));
+  ASSERT_THAT(after, Succeeded());
+  EXPECT_TRUE(test::same(after->bytes(), tiny));
+  EXPECT_FALSE(pair.second.is_broken());
+}
+
 }  // namespace
 }  // namespace duplex
