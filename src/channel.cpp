@@ -2,7 +2,9 @@
 
 #include <fcntl.h>
 #include <limits.h>
+#include <linux/sockios.h>
 #include <poll.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 
 #include <atomic>
@@ -292,6 +294,13 @@ struct channel::impl {
   result<void> put_shared(const detail::pool_tx::block& b, std::span<const int> fds, bool blocking);
   result<void> put_memfd(unique_fd memfd, std::uint64_t length, std::span<const int> fds,
                          bool blocking);
+  // Bytes of messages sent in memfds of their own that the peer may not have taken out of the
+  // socket yet (guarded by tx; see memfd_room).
+  std::uint64_t memfd_in_flight = 0;
+  // Under tx, before a message of `length` bytes is put in a memfd of its own: success once
+  // shared_memory.max_in_flight has room for it; else errc::queue_full (not blocking), or a wait
+  // until it has (blocking). Errors: errc::closed.
+  result<void> memfd_room(std::uint64_t length, bool blocking);
   // This end's pool, created on first use (nullptr if it cannot be).
   std::shared_ptr<detail::pool_tx> pool();
   // Writes iov (the rest of a frame of which `sent` bytes are already out), blocking or as far as
@@ -571,6 +580,34 @@ result<void> channel::impl::put_shared(const detail::pool_tx::block& b, std::spa
   return put(parts, fds, wire::flag_shared, blocking);
 }
 
+result<void> channel::impl::memfd_room(std::uint64_t length, bool blocking) {
+  const auto fits = [&] {
+    return memfd_in_flight == 0 || memfd_in_flight + length <= options.shared_memory.max_in_flight;
+  };
+  if (fits()) return {};
+  // The peer has taken every memfd this end sent once it has read everything this end wrote:
+  // nothing left in the queue, and nothing in the socket (SIOCOUTQ: this end's bytes the peer
+  // has not read). What it holds after that is its own memory, as any message it keeps. The
+  // kernel tells no one when that moment comes, so a blocking send looks again after a pause
+  // that doubles up to max_pause, or at once if the peer hangs up.
+  constexpr auto max_pause = std::chrono::milliseconds(10);
+  std::chrono::nanoseconds pause = std::chrono::microseconds(50);
+  for (;;) {
+    int unread = -1;
+    if (queue.empty() && ::ioctl(sock.native_handle(), SIOCOUTQ, &unread) == 0 && unread == 0) {
+      memfd_in_flight = 0;
+      return {};
+    }
+    if (!blocking) return fail(errc::queue_full);
+    if (is_closed()) return fail(errc::closed);
+    auto woke = detail::wait_for(sock.native_handle(), 0, pause);
+    // A hangup or error: the send that follows meets it and says what it is.
+    if (woke) return {};
+    if (woke.error() != errc::timed_out) return std::unexpected(woke.error());
+    pause = std::min<std::chrono::nanoseconds>(pause * 2, max_pause);
+  }
+}
+
 result<void> channel::impl::put_memfd(unique_fd memfd, std::uint64_t length,
                                       std::span<const int> fds, bool blocking) {
   std::vector<int> all;
@@ -579,7 +616,9 @@ result<void> channel::impl::put_memfd(unique_fd memfd, std::uint64_t length,
   all.insert(all.end(), fds.begin(), fds.end());
   const auto ref = wire::encode(wire::memfd_ref{length});
   const std::array<const_buffer, 1> parts{const_buffer(ref)};
-  return put(parts, all, wire::flag_memfd, blocking);  // our copy of the memfd closes on return
+  auto r = put(parts, all, wire::flag_memfd, blocking);  // our copy of the memfd closes on return
+  if (r) memfd_in_flight += length;
+  return r;
 }
 
 result<void> channel::impl::send_payload(std::span<const const_buffer> parts,
@@ -610,6 +649,9 @@ result<void> channel::impl::send_payload(std::span<const const_buffer> parts,
     }
   }
   if (fds.size() < max_fds_per_message) {
+    // Held back while the peer has not taken max_in_flight of them: a peer that never reads must
+    // not make this end's shared memory grow without bound.
+    if (auto room = memfd_room(payload, blocking); !room) return room;
     if (auto memfd = detail::sealed_memfd(parts, static_cast<std::size_t>(payload))) {
       return put_memfd(std::move(*memfd), payload, fds, blocking);
     }
@@ -1355,6 +1397,7 @@ result<void> channel::send(shared_buffer&& buffer, std::span<const int> fds) {
   }
   if (fds.size() >= max_fds_per_message) return fail(errc::too_many_fds);  // one is the memfd's
   const std::size_t length = st->standalone->bytes().size();
+  if (auto room = impl_->memfd_room(length, true); !room) return room;
   auto memfd = st->standalone->seal();
   if (!memfd) return std::unexpected(memfd.error());
   return impl_->put_memfd(std::move(*memfd), length, fds, true);

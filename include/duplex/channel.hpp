@@ -94,6 +94,15 @@ struct shared_memory_options {
   // largest peer pool it will map.
   bool accept = true;
   std::size_t max_peer_pool = std::size_t{1} << 30;
+  // The most bytes of messages in memfds of their own (those the pool has no room for) that may
+  // be on their way to the peer: sent, and not yet read out of the socket by it. Past this, send
+  // waits until the peer has read everything this end sent (close() from another thread ends
+  // the wait: errc::closed), and try_send takes nothing and returns errc::queue_full (retry
+  // after the peer has read; no readiness of the socket tells when). So a peer that never
+  // reads holds at most this much of this end's shared memory beyond the pool. When nothing is
+  // on its way, one message is always let through, whatever its size. Messages the peer has
+  // read and keeps are its own memory, as any message it keeps.
+  std::size_t max_in_flight = std::size_t{64} << 20;
 };
 
 // How a channel is set up.

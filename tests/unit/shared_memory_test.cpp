@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <thread>
 #include <vector>
 
@@ -138,6 +139,56 @@ TEST_P(shared_memory_test, AFullPoolFallsBackToSealedMemfds) {
   auto writable = kept[0].bytes();
   writable[0] = std::byte{42};
   EXPECT_FALSE(kept[0].is_view());
+}
+
+// A receiver that never reads cannot make the sender's shared memory grow without bound: once
+// the pool is full and max_in_flight bytes of memfds are on their way, try_send takes nothing
+// (queue_full) and send waits. When the receiver reads, the waiting send goes on, every message
+// arrives byte-exact and in order, and sending goes on as before. close() ends a waiting send.
+TEST_P(shared_memory_test, AReceiverThatNeverReadsHoldsBackSharedMemoryAtItsBound) {
+  auto options = with_shm(1U << 20);
+  options.shared_memory.max_in_flight = 4U << 20;
+  auto [a, b] = test::must(channel_pair(GetParam(), options));
+  constexpr std::size_t size = 1U << 20;  // the pool holds one; then a memfd each
+  unsigned accepted = 0;
+  result<void> r;
+  for (; accepted < 64; ++accepted) {
+    r = a.try_send(pattern(size, accepted));
+    if (!r) break;
+  }
+  ASSERT_THAT(r, HasError(errc::queue_full));
+  EXPECT_LE(accepted, 1U + 4U);  // the pool's one, and max_in_flight in memfds
+  EXPECT_GE(accepted, 1U + 4U);
+  std::atomic<bool> done{false};
+  std::thread sender([&, n = accepted] {
+    EXPECT_THAT(a.send(pattern(size, n)), Succeeded());
+    done = true;
+  });
+  // Not a timing test: the send is held back as long as the receiver does not read, so it can
+  // only still be waiting here (a slow machine makes that more likely, never less).
+  std::this_thread::sleep_for(100ms);
+  EXPECT_FALSE(done.load()) << "a send past the bound did not wait for the receiver";
+  for (unsigned i = 0; i <= accepted; ++i) {
+    auto m = b.receive(10s);
+    ASSERT_THAT(m, Succeeded()) << i;
+    ASSERT_TRUE(same(std::as_const(*m).bytes(), pattern(size, i))) << i;
+  }
+  sender.join();
+  EXPECT_TRUE(done.load());
+  for (unsigned i = 0; i < 8; ++i) {
+    ASSERT_THAT(a.send(pattern(size, 100 + i)), Succeeded());
+    auto m = b.receive(10s);
+    ASSERT_THAT(m, Succeeded());
+    ASSERT_TRUE(same(std::as_const(*m).bytes(), pattern(size, 100 + i))) << i;
+  }
+  // Held back again, and ended by close().
+  for (unsigned i = 0; i < 64 && a.try_send(pattern(size, i)); ++i) {
+  }
+  std::thread waiting([&] { EXPECT_THAT(a.send(pattern(size, 0)), HasError(errc::closed)); });
+  std::this_thread::sleep_for(50ms);
+  a.close();
+  waiting.join();
+  EXPECT_FALSE(b.is_broken());
 }
 
 TEST_P(shared_memory_test, BlocksAreReusedAsTheReceiverReleasesThem) {
