@@ -202,8 +202,14 @@ class channel {
   // max_message_size, or over the kernel's packet limit on seqpacket; nothing sent),
   // errc::too_many_fds (over 253; nothing sent), errc::not_supported (fds with
   // framing::python), errc::peer_closed (EPIPE/ECONNRESET), errc::broken, errc::closed,
-  // EBADF (an fd is not open). If a stream write fails after part of the frame went out, the
-  // channel is broken (the peer would misread what follows).
+  // EBADF (an fd is not open); and local limits, which change nothing (the message is not sent,
+  // the channel goes on, what try_send queued stays queued): ETOOMANYREFS (this user's fds in
+  // flight, sent on any socket and not yet received, are over its RLIMIT_NOFILE; root is exempt),
+  // ENOBUFS or ENOMEM (no kernel memory). A local error after the frame's first byte (and its
+  // fds) went out is not returned: the rest waits in the outgoing queue (wants_write()) and goes
+  // first with the next send or flush, which reports the error if it persists; the message is
+  // accepted, do not send it again. With shared memory, a send past shared_memory.max_in_flight
+  // waits for the peer to read (errc::closed if close() ends the wait).
   [[nodiscard]] result<void> send(std::span<const const_buffer> parts, std::span<const int> fds);
 
   // Sends bytes as one message.
@@ -221,9 +227,11 @@ class channel {
   // Sends one message without blocking, for event loops: writes what the kernel takes now and
   // keeps the rest of the frame (and duplicates of fds not yet sent) in the channel's outgoing
   // queue; flush() writes it when the socket is writable, and any later send or try_send writes it
-  // first. Messages are never lost, reordered or interleaved. Errors: errc::queue_full (the queue
-  // is at max_queued_bytes: nothing was taken; wait until writable, flush(), retry),
-  // errc::would_block (another thread is sending at this moment), and those of send.
+  // first. Messages are never lost, reordered or interleaved: only the peer's end
+  // (errc::peer_closed) or close() drops the queue. Errors: errc::queue_full (the queue is at
+  // max_queued_bytes: nothing was taken; wait until writable, flush(), retry; or
+  // shared_memory.max_in_flight is reached: retry once the peer has read), errc::would_block
+  // (another thread is sending at this moment), and those of send.
   [[nodiscard]] result<void> try_send(std::span<const const_buffer> parts,
                                       std::span<const int> fds);
 
@@ -236,7 +244,8 @@ class channel {
   // Writes queued bytes without blocking. Returns true once the queue is empty, false if the
   // socket is full (wait until writable and call again) or another thread is sending. Errors:
   // errc::peer_closed (the queued messages cannot be delivered and are dropped), errc::broken,
-  // errc::closed.
+  // errc::closed; and the local limits of send (ETOOMANYREFS, ENOBUFS, ENOMEM): every queued
+  // message stays queued for a later flush once the limit is no longer reached.
   [[nodiscard]] result<bool> flush();
 
   // Bytes already read from the socket and not yet delivered (0 if another thread is receiving
@@ -289,7 +298,11 @@ class channel {
   // Receives the next message, blocking until one is whole. Errors: errc::peer_closed,
   // errc::truncated_message, errc::protocol_error (then broken), errc::message_too_large,
   // errc::too_many_fds, errc::fds_truncated, ENOMEM (the message was skipped), errc::broken,
-  // errc::closed.
+  // errc::closed. With shared memory, local limits skip one message and never break the
+  // channel: ENOMEM, EAGAIN or ENFILE when the peer's pool or a message's memfd cannot be mapped
+  // here (address space, vm.max_map_count); and once the pool's announce was skipped
+  // (errc::fds_truncated at RLIMIT_NOFILE, or no room to map it), each later message in that
+  // pool is skipped with the same error while all others arrive.
   [[nodiscard]] result<message> receive();
 
   // receive, giving up after timeout: errc::timed_out. A message partly read stays buffered
