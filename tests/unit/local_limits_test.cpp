@@ -33,13 +33,14 @@ const std::error_code too_many_refs(ETOOMANYREFS, std::system_category());
 
 // The fds-in-flight limit (unix(7): a user may have at most RLIMIT_NOFILE fds sent and not yet
 // received) does not apply to a process with CAP_SYS_RESOURCE or CAP_SYS_ADMIN: as root, sends
-// never meet it. A forked child becomes the unprivileged user nobody to reach it. False if it
+// never meet it. A forked child becomes an unprivileged user of its own (a uid no account uses,
+// made from its pid, since the count is per user and tests may run in parallel). False if it
 // cannot.
 bool become_unprivileged() {
-  constexpr id_t nobody = 65534;
+  const auto uid = static_cast<id_t>(200000 + ::getpid() % 100000);
   if (::geteuid() == 0 && ::setgroups(0, nullptr) != 0) return false;
-  if (::setresgid(nobody, nobody, nobody) != 0) return false;
-  return ::setresuid(nobody, nobody, nobody) == 0;
+  if (::setresgid(uid, uid, uid) != 0) return false;
+  return ::setresuid(uid, uid, uid) == 0;
 }
 
 // Sets the soft RLIMIT_NOFILE (the hard one stays, so it can be raised again).
