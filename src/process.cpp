@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -311,6 +312,12 @@ result<void> child::kill(int signal) {
 
 result<child> spawn(std::span<const std::string> argv, const spawn_options& options) {
   if (argv.empty() || options.child_fd < 3) return fail_errno(EINVAL);
+  // The child inherits this process's fd limit, and no fd at or above it can exist there (dup2
+  // itself says EBADF for such a number). Refused here, before anything starts.
+  if (rlimit limit{}; ::getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY &&
+                      static_cast<rlim_t>(options.child_fd) >= limit.rlim_cur) {
+    return fail_errno(EBADF);
+  }
   const std::string fd_entry =
       std::string(inherited_fd_variable) + "=" + std::to_string(options.child_fd);
   auto env = child_environment(options, fd_entry);

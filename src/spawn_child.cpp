@@ -34,6 +34,14 @@ long raw(long number, long a = 0, long b = 0, long c = 0, long d = 0) {
   __builtin_unreachable();
 }
 
+// Closes every fd from low to high (close_range; one at a time before Linux 5.9, as far as 65535).
+void close_fds(unsigned low, unsigned high) {
+  if (low > high) return;
+  if (raw(SYS_close_range, low, high, 0) != -ENOSYS) return;
+  for (unsigned long fd = low; fd <= high && fd < 65536; ++fd)
+    raw(SYS_close, static_cast<long>(fd));
+}
+
 long move_to(int from, int to) {
   if (from == to) return raw(SYS_fcntl, to, F_SETFD, 0);  // keep it, without close-on-exec
   return raw(SYS_dup3, from, to, 0);
@@ -63,30 +71,42 @@ int spawn_child_main(void* arg) {
     if (raw(SYS_getppid) != p->parent_pid) fail(p, -ESRCH);
   }
 
-  // Move our end above every fd number the steps below write to.
-  const int low = p->child_fd + 1 > 10 ? p->child_fd + 1 : 10;
-  long end = raw(SYS_fcntl, p->end_fd, F_DUPFD_CLOEXEC, low);
-  if (end < 0) fail(p, end);
+  // The fds. No step needs an fd number above child_fd or a free slot the parent did not have,
+  // so any child_fd below RLIMIT_NOFILE works however low the limit. First every fd but stdio and
+  // the end is closed, whatever other threads of the parent had open: what is left is fds 0-2
+  // (those the parent had open) and the end, wherever it is.
+  const auto end = static_cast<unsigned>(p->end_fd);
+  if (end > 3) close_fds(3, end - 1);
+  close_fds(end < 3 ? 3 : end + 1, ~0U);
 
-  if (p->null_stdin || p->null_stdout || p->null_stderr) {
+  // The end to child_fd, without close-on-exec. child_fd is at least 3 (spawn checks), so it is
+  // never a stdio fd and, all else being closed, is free unless the end is there already. The
+  // end's own number may be a stdio fd (a parent that runs with one closed): that is closed, as
+  // the exec would have closed it (close-on-exec), and may take /dev/null below.
+  if (p->end_fd == p->child_fd) {
+    if (long r = raw(SYS_fcntl, p->child_fd, F_SETFD, 0); r < 0) fail(p, r);
+  } else {
+    if (long r = raw(SYS_dup3, p->end_fd, p->child_fd, 0); r < 0) fail(p, r);
+    raw(SYS_close, p->end_fd);
+  }
+
+  // /dev/null on the stdio fds asked for. The lowest of them is closed first, so the open takes
+  // a number at or below it (the lowest free): it needs no slot that may not exist.
+  const bool want[3] = {p->null_stdin, p->null_stdout, p->null_stderr};
+  int first = 0;
+  while (first < 3 && !want[first])
+    ++first;
+  if (first < 3) {
+    raw(SYS_close, first);
     const long null =
         raw(SYS_openat, AT_FDCWD, reinterpret_cast<long>("/dev/null"), O_RDWR | O_CLOEXEC);
     if (null < 0) fail(p, null);
-    const bool want[3] = {p->null_stdin, p->null_stdout, p->null_stderr};
-    for (int fd = 0; fd < 3; ++fd) {
+    for (int fd = first; fd < 3; ++fd) {
       if (!want[fd]) continue;
       if (long r = move_to(static_cast<int>(null), fd); r < 0) fail(p, r);
     }
-    if (null > 2) raw(SYS_close, null);
-  }
-
-  if (long r = move_to(static_cast<int>(end), p->child_fd); r < 0) fail(p, r);
-
-  // Close every other fd, whatever other threads of the parent had open.
-  if (p->child_fd > 3) raw(SYS_close_range, 3, p->child_fd - 1, 0);
-  if (long r = raw(SYS_close_range, p->child_fd + 1, ~0U, 0); r == -ENOSYS) {
-    for (long fd = p->child_fd + 1; fd < 65536; ++fd)
-      raw(SYS_close, fd);  // before Linux 5.9
+    // Below `first`: a stdio fd the parent had closed; it stays closed.
+    if (null > 2 || !want[null]) raw(SYS_close, null);
   }
 
   if (p->cwd != nullptr) {

@@ -16,7 +16,7 @@ struct spawn_plan {
   char* const* envp = nullptr;  // null-terminated
   const char* cwd = nullptr;    // nullptr: stay where the parent is
   int end_fd = -1;              // the child's end, in the parent's numbering
-  int child_fd = 3;             // where it must end up
+  int child_fd = 3;             // where it must end up: at least 3, below RLIMIT_NOFILE
   bool null_stdin = false;
   bool null_stdout = false;
   bool null_stderr = false;

@@ -69,7 +69,9 @@ struct spawn_options {
   stdio_mode stdin_mode = stdio_mode::inherit;
   stdio_mode stdout_mode = stdio_mode::inherit;
   stdio_mode stderr_mode = stdio_mode::inherit;
-  // The fd number of the child's end (at least 3; DUPLEX_FD says it).
+  // The fd number of the child's end; DUPLEX_FD says it. At least 3 (EINVAL), and below the soft
+  // RLIMIT_NOFILE, which the child inherits (EBADF: no fd of that number can exist there). Any
+  // number in that range works, however low the limit: placing the end uses no fd above it.
   int child_fd = 3;
   // The kind of the pair (stream or seqpacket), and the options of the parent's channel.
   socket_kind kind = socket_kind::stream;
@@ -173,11 +175,11 @@ class child {
 
 // Starts argv[0] (searched in PATH, from the child's environment, if it has no '/') with argv,
 // holding one end of a new pair; returns the child with the other end as its channel.
-// Errors: EINVAL (empty argv, child_fd below 3, an environment entry without '='), ENOENT /
-// EACCES (no executable found in PATH), any errno of the exec itself (ENOEXEC, EACCES, ...) or of
-// the steps before it (ENOENT for a working directory that does not exist), errors of
-// socket_pair and channel::create, and EAGAIN/ENOMEM from clone. On error no child is left
-// running and nothing leaks.
+// Errors: EINVAL (empty argv, child_fd below 3, an environment entry without '='), EBADF
+// (child_fd at or above the soft RLIMIT_NOFILE), ENOENT / EACCES (no executable found in PATH),
+// any errno of the exec itself (ENOEXEC, EACCES, ...) or of the steps before it (ENOENT for a
+// working directory that does not exist), errors of socket_pair and channel::create, and
+// EAGAIN/ENOMEM from clone. On error no child is left running and nothing leaks.
 [[nodiscard]] result<child> spawn(std::span<const std::string> argv,
                                   const spawn_options& options = {});
 

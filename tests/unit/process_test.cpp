@@ -8,6 +8,7 @@
 #include <poll.h>
 #include <spawn.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -54,17 +55,46 @@ INSTANTIATE_TEST_SUITE_P(kinds, process_kind_test,
                          ::testing::Values(socket_kind::stream, socket_kind::seqpacket),
                          test::kind_name);
 
-// Spawns the test child in a mode and returns its first message.
+// Spawns the test child in a mode and returns its first message, or what went wrong instead.
+// Never throws and checks nothing itself, so a forked process (in_a_process) may use it too.
 std::string ask(const std::vector<std::string>& args, spawn_options options = {}) {
   std::vector<std::string> argv{test_child};
   argv.insert(argv.end(), args.begin(), args.end());
-  auto c = test::must(spawn(argv, options));
-  auto m = c.channel().receive(30s);
-  auto status = c.wait(30s);
+  auto c = spawn(argv, options);
+  if (!c) return "spawn failed: " + c.error().message();
+  auto m = c->channel().receive(30s);
+  auto status = c->wait(30s);
   if (!m) return "error: " + m.error().message();
-  EXPECT_TRUE(status && status->success())
-      << (status ? status->describe() : status.error().message());
+  if (!status) return "wait failed: " + status.error().message();
+  if (!status->success()) return "the child " + status->describe();
   return std::string(m->text());
+}
+
+// Runs fn in a forked process, where it may change what the test process must keep as it is
+// (its fd limit, its stdio), and returns the text fn returned, carried back through a pipe.
+std::string in_a_process(const std::function<std::string()>& fn) {
+  auto [read_end, write_end] = test::make_pipe();
+  const int status = test::run_in_child([&fn, &write_end] {
+    const std::string out = fn();
+    const ssize_t n = ::write(write_end.get(), out.data(), out.size());  // less than a pipe holds
+    return n == static_cast<ssize_t>(out.size()) ? 0 : 1;
+  });
+  write_end.reset();
+  std::string out;
+  char buf[256];
+  ssize_t n = 0;
+  while ((n = ::read(read_end.get(), buf, sizeof buf)) > 0)
+    out.append(buf, static_cast<std::size_t>(n));
+  EXPECT_EQ(status, 0);
+  return out;
+}
+
+// Sets the soft RLIMIT_NOFILE of this process (meant for a forked one: see in_a_process).
+bool set_fd_limit(rlim_t limit) {
+  rlimit l{};
+  if (::getrlimit(RLIMIT_NOFILE, &l) != 0) return false;
+  l.rlim_cur = limit;
+  return ::setrlimit(RLIMIT_NOFILE, &l) == 0;
 }
 
 // Runs a program with exactly the given environment and returns its stdout.
@@ -332,6 +362,118 @@ TEST_F(process_test, OnlyItsOwnEndWhileOtherThreadsOpenEveryKindOfFd) {
   ASSERT_THAT(held_status, Succeeded());
   EXPECT_EQ(forked_status->code(), 0);
   EXPECT_EQ(held_status->code(), 3);  // "hold" exits 3 at end-of-stream
+}
+
+// Under a low fd limit, any child_fd below it holds the end and nothing but stdio is open beside
+// it: placing the end takes no fd number above child_fd, nor any slot the parent lacks.
+TEST_F(process_test, AnyChildFdBelowALowFdLimitWorks) {
+  struct scenario {
+    rlim_t limit;
+    int child_fd;
+    bool null_stdio;
+  };
+  for (const scenario s :
+       {scenario{10, 3, false}, scenario{10, 9, false}, scenario{10, 9, true},
+        scenario{64, 3, false}, scenario{64, 63, false}, scenario{64, 63, true}}) {
+    const std::string fd = std::to_string(s.child_fd);
+    SCOPED_TRACE("limit " + std::to_string(s.limit) + ", child_fd " + fd +
+                 (s.null_stdio ? ", stdio on /dev/null" : ""));
+    const std::string seen = in_a_process([&s] {
+      if (!set_fd_limit(s.limit)) return std::string("setrlimit failed");
+      spawn_options o;
+      o.child_fd = s.child_fd;
+      if (s.null_stdio) o.stdin_mode = o.stdout_mode = o.stderr_mode = stdio_mode::null;
+      std::string out = ask({"fds"}, o) + " | " + ask({"env", "DUPLEX_FD"}, o);
+      if (s.null_stdio) out += " | " + ask({"stdio"}, o);
+      return out;
+    });
+    std::string expected = "0 1 2 " + fd + " | " + fd;
+    if (s.null_stdio) expected += " | /dev/null /dev/null /dev/null";
+    EXPECT_EQ(seen, expected);
+  }
+}
+
+// No fd at or above the limit can exist in the child, which inherits the limit: refused with
+// EBADF before anything starts.
+TEST_F(process_test, AChildFdAtOrAboveTheFdLimitIsRefused) {
+  EXPECT_EQ(in_a_process([] {
+              if (!set_fd_limit(64)) return std::string("setrlimit failed");
+              const auto before = test::open_files();
+              std::string out;
+              for (const int fd : {64, 65, 1000}) {
+                spawn_options o;
+                o.child_fd = fd;
+                auto c = spawn({test_child, "fds"}, o);
+                out += c ? "started" : c.error() == sys(EBADF) ? "EBADF" : c.error().message();
+                out += " ";
+              }
+              out += test::fd_changes(before, test::open_files());
+              if (!test::child_processes().empty()) out += "a child is left";
+              return out;
+            }),
+            "EBADF EBADF EBADF ");
+}
+
+// The end may already be where it must go, or on a stdio fd (the parent runs with some closed):
+// either way the child holds it at child_fd, stdio as asked, and nothing else. Each case closes
+// some stdio fds of a forked process, checks where a new pair lands there (the lowest free fds:
+// spawn's pair lands there too), spawns, and reports what the child holds.
+TEST_F(process_test, TheEndIsPlacedWhereverItsPairLands) {
+  struct scenario {
+    std::vector<int> closed;  // stdio fds the parent closes first
+    bool end_at_child_fd;     // child_fd: the number the child's end lands on in the parent
+    std::array<bool, 3> null;
+    std::string expected;  // the child's fds
+  };
+  const std::vector<scenario> scenarios{
+      // The end is at child_fd already.
+      {{}, true, {false, false, false}, "0 1 2 <end>"},
+      {{}, true, {true, true, true}, "0 1 2 <end>"},
+      // The pair lands on 0 and 1 (the end on 1). The parent's fds there are close-on-exec, so
+      // what the parent would pass on as stdin and stdout is closed in the child.
+      {{0, 1}, false, {false, false, false}, "2 3"},
+      {{0, 1}, false, {true, true, true}, "0 1 2 3"},
+      {{0, 1}, false, {false, true, false}, "1 2 3"},
+      {{0, 1}, false, {true, false, false}, "0 2 3"},
+      // The pair lands on 1 and 2 (the end on 2).
+      {{1, 2}, false, {false, false, true}, "0 2 3"},
+      {{1, 2}, false, {false, true, false}, "0 1 3"},
+      {{1, 2}, false, {true, true, true}, "0 1 2 3"},
+  };
+  for (const auto& s : scenarios) {
+    const std::string seen = in_a_process([&s] {
+      for (const int fd : s.closed)
+        ::close(fd);
+      int first = -1;
+      int second = -1;
+      {
+        auto probe = socket_pair(socket_kind::stream);
+        if (!probe) return "socket_pair failed: " + probe.error().message();
+        first = probe->first.native_handle();
+        second = probe->second.native_handle();
+      }
+      if (!s.closed.empty() && (first != s.closed[0] || second != s.closed[1])) {
+        return "the pair landed on " + std::to_string(first) + " and " + std::to_string(second);
+      }
+      spawn_options o;
+      o.child_fd = s.end_at_child_fd ? second : 3;
+      o.stdin_mode = s.null[0] ? stdio_mode::null : stdio_mode::inherit;
+      o.stdout_mode = s.null[1] ? stdio_mode::null : stdio_mode::inherit;
+      o.stderr_mode = s.null[2] ? stdio_mode::null : stdio_mode::inherit;
+      std::string out = ask({"fds"}, o);
+      const std::string end = std::to_string(second);
+      if (const auto at = out.find(end); s.end_at_child_fd && at != std::string::npos) {
+        out.replace(at, end.size(), "<end>");
+      }
+      if (s.null == std::array{true, true, true}) out += " | " + ask({"stdio"}, o);
+      return out;
+    });
+    std::string expected = s.expected;
+    if (s.null == std::array{true, true, true}) expected += " | /dev/null /dev/null /dev/null";
+    EXPECT_EQ(seen, expected) << "closed " << ::testing::PrintToString(s.closed) << ", null "
+                              << ::testing::PrintToString(s.null)
+                              << (s.end_at_child_fd ? ", the end at child_fd" : "");
+  }
 }
 
 TEST_F(process_test, EnvironmentCanBeInheritedAddedToAndReplaced) {
