@@ -18,6 +18,7 @@
 #include <optional>
 #include <string>
 
+#include "channel_check.hpp"
 #include "duplex/socket_pair.hpp"
 #include "io.hpp"
 #include "native_header.hpp"
@@ -1234,14 +1235,19 @@ channel::channel(channel&&) noexcept = default;
 channel& channel::operator=(channel&&) noexcept = default;
 channel::~channel() = default;
 
-result<channel> channel::create(socket s, channel_options options) {
-  if (s.kind() == socket_kind::datagram) return fail(errc::wrong_kind);
-  if (options.format == framing::python && s.kind() != socket_kind::stream) {
+result<void> detail::check_channel(socket_kind kind, const channel_options& options) {
+  if (kind == socket_kind::datagram) return fail(errc::wrong_kind);
+  if (options.format == framing::python && kind != socket_kind::stream) {
     return fail(errc::wrong_kind);
   }
   if (options.max_fds > max_fds_per_message || options.max_message_size == 0) {
     return fail_errno(EINVAL);
   }
+  return {};
+}
+
+result<channel> channel::create(socket s, channel_options options) {
+  if (auto ok = detail::check_channel(s.kind(), options); !ok) return std::unexpected(ok.error());
   channel c;
   c.impl_ = std::make_unique<impl>(std::move(s), options);
   return c;

@@ -24,6 +24,7 @@
 #include <string>
 #include <vector>
 
+#include "channel_check.hpp"
 #include "duplex/socket_pair.hpp"
 #include "spawn_child.hpp"
 #include "syscall.hpp"
@@ -427,7 +428,8 @@ result<channel> inherited_channel(const inherited_options& options) {
   if (ec != std::errc() || end != text.data() + text.size() || fd < 0) {
     return fail(errc::not_inherited);
   }
-  // Check before owning: an fd that is not ours to take must not be closed on the way out.
+  // Check before owning: an fd that is not ours to take must not be closed on the way out, and
+  // options channel::create refuses must not cost the caller its end.
   if (::fcntl(fd, F_GETFD) < 0) return fail_errno(errno);
   int domain = 0;
   int type = 0;
@@ -445,8 +447,8 @@ result<channel> inherited_channel(const inherited_options& options) {
     return fail(errc::wrong_kind);
   }
   if (options.kind && *options.kind != kind) return fail(errc::wrong_kind);
-  if (options.channel.format == framing::python && kind != socket_kind::stream) {
-    return fail(errc::wrong_kind);
+  if (auto ok = detail::check_channel(kind, options.channel); !ok) {
+    return std::unexpected(ok.error());
   }
   if (taken.exchange(true)) return fail_errno(EBUSY);
   // Close-on-exec: programs this child starts must not inherit its end.

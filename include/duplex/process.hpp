@@ -218,8 +218,11 @@ struct inherited_options {
 // marks it close-on-exec so that programs this child starts do not inherit it, and returns it as a
 // channel. The environment is left as it is. Call it once: the channel owns the fd.
 // Errors: errc::not_inherited (DUPLEX_FD unset or not a number), EBADF (no such fd), ENOTSOCK,
-// errc::wrong_kind (not AF_UNIX, a datagram socket, or not the kind asked for), EBUSY (already
-// taken by an earlier call in this process).
+// errc::wrong_kind (not AF_UNIX, a datagram socket, not the kind asked for, or a seqpacket socket
+// with framing::python), EINVAL (options.channel out of range, as channel::create refuses them),
+// EBUSY (already taken by an earlier call in this process). Every check comes before the fd is
+// taken: on any error the fd is left open and untaken, so a call with corrected options can still
+// take it.
 [[nodiscard]] result<channel> inherited_channel(const inherited_options& options = {});
 
 }  // namespace duplex

@@ -17,6 +17,8 @@
 //   inherited [stream|seqpacket]
 //                   report the error inherited_channel() gives ("ok" if none) on stdout
 //   inherited-twice report what a second inherited_channel() call gives, on stdout
+//   bad-options     call inherited_channel() with max_message_size 0, then with the defaults;
+//                   send the first call's error message over the channel the second one took
 //   cloexec         send "1" if its end is close-on-exec after inherited_channel(), else "0"
 //   peercred        send "<SO_PEERCRED pid> <own pid> <parent pid>"
 //   signals         send its blocked and ignored signal sets, the hex masks of /proc/self/status:
@@ -59,6 +61,19 @@ int run(const std::vector<std::string>& args) {
     auto c = duplex::inherited_channel(o);
     std::printf("%s\n", c ? "ok" : c.error().message().c_str());
     return 0;
+  }
+  if (mode == "bad-options") {
+    duplex::inherited_options bad;
+    bad.channel.max_message_size = 0;
+    auto first = duplex::inherited_channel(bad);
+    if (first) return 108;
+    auto second = duplex::inherited_channel();
+    if (!second) {
+      std::fprintf(stderr, "duplex_test_child: inherited_channel after %s: %s\n",
+                   first.error().message().c_str(), second.error().message().c_str());
+      return 109;
+    }
+    return second->send(duplex::as_bytes(first.error().message())) ? 0 : 101;
   }
   if (mode == "inherited-twice") {
     auto first = duplex::inherited_channel();

@@ -811,6 +811,12 @@ TEST_F(process_test, InheritedChannelSaysWhatIsWrong) {
             "Socket operation on non-socket");
 }
 
+// Options that channel::create refuses are refused before the end is taken: a corrected call
+// still takes it and talks to the parent.
+TEST_F(process_test, InheritedChannelRefusesBadOptionsWithoutTakingTheEnd) {
+  EXPECT_EQ(ask({"bad-options"}), "Invalid argument");
+}
+
 TEST_F(process_test, InheritedChannelChecksTheKindAndIsTakenOnce) {
   // The child prints its verdicts on stdout: capture them through a pipe.
   auto [read_end, write_end] = test::make_pipe();
