@@ -35,8 +35,13 @@ int fail(const char* what, std::error_code ec) {
 // The worker: squares each number it receives, until the parent closes its sending side.
 int worker() {
   auto parent = duplex::inherited_channel();
-  if (!parent)
-    return fail("Worker: no inherited channel (run me without arguments)", parent.error());
+  if (!parent) {
+    // The error in words that name DUPLEX_FD and its value ("DUPLEX_FD is set to 'x', which is
+    // not an fd number").
+    std::cerr << "Worker: no inherited channel (run me without arguments): "
+              << duplex::describe_inherited_error(parent.error()) << '\n';
+    return EXIT_FAILURE;
+  }
   int answered = 0;
   for (;;) {
     // A 32-bit request and a 64-bit reply: no value the parent sends can overflow the square.

@@ -27,6 +27,7 @@ class category_impl final : public std::error_category {
       case errc::closed: return "this end was closed";
       case errc::not_inherited: return "no channel was inherited (DUPLEX_FD is not set)";
       case errc::queue_full: return "the outgoing queue is full";
+      case errc::bad_environment: return "DUPLEX_FD is set, but not to an fd number";
     }
     return "unknown duplex error " + std::to_string(value);
   }
@@ -66,6 +67,7 @@ std::string_view to_string(errc e) noexcept {
     case errc::closed: return "closed";
     case errc::not_inherited: return "not_inherited";
     case errc::queue_full: return "queue_full";
+    case errc::bad_environment: return "bad_environment";
   }
   return "unknown";
 }

@@ -418,16 +418,48 @@ result<child> fork_with_channel(const std::function<int(duplex::channel&)>& fn,
   return c;
 }
 
-result<channel> inherited_channel(const inherited_options& options) {
-  static std::atomic<bool> taken{false};
+namespace {
+
+// The fd number DUPLEX_FD names: digits only, within int. errc::not_inherited if it is unset,
+// errc::bad_environment if it is anything else.
+result<int> inherited_fd_number() {
   const char* value = std::getenv(std::string(inherited_fd_variable).c_str());
   if (value == nullptr) return fail(errc::not_inherited);
-  int fd = -1;
   const std::string_view text(value);
+  // from_chars would take a leading '-'; an fd number has digits alone.
+  if (text.empty() || text.front() < '0' || text.front() > '9') return fail(errc::bad_environment);
+  int fd = -1;
   const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), fd);
-  if (ec != std::errc() || end != text.data() + text.size() || fd < 0) {
-    return fail(errc::not_inherited);
+  if (ec != std::errc() || end != text.data() + text.size()) return fail(errc::bad_environment);
+  return fd;
+}
+
+// A value from the environment, quoted for a message: at most 32 bytes, a byte outside printable
+// ASCII as \xNN, so that no value can garble the line or the terminal it is printed on.
+std::string quoted(std::string_view value) {
+  constexpr std::size_t shown = 32;
+  std::string out = "'";
+  for (const char ch : value.substr(0, shown)) {
+    const auto byte = static_cast<unsigned char>(ch);
+    if (byte >= 0x20 && byte < 0x7f && byte != '\\') {
+      out.push_back(ch);
+    } else {
+      char hex[5];
+      std::snprintf(hex, sizeof hex, "\\x%02x", byte);
+      out += hex;
+    }
   }
+  out += value.size() > shown ? "'..." : "'";
+  return out;
+}
+
+}  // namespace
+
+result<channel> inherited_channel(const inherited_options& options) {
+  static std::atomic<bool> taken{false};
+  auto number = inherited_fd_number();
+  if (!number) return std::unexpected(number.error());
+  const int fd = *number;
   // Check before owning: an fd that is not ours to take must not be closed on the way out, and
   // options channel::create refuses must not cost the caller its end.
   if (::fcntl(fd, F_GETFD) < 0) return fail_errno(errno);
@@ -457,6 +489,29 @@ result<channel> inherited_channel(const inherited_options& options) {
     return fail_errno(errno);
   }
   return channel::create(socket(unique_fd(fd), kind), options.channel);
+}
+
+std::string describe_inherited_error(const std::error_code& ec) {
+  const char* value = std::getenv(std::string(inherited_fd_variable).c_str());
+  if (value == nullptr) return ec.message();
+  const std::string named = std::string(inherited_fd_variable) + " is set to " + quoted(value);
+  if (ec == errc::bad_environment) return named + ", which is not an fd number";
+  if (ec == std::error_code(EBADF, std::system_category())) {
+    return named + ", which is not an open fd";
+  }
+  if (ec == std::error_code(ENOTSOCK, std::system_category())) {
+    return named + ", which is not a socket";
+  }
+  if (ec == errc::wrong_kind) {
+    return named + ", which is not an AF_UNIX stream or seqpacket socket of the kind asked for";
+  }
+  if (ec == std::error_code(EINVAL, std::system_category())) {
+    return named + ", but the channel options are out of range (the end was not taken)";
+  }
+  if (ec == std::error_code(EBUSY, std::system_category())) {
+    return named + ", whose channel this process has taken already";
+  }
+  return named + ": " + ec.message();
 }
 
 }  // namespace duplex

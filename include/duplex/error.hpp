@@ -56,10 +56,13 @@ enum class errc : int {
   wrong_kind,
   // This end was closed (channel::close); the call was not attempted.
   closed,
-  // No channel was inherited: DUPLEX_FD is not set, or is not a number.
+  // No channel was inherited: DUPLEX_FD is not set.
   not_inherited,
   // A channel's outgoing queue is full: try_send took nothing; flush when writable and retry.
   queue_full,
+  // DUPLEX_FD is set, but not to an fd number (digits only, within int): the environment that
+  // was to name an inherited channel is malformed. describe_inherited_error() shows the value.
+  bad_environment,
 };
 
 // The category of duplex::errc; its name is "duplex".

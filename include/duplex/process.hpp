@@ -9,6 +9,7 @@
 // In the child:
 //
 //   auto parent = duplex::inherited_channel();    // finds its end through DUPLEX_FD
+//   if (!parent) die(duplex::describe_inherited_error(parent.error()));  // names DUPLEX_FD's value
 //
 // How a child is started. spawn() does not fork the parent's memory: it uses
 // clone3(CLONE_VM | CLONE_VFORK | CLONE_PIDFD | CLONE_CLEAR_SIGHAND) (clone() where clone3 is
@@ -217,12 +218,20 @@ struct inherited_options {
 // by DUPLEX_FD, checks that it is an AF_UNIX stream or seqpacket socket (of the expected kind),
 // marks it close-on-exec so that programs this child starts do not inherit it, and returns it as a
 // channel. The environment is left as it is. Call it once: the channel owns the fd.
-// Errors: errc::not_inherited (DUPLEX_FD unset or not a number), EBADF (no such fd), ENOTSOCK,
-// errc::wrong_kind (not AF_UNIX, a datagram socket, not the kind asked for, or a seqpacket socket
-// with framing::python), EINVAL (options.channel out of range, as channel::create refuses them),
-// EBUSY (already taken by an earlier call in this process). Every check comes before the fd is
-// taken: on any error the fd is left open and untaken, so a call with corrected options can still
-// take it.
+// Errors: errc::not_inherited (DUPLEX_FD is not set), errc::bad_environment (DUPLEX_FD is set but
+// is not an fd number: not digits alone, or beyond int), EBADF (no such fd is open), ENOTSOCK
+// (the fd is not a socket), errc::wrong_kind (not AF_UNIX, a datagram socket, not the kind asked
+// for, or a seqpacket socket with framing::python), EINVAL (options.channel out of range, as
+// channel::create refuses them), EBUSY (already taken by an earlier call in this process).
+// Every check comes before the fd is taken: on any error the fd is left open and untaken, so a
+// call with corrected options can still take it.
 [[nodiscard]] result<channel> inherited_channel(const inherited_options& options = {});
+
+// An error of inherited_channel() in words that name DUPLEX_FD and its value (read again from the
+// environment, quoted, at most 32 bytes, unprintable bytes as \xNN), for a message to a person:
+// "DUPLEX_FD is set to ' 3', which is not an fd number", "... to '9', which is not an open fd",
+// "... to '1', which is not a socket"; likewise for wrong_kind, EINVAL and EBUSY, and any other
+// error as "DUPLEX_FD is set to '3': " and ec.message(). With DUPLEX_FD unset, ec.message().
+[[nodiscard]] std::string describe_inherited_error(const std::error_code& ec);
 
 }  // namespace duplex

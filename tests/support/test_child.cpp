@@ -16,6 +16,7 @@
 //                   exit 0 at once, leaving the grandchild running and orphaned
 //   inherited [stream|seqpacket]
 //                   report the error inherited_channel() gives ("ok" if none) on stdout
+//   inherited-why   as inherited, in the words of describe_inherited_error()
 //   inherited-twice report what a second inherited_channel() call gives, on stdout
 //   bad-options     call inherited_channel() with max_message_size 0, then with the defaults;
 //                   send the first call's error message over the channel the second one took
@@ -53,13 +54,17 @@ int run(const std::vector<std::string>& args) {
     ::raise(SIGSEGV);
     return 1;
   }
-  if (mode == "inherited") {
+  if (mode == "inherited" || mode == "inherited-why") {
     duplex::inherited_options o;
     if (args.size() > 1)
       o.kind =
           args[1] == "seqpacket" ? duplex::socket_kind::seqpacket : duplex::socket_kind::stream;
     auto c = duplex::inherited_channel(o);
-    std::printf("%s\n", c ? "ok" : c.error().message().c_str());
+    const std::string verdict = c ? "ok"
+                                : mode == "inherited-why"
+                                    ? duplex::describe_inherited_error(c.error())
+                                    : c.error().message();
+    std::printf("%s\n", verdict.c_str());
     return 0;
   }
   if (mode == "bad-options") {

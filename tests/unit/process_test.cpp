@@ -801,14 +801,30 @@ TEST_P(spawn_signals_test, AParentsHandlerNeverRunsInTheChild) {
 
 // --- inherited_channel -----------------------------------------------------------------------
 
+// Each way DUPLEX_FD can be wrong has an error of its own, and describe_inherited_error() says
+// it with the value.
 TEST_F(process_test, InheritedChannelSaysWhatIsWrong) {
-  EXPECT_EQ(run_with_env({test_child, "inherited"}, {}),
-            "no channel was inherited (DUPLEX_FD is not set)");
-  EXPECT_EQ(run_with_env({test_child, "inherited"}, {"DUPLEX_FD=three"}),
-            "no channel was inherited (DUPLEX_FD is not set)");
-  EXPECT_EQ(run_with_env({test_child, "inherited"}, {"DUPLEX_FD=99"}), "Bad file descriptor");
-  EXPECT_EQ(run_with_env({test_child, "inherited"}, {"DUPLEX_FD=1"}),
-            "Socket operation on non-socket");
+  auto verdicts = [](std::vector<std::string> env) {
+    return run_with_env({test_child, "inherited"}, env) + " | " +
+           run_with_env({test_child, "inherited-why"}, env);
+  };
+  const std::string unset = "no channel was inherited (DUPLEX_FD is not set)";
+  EXPECT_EQ(verdicts({}), unset + " | " + unset);
+  for (const std::string value :
+       {"three", " 3", "3 ", "+3", "x", "3x", "", "-1", "-0", "99999999999", "2147483648"}) {
+    EXPECT_EQ(verdicts({"DUPLEX_FD=" + value}),
+              "DUPLEX_FD is set, but not to an fd number | DUPLEX_FD is set to '" + value +
+                  "', which is not an fd number");
+  }
+  // Unprintable bytes are shown as escapes, and a long value is cut short.
+  EXPECT_EQ(run_with_env({test_child, "inherited-why"}, {"DUPLEX_FD=3\x1b[2J\\"}),
+            "DUPLEX_FD is set to '3\\x1b[2J\\x5c', which is not an fd number");
+  EXPECT_EQ(run_with_env({test_child, "inherited-why"}, {"DUPLEX_FD=" + std::string(100, '7')}),
+            "DUPLEX_FD is set to '" + std::string(32, '7') + "'..., which is not an fd number");
+  EXPECT_EQ(verdicts({"DUPLEX_FD=99"}),
+            "Bad file descriptor | DUPLEX_FD is set to '99', which is not an open fd");
+  EXPECT_EQ(verdicts({"DUPLEX_FD=1"}),  // a pipe
+            "Socket operation on non-socket | DUPLEX_FD is set to '1', which is not a socket");
 }
 
 // Options that channel::create refuses are refused before the end is taken: a corrected call
