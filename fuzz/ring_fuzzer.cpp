@@ -1,9 +1,9 @@
 // Fuzz target 4: a ring_channel whose peer is the input. The peer completes the handshake by
 // hand, maps both rings, and from then on the input writes anywhere in either of them (shared
 // memory is the peer's to scribble on, the owner's own fields included), moves the positions,
-// rings the eventfds and closes its socket, between the victim's try_send, try_receive and
-// receive_into calls. No crash, no hang (every call is non-blocking), no fd leaked, and every
-// error is one the header documents.
+// wakes the victim, closes its wake sockets and its socket, between the victim's try_send,
+// try_receive and receive_into calls. No crash, no hang (every call is non-blocking), no fd leaked,
+// and every error is one the header documents.
 //
 // Input: byte 0: bit 0 the victim's ring is 8 KiB (else 4 KiB), bit 1 the peer's is 8 KiB.
 // Then operations, an op byte each (its low 3 bits):
@@ -13,11 +13,12 @@
 //   3: the peer's own head set to a u16 (how far the victim may write)
 //   4: the victim try_sends a length byte's worth of bytes
 //   5: the victim try_receives; 6: receive_into a 64-byte buffer, not waiting
-//   7: bit 3 rings the victim's eventfds; bit 4 closes the peer's socket
+//   7: bit 3 sends a wake on each of the victim's wake sockets; bit 4 closes the peer's socket;
+//      bit 5 closes the victim's wake sockets (the peer's copies, the only ones)
 // At the end the victim receives until it would block or stops for good.
 #include <fcntl.h>
-#include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -110,14 +111,20 @@ void run(duplex::fuzz::input& in) {
       ::fcntl(memfd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW) != 0) {
     std::abort();
   }
-  duplex::unique_fd data_bell(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-  duplex::unique_fd room_bell(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  // The peer's wake sockets: it keeps the first end of each pair and sends the second.
+  std::array<int, 2> data_bell{};
+  std::array<int, 2> room_bell{};
+  if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, data_bell.data()) != 0) std::abort();
+  if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, room_bell.data()) != 0) std::abort();
+  const std::array<duplex::unique_fd, 4> bells{
+      duplex::unique_fd(data_bell[0]), duplex::unique_fd(data_bell[1]),
+      duplex::unique_fd(room_bell[0]), duplex::unique_fd(room_bell[1])};
   layout::hello mine;
   mine.capacity = peer_capacity;
   mine.max_message_size = 2048;
   const std::array<duplex::const_buffer, 1> parts{
       duplex::const_buffer(reinterpret_cast<const std::byte*>(&mine), sizeof mine)};
-  const std::array<int, layout::hello_fds> fds{memfd.get(), data_bell.get(), room_bell.get()};
+  const std::array<int, layout::hello_fds> fds{memfd.get(), data_bell[1], room_bell[1]};
   if (!pair->second.send_msg(parts, fds)) std::abort();
   duplex::ring_options o;
   o.capacity = victim_capacity;
@@ -126,7 +133,7 @@ void run(duplex::fuzz::input& in) {
   o.handshake_timeout = std::chrono::seconds(5);
   auto victim = duplex::ring_channel::create(std::move(pair->first), o);
   if (!victim) std::abort();  // the handshake above is well formed
-  // The victim's hello: its ring and its two eventfds.
+  // The victim's hello: its ring and the sending ends of its two wake sockets.
   layout::hello theirs;
   std::array<duplex::unique_fd, layout::hello_fds> got;
   const std::array<duplex::mutable_buffer, 1> into{
@@ -168,11 +175,15 @@ void run(duplex::fuzz::input& in) {
       case 6: static_cast<void>(receive_once(*victim, true)); break;
       default: {
         if ((op & 8) != 0) {
-          const std::uint64_t one = 1;
-          static_cast<void>(::write(got[1].get(), &one, sizeof one));
-          static_cast<void>(::write(got[2].get(), &one, sizeof one));
+          const char wake = 1;
+          static_cast<void>(::send(got[1].get(), &wake, 1, MSG_DONTWAIT | MSG_NOSIGNAL));
+          static_cast<void>(::send(got[2].get(), &wake, 1, MSG_DONTWAIT | MSG_NOSIGNAL));
         }
         if ((op & 16) != 0) pair->second.close();
+        if ((op & 32) != 0) {
+          got[1].reset();
+          got[2].reset();
+        }
         break;
       }
     }

@@ -2,20 +2,19 @@
 
 #include <fcntl.h>
 #include <poll.h>
-#include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <array>
 #include <atomic>
 #include <bit>
 #include <cerrno>
-#include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <new>
-#include <string_view>
 
 #include "duplex/socket_pair.hpp"
 #include "io.hpp"
@@ -148,24 +147,34 @@ result<mapping> map_ring(int fd, std::size_t capacity) {
   return mapping(static_cast<std::byte*>(p), capacity);
 }
 
-// Wakes the peer sleeping on efd. A full counter (EAGAIN) already wakes it.
-void ring_bell(int efd) noexcept {
-  const std::uint64_t one = 1;
+// Wakes the peer sleeping on the other end of bell, one of the wake sockets it sent (a connected
+// AF_UNIX seqpacket socket, checked in the handshake): one byte, never waiting, whatever the peer
+// has done to the socket's file. A full socket (EAGAIN) already holds a wake; any other error
+// means the peer has closed its end, which its stream socket reports.
+void ring_bell(int bell) noexcept {
+  const char wake = 1;
   ssize_t r;
   do {
-    r = ::write(efd, &one, sizeof one);
+    r = ::send(bell, &wake, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
   } while (r < 0 && errno == EINTR);
 }
 
-// True if fd is an eventfd, as far as /proc tells (without /proc, trusted: it is non-blocking,
-// so a write to anything else cannot hang).
-bool is_eventfd(int fd) {
-  std::array<char, 64> path{};
-  std::snprintf(path.data(), path.size(), "/proc/self/fd/%d", fd);
-  std::array<char, 64> target{};
-  const ssize_t n = ::readlink(path.data(), target.data(), target.size());
-  if (n < 0) return true;
-  return std::string_view(target.data(), static_cast<std::size_t>(n)) == "anon_inode:[eventfd]";
+// True if fd is a connected AF_UNIX seqpacket socket: a send with MSG_DONTWAIT on one takes no
+// lock its peer can hold and cannot wait, and its connection cannot be moved elsewhere.
+bool is_wake_socket(int fd) {
+  int domain = 0;
+  int type = 0;
+  socklen_t len = sizeof domain;
+  if (::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0 || domain != AF_UNIX) {
+    return false;
+  }
+  len = sizeof type;
+  if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 || type != SOCK_SEQPACKET) {
+    return false;
+  }
+  sockaddr_un peer{};
+  len = sizeof peer;
+  return ::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &len) == 0;
 }
 
 bool valid_options(const ring_options& o) {
@@ -182,9 +191,12 @@ struct ring_channel::impl {
   mapping in;   // this end's ring: the peer writes, this end reads
   mapping out;  // the peer's ring: this end writes
   std::size_t out_max = 0;
-  unique_fd in_memfd;                        // sent in the handshake, then closed
+  unique_fd in_memfd;  // sent in the handshake, then closed
+  // Wake sockets (docs/design.md): this end sleeps on the receiving ends it made, and wakes the
+  // peer by sending a byte on the ends the peer made and sent. No file this end writes to, reads
+  // from or waits on is one whose flags or locks the peer shares.
   unique_fd data_bell, room_bell;            // this end sleeps on these
-  unique_fd peer_data_bell, peer_room_bell;  // the peer sleeps on these
+  unique_fd peer_data_bell, peer_room_bell;  // the peer sleeps on their other ends
   std::uint64_t head = 0;                    // this end's reading position in `in`
   std::uint64_t tail = 0;                    // this end's writing position in `out`
   std::mutex send_lock, receive_lock;
@@ -222,13 +234,23 @@ struct ring_channel::impl {
       }
       if (closed.load(std::memory_order_relaxed)) return fail(errc::closed);
       if (n == 0) return fail(errc::timed_out);
-      if ((fds[0].revents & POLLIN) != 0) {
-        std::uint64_t count = 0;
-        static_cast<void>(::read(bell, &count, sizeof count));  // non-blocking: resets it
-        return {};
-      }
+      if (fds[0].revents != 0) return take_wake(bell);
       if (fds[1].revents != 0) return peer_state();
     }
+  }
+
+  // Takes one wake from this end's wake socket bell, which only this end reads, never waiting.
+  // The peer may have sent any number of packets: one is read, and any left wake the next sleep
+  // at once (the caller looks at the ring again either way). The end of the peer's side means
+  // the peer is gone: nothing can wake this end any more.
+  static result<void> take_wake(int bell) {
+    char wake = 0;
+    ssize_t r;
+    do {
+      r = ::recv(bell, &wake, 1, MSG_DONTWAIT);
+    } while (r < 0 && errno == EINTR);
+    if (r == 0) return fail(errc::peer_closed);
+    return {};
   }
 
   // After the socket polled readable: it carries nothing after the handshake, so the peer has
@@ -387,22 +409,26 @@ struct ring_channel::impl {
     in = std::move(*m);
     in.field<std::uint64_t>(off_magic).store(ring_magic, std::memory_order_relaxed);
     in.field<std::uint64_t>(off_capacity).store(options.capacity, std::memory_order_relaxed);
-    for (unique_fd* bell : {&data_bell, &room_bell}) {
-      const int e = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-      if (e < 0) return fail_errno(errno);
-      bell->reset(e);
+    // Each wake socket pair: this end keeps one end to sleep on, the peer gets the other.
+    std::array<unique_fd, 2> theirs;
+    for (std::size_t i = 0; i < 2; ++i) {
+      auto wake = socket_pair(AF_UNIX, SOCK_SEQPACKET, 0);
+      if (!wake) return std::unexpected(wake.error());
+      (i == 0 ? data_bell : room_bell) = wake->first.release();
+      theirs[i] = wake->second.release();
     }
     hello h;
     h.capacity = options.capacity;
     h.max_message_size = options.max_message_size;
     iovec iov{&h, sizeof h};
-    const std::array<int, hello_fds> fds{memfd, data_bell.get(), room_bell.get()};
+    const std::array<int, hello_fds> fds{memfd, theirs[0].get(), theirs[1].get()};
     for (;;) {
       auto sent = detail::send_with_fds(sock.native_handle(), &iov, 1, fds, MSG_DONTWAIT);
       if (sent) {
         // 40 bytes into an unused socket go whole; a short send means someone else wrote to it.
         if (*sent != sizeof h) return fail(errc::protocol_error);
         in_memfd.reset();  // the mapping and the peer's copy keep the ring
+        // theirs: the peer's copies keep its ends (closed on return).
         return {};
       }
       if (sent.error() != errc::would_block) {
@@ -452,7 +478,7 @@ struct ring_channel::impl {
       got += rr->bytes;
       first = false;
     }
-    if (h.magic != ring_magic || h.version != 1 || h.flags != 0 || h.reserved != 0 ||
+    if (h.magic != ring_magic || h.version != ring_version || h.flags != 0 || h.reserved != 0 ||
         fds.count != hello_fds) {
       return fail(errc::protocol_error);
     }
@@ -469,11 +495,7 @@ struct ring_channel::impl {
       return fail(errc::protocol_error);
     }
     for (std::size_t i = 1; i < hello_fds; ++i) {
-      if (!is_eventfd(taken[i].get())) return fail(errc::protocol_error);
-      const int fl = ::fcntl(taken[i].get(), F_GETFL);
-      if (fl < 0 || ::fcntl(taken[i].get(), F_SETFL, fl | O_NONBLOCK) != 0) {
-        return fail_errno(errno);
-      }
+      if (!is_wake_socket(taken[i].get())) return fail(errc::protocol_error);
     }
     auto m = map_ring(memfd, static_cast<std::size_t>(h.capacity));
     if (!m) return std::unexpected(m.error());
@@ -575,10 +597,9 @@ int ring_channel::native_handle() const noexcept {
 void ring_channel::close() noexcept {
   if (!impl_ || impl_->closed.exchange(true)) return;
   impl_->in.closed().store(1, std::memory_order_seq_cst);
-  // The peer sees the end of the stream; this end's own sleepers see their socket readable.
+  // The peer sees the end of the stream; this end's own sleepers see their socket readable and
+  // then the closed flag. Nothing here can wait: shutdown() of a socket never does.
   ::shutdown(impl_->sock.native_handle(), SHUT_RDWR);
-  ring_bell(impl_->data_bell.get());
-  ring_bell(impl_->room_bell.get());
 }
 
 }  // namespace duplex

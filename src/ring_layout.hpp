@@ -32,11 +32,13 @@ constexpr std::uint64_t record_size(std::uint64_t payload) noexcept {
   return record_header + ((payload + 7) & ~std::uint64_t{7});
 }
 
-// The handshake each end sends, with three fds: its ring's memfd, then the eventfd it sleeps on
-// for data, then the one it sleeps on for room.
+// The handshake each end sends, with three fds: its ring's memfd, then the sending ends of its two
+// wake sockets (AF_UNIX seqpacket pairs it made and keeps the other ends of): the peer sends a
+// byte on the first to wake it when it sleeps for data, on the second when it waits for room.
+constexpr std::uint32_t ring_version = 2;
 struct hello {
   std::uint64_t magic = ring_magic;
-  std::uint32_t version = 1;
+  std::uint32_t version = ring_version;
   std::uint32_t flags = 0;
   std::uint64_t capacity = 0;
   std::uint64_t max_message_size = 0;

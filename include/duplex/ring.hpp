@@ -6,7 +6,8 @@
 // by both ends); the peer writes messages into it and moves its tail, the owner reads them and
 // moves its head. A receiver with busy_poll set spins on the ring's tail without a system call,
 // so a round trip between two spinning cores costs memory traffic only. A receiver that finds
-// nothing and stops spinning sleeps on an eventfd its peer writes to only when it sees the
+// nothing and stops spinning sleeps on a wake socket of its own (an AF_UNIX seqpacket pair it
+// made, whose other end the peer holds), on which the peer sends a byte only when it sees the
 // receiver asleep; a sender whose ring is full sleeps the same way until the receiver makes room.
 //
 // What it promises, whatever the peer does:
@@ -16,15 +17,26 @@
 //     shared memory is checked before use (a broken one gives errc::protocol_error, then
 //     errc::broken); a message is copied out before it is handed over, so the peer cannot change
 //     it afterwards; the memfd the peer hands over must be sealed against shrinking (no SIGBUS)
-//     and the peer's eventfds must be eventfds.
+//     and its wake sockets must be connected AF_UNIX seqpacket sockets.
+//   - No call blocks on anything the peer can change: every wait is a ppoll on this end's own
+//     sockets, bounded by the call's timeout, and every other system call on a shared object
+//     (a wake sent on the peer's socket, a wake taken from this end's own) is non-blocking per
+//     call, so clearing O_NONBLOCK, filling a socket or setting the sleeping and waiting flags
+//     by hand does not make send(), receive() or close() wait past their timeouts. What the peer
+//     can do is wake this end for nothing (a waiting call looks at the ring again and goes back
+//     to sleep, costing CPU until its timeout), or never wake it (as if it sent nothing); a peer
+//     that closes its ends of this end's wake sockets is gone (errc::peer_closed, after what it
+//     published). A peer that can ptrace this process is out of any library's reach.
 //   - No fds: a message with fds needs a duplex::channel. Messages are at most the receiver's
 //     max_message_size, which is at most its ring's capacity less 8 bytes.
 //
-// What it costs: two rings (2 × capacity bytes of shared memory per pair), four eventfds per
-// end besides the socket (its own two and the peer's two; the memfds are closed once mapped) and,
-// with busy_poll, a core spinning while it waits. A send into the ring of a peer that died without
-// closing succeeds while the ring has room (like a send into the socket buffer of a peer that has
-// not read it yet); the first send that must wait for room, and every receive, see the peer gone.
+// What it costs: two rings (2 × capacity bytes of shared memory per pair), four wake sockets per
+// end besides the socket (the ends of its own two pairs it sleeps on, and the ends of the peer's
+// two it wakes the peer with; the memfds are closed once mapped), a socket send and receive per
+// wake-up and, with busy_poll, a core spinning while it waits. A send into the ring of a peer that
+// died without closing succeeds while the ring has room (like a send into the socket buffer of a
+// peer that has not read it yet); the first send that must wait for room, and every receive, see
+// the peer gone.
 //
 // Threads: one thread may send while another receives on the same end; concurrent senders (or
 // receivers) take turns on a lock, and a call's timeout does not count the wait for that lock.
@@ -76,10 +88,10 @@ class ring_channel {
   ring_channel& operator=(ring_channel&&) noexcept;
 
   // Sets up this end over a connected stream or seqpacket socket whose peer calls create() too:
-  // sends this end's ring and eventfds, receives and checks the peer's, and maps its ring.
+  // sends this end's ring and wake sockets, receives and checks the peer's, and maps its ring.
   // Errors: errc::wrong_kind (not a connected stream/seqpacket socket), errc::timed_out,
   // errc::peer_closed, errc::protocol_error (a bad handshake, ring or fd), EINVAL (options out of
-  // range), the errno of memfd_create, eventfd or mmap.
+  // range), the errno of memfd_create, socketpair or mmap.
   [[nodiscard]] static result<ring_channel> create(socket s, const ring_options& options = {});
 
   // Sends one message (its pieces gathered), waiting for room in the peer's ring as long as
@@ -115,7 +127,7 @@ class ring_channel {
 
   // Tells the peer this end is gone (it gets errc::peer_closed once it has read everything
   // already in its ring) and wakes any call waiting on this end, which returns errc::closed.
-  // The rings stay mapped until destruction.
+  // Never waits, whatever the peer has done. The rings stay mapped until destruction.
   void close() noexcept;
 
   // The shared state of an end; defined in the library.

@@ -7,12 +7,15 @@
 #include <fcntl.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <array>
 #include <atomic>
+#include <csignal>
 #include <cstring>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -322,7 +325,7 @@ TEST_F(ring_test, PeerKilledDeliversWhatItSentThenPeerClosed) {
 // The handshake as the peer sends it (docs/protocol.md).
 struct hello {
   std::uint64_t magic = 0x31474e4952585044;
-  std::uint32_t version = 1;
+  std::uint32_t version = 2;
   std::uint32_t flags = 0;
   std::uint64_t capacity = 4096;
   std::uint64_t max_message_size = 2048;
@@ -337,6 +340,14 @@ unique_fd sealed_memfd(std::size_t size, bool seal = true) {
 }
 
 unique_fd an_eventfd() { return unique_fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)); }
+
+// A wake socket pair as an end makes it (docs/protocol.md): it keeps .first, the peer gets
+// .second.
+std::pair<unique_fd, unique_fd> wake_pair(int type = SOCK_SEQPACKET) {
+  std::array<int, 2> sv{};
+  if (::socketpair(AF_UNIX, type | SOCK_CLOEXEC, 0, sv.data()) != 0) std::abort();
+  return {unique_fd(sv[0]), unique_fd(sv[1])};
+}
 
 // Sends a hello and fds on s, then sets up the other end and returns what create() said.
 result<ring_channel> create_against(socket& s, socket victim, const hello& h,
@@ -356,29 +367,41 @@ TEST_F(ring_test, BadHandshakesAreRefusedAndLeakNothing) {
     int fds;        // how many of memfd, bell, bell to attach
     bool unsealed;  // the memfd is not sealed
     std::size_t memfd_size;
-    bool pipe_bell;  // the first bell is a pipe, not an eventfd
+    const char* bell;  // what the first bell is: "wake", "eventfd", "pipe", "stream", "unconnected"
   };
   const std::vector<bad> cases{
-      {"wrong magic", [](hello& h) { h.magic ^= 1; }, 3, false, 8192, false},
-      {"wrong version", [](hello& h) { h.version = 2; }, 3, false, 8192, false},
-      {"capacity not a power of two", [](hello& h) { h.capacity = 6144; }, 3, false, 10240, false},
+      {"wrong magic", [](hello& h) { h.magic ^= 1; }, 3, false, 8192, "wake"},
+      {"version 1", [](hello& h) { h.version = 1; }, 3, false, 8192, "wake"},
+      {"wrong version", [](hello& h) { h.version = 3; }, 3, false, 8192, "wake"},
+      {"capacity not a power of two", [](hello& h) { h.capacity = 6144; }, 3, false, 10240, "wake"},
       {"capacity over the limit", [](hello& h) { h.capacity = std::uint64_t{128} << 20; }, 3, false,
-       8192, false},
-      {"no fds", [](hello&) {}, 0, false, 8192, false},
-      {"two fds", [](hello&) {}, 2, false, 8192, false},
-      {"unsealed memfd", [](hello&) {}, 3, true, 8192, false},
-      {"memfd of the wrong size", [](hello&) {}, 3, false, 4096, false},
-      {"a pipe for a bell", [](hello&) {}, 3, false, 8192, true},
+       8192, "wake"},
+      {"no fds", [](hello&) {}, 0, false, 8192, "wake"},
+      {"two fds", [](hello&) {}, 2, false, 8192, "wake"},
+      {"unsealed memfd", [](hello&) {}, 3, true, 8192, "wake"},
+      {"memfd of the wrong size", [](hello&) {}, 3, false, 4096, "wake"},
+      {"an eventfd for a bell", [](hello&) {}, 3, false, 8192, "eventfd"},
+      {"a pipe for a bell", [](hello&) {}, 3, false, 8192, "pipe"},
+      {"a stream socket for a bell", [](hello&) {}, 3, false, 8192, "stream"},
+      {"an unconnected socket for a bell", [](hello&) {}, 3, false, 8192, "unconnected"},
   };
   for (const auto& c : cases) {
     auto pair = must(socket_pair(socket_kind::stream));
     hello h;
     c.edit(h);
     auto memfd = sealed_memfd(c.memfd_size, !c.unsealed);
-    auto bell = an_eventfd();
+    auto bell = wake_pair();
+    auto eventfd = an_eventfd();
     auto pipe = test::make_pipe();
-    const int first_bell = c.pipe_bell ? pipe.second.get() : bell.get();
-    const std::array<int, 3> all{memfd.get(), first_bell, bell.get()};
+    auto stream = wake_pair(SOCK_STREAM);
+    const unique_fd unconnected(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+    const std::string_view kind = c.bell;
+    const int first_bell = kind == "eventfd"       ? eventfd.get()
+                           : kind == "pipe"        ? pipe.second.get()
+                           : kind == "stream"      ? stream.second.get()
+                           : kind == "unconnected" ? unconnected.get()
+                                                   : bell.second.get();
+    const std::array<int, 3> all{memfd.get(), first_bell, bell.second.get()};
     auto got = create_against(pair.second, std::move(pair.first), h,
                               std::span<const int>(all).first(static_cast<std::size_t>(c.fds)));
     EXPECT_THAT(got, HasError(errc::protocol_error)) << c.what;
@@ -403,13 +426,13 @@ class hand_peer {
   explicit hand_peer(std::uint64_t capacity = 4096)
       : pair_(must(socket_pair(socket_kind::stream))),
         memfd_(sealed_memfd(4096 + capacity)),
-        data_bell_(an_eventfd()),
-        room_bell_(an_eventfd()),
+        data_bell_(wake_pair()),
+        room_bell_(wake_pair()),
         own_(map(memfd_.get(), 4096 + capacity)),
         own_size_(4096 + capacity) {
     hello h;
     h.capacity = capacity;
-    const std::array<int, 3> fds{memfd_.get(), data_bell_.get(), room_bell_.get()};
+    const std::array<int, 3> fds{memfd_.get(), data_bell_.second.get(), room_bell_.second.get()};
     victim_ = must(create_against(pair_.second, std::move(pair_.first), h, fds));
     // The victim's hello: 40 bytes and its three fds.
     hello theirs;
@@ -420,6 +443,7 @@ class hand_peer {
     if (r.bytes != sizeof theirs || r.fds != 3) std::abort();
     victim_size_ = 4096 + theirs.capacity;
     victims_ = map(got[0].get(), victim_size_);
+    theirs_ = {std::move(got[1]), std::move(got[2])};
   }
   ~hand_peer() {
     ::munmap(own_, own_size_);
@@ -437,14 +461,58 @@ class hand_peer {
   // This peer's own ring, which the victim writes: its head (at 64) is this peer's to move.
   void set_own_head(std::uint64_t h) { std::memcpy(own_ + 64, &h, 8); }
 
+  // Closes the victim's wake sockets (this peer holds the only other ends): nothing can wake the
+  // victim any more.
+  void close_victims_bells() {
+    theirs_[0].reset();
+    theirs_[1].reset();
+  }
+
+  // Tries to make the victim block: brings every eventfd it shares with the victim to one short
+  // of overflowing (a blocking write of 1 then waits for a read that never comes), fills every
+  // socket it can send on, clears O_NONBLOCK on all of them, and sets the flags that make the
+  // victim wake it: this peer's receiver asleep, its sender waiting for room.
+  void wedge() {
+    for (const int fd : shared_fds()) {
+      if (fd_target(fd) == "anon_inode:[eventfd]") {
+        std::uint64_t drained = 0;
+        static_cast<void>(::read(fd, &drained, sizeof drained));
+        const std::uint64_t most = 0xfffffffffffffffe;
+        if (::write(fd, &most, sizeof most) != sizeof most) std::abort();
+      } else if (fd_target(fd).starts_with("socket:")) {
+        const char b = 'w';
+        while (::send(fd, &b, 1, MSG_DONTWAIT | MSG_NOSIGNAL) == 1) {
+        }
+      }
+      const int fl = ::fcntl(fd, F_GETFL);
+      if (fl < 0 || ::fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) != 0) std::abort();
+    }
+    const std::uint32_t one = 1;
+    std::memcpy(own_ + 192, &one, 4);      // reader_sleeping of the ring the victim writes
+    std::memcpy(victims_ + 256, &one, 4);  // writer_waiting of the ring the victim reads
+  }
+
  private:
+  // The fds this peer holds whose files the victim holds too, the rings' memfds aside.
+  std::vector<int> shared_fds() const {
+    return {data_bell_.second.get(), room_bell_.second.get(), theirs_[0].get(), theirs_[1].get()};
+  }
   static std::byte* map(int fd, std::size_t size) {
     void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (p == MAP_FAILED) std::abort();
     return static_cast<std::byte*>(p);
   }
+  static std::string fd_target(int fd) {
+    std::array<char, 128> target{};
+    const auto path = "/proc/self/fd/" + std::to_string(fd);
+    const ssize_t n = ::readlink(path.c_str(), target.data(), target.size());
+    return n < 0 ? std::string() : std::string(target.data(), static_cast<std::size_t>(n));
+  }
+
   connected_pair pair_;
-  unique_fd memfd_, data_bell_, room_bell_;
+  unique_fd memfd_;
+  std::pair<unique_fd, unique_fd> data_bell_, room_bell_;  // this peer's wake sockets, both ends
+  std::array<unique_fd, 2> theirs_;                        // the victim's, as it sent them
   std::byte* own_;
   std::size_t own_size_;
   ring_channel victim_;
@@ -505,6 +573,55 @@ TEST_F(ring_test, ReceivedMessagesAreTheReceiversOwnCopy) {
   auto m = must(peer.victim().receive(10s));
   peer.write_victim_data(8, "XXXXX", 5);
   EXPECT_EQ(m.text(), "hello");
+}
+
+// A peer that completes the handshake honestly and then does all it can to make the victim block
+// (hand_peer::wedge): a send that wakes it, a receive that makes room for it, a receive that
+// waits, and close() each return. Each runs in a child process killed by SIGALRM after 10 s, so
+// a call that blocks fails the test instead of hanging it.
+TEST_F(ring_test, APeerCannotMakeTheVictimBlock) {
+  const std::vector<std::pair<const char*, std::function<int(hand_peer&)>>> cases{
+      {"send into a ring whose reader sleeps",
+       [](hand_peer& peer) { return peer.victim().send(as_bytes("x"), 1s) ? 0 : 1; }},
+      {"receive from a ring whose writer waits",
+       [](hand_peer& peer) {
+         const std::array<std::uint32_t, 2> header{5, 0};
+         peer.write_victim_data(0, header.data(), 8);
+         peer.write_victim_data(8, "hello", 5);
+         peer.set_victim_tail(16);
+         auto m = peer.victim().receive(1s);
+         return m && m->text() == "hello" ? 0 : 1;
+       }},
+      {"receive that waits",
+       [](hand_peer& peer) {
+         return peer.victim().receive(1s).error() == errc::timed_out ? 0 : 1;
+       }},
+      {"close", [](hand_peer& peer) {
+         peer.victim().close();
+         return peer.victim().is_open() ? 1 : 0;
+       }}};
+  for (const auto& [what, call] : cases) {
+    const int status = test::run_in_child([&call] {
+      ::alarm(10);
+      hand_peer peer;
+      peer.wedge();
+      return call(peer);
+    });
+    EXPECT_EQ(status, 0) << what << (status == 128 + SIGALRM ? ": blocked" : "");
+  }
+}
+
+// A peer that closes the victim's wake sockets can never wake it again: a receive that waits
+// returns errc::peer_closed at once, after delivering what the peer published.
+TEST_F(ring_test, APeerThatClosesTheWakeSocketsIsGone) {
+  hand_peer peer;
+  const std::array<std::uint32_t, 2> header{5, 0};
+  peer.write_victim_data(0, header.data(), 8);
+  peer.write_victim_data(8, "hello", 5);
+  peer.set_victim_tail(16);
+  peer.close_victims_bells();
+  EXPECT_EQ(must(peer.victim().receive(10s)).text(), "hello");
+  EXPECT_THAT(peer.victim().receive(10s), HasError(errc::peer_closed));
 }
 
 }  // namespace
