@@ -1441,7 +1441,13 @@ std::size_t channel::buffered_bytes() const noexcept {
 bool channel::wants_write() const noexcept { return impl_ && impl_->queued.load() > 0; }
 
 bool channel::drained() const noexcept {
-  return impl_ && impl_->drained.load(std::memory_order_relaxed);
+  if (!impl_ || !impl_->drained.load(std::memory_order_relaxed)) return false;
+  // A stream read also stops short at an urgent byte (MSG_OOB) with more behind it: at the mark,
+  // the socket is not empty. Asked here, not on every read, so only drained()'s callers pay.
+  const impl::call c(*impl_);
+  int at_mark = 0;
+  return c.ok() &&
+         (::ioctl(impl_->sock.native_handle(), SIOCATMARK, &at_mark) != 0 || at_mark == 0);
 }
 
 std::size_t channel::queued_bytes() const noexcept { return impl_ ? impl_->queued.load() : 0; }

@@ -259,8 +259,10 @@ class channel {
   // held no more bytes for this end at that moment. For edge-triggered loops (EPOLLET): until
   // the next edge, a try_receive could only fail with would_block, unless the peer had already
   // ended its side (watch EPOLLRDHUP: the end of stream is not a byte, and a read that returns
-  // bytes does not report it) or sent MSG_OOB (duplex never does; a read stops at the urgent
-  // byte). Always false on seqpacket channels, and after a call served from the buffer.
+  // bytes does not report it). A read that stopped short at an urgent byte (MSG_OOB, which duplex
+  // never sends) did not empty the socket: drained() asks the kernel (SIOCATMARK, one system call
+  // when it would be true) and is false at the mark. Always false on seqpacket channels, after a
+  // call served from the buffer, and once closed.
   [[nodiscard]] bool drained() const noexcept;
 
   // True while try_send left bytes to write: wait for POLLOUT on native_handle(), then flush().

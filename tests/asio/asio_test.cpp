@@ -430,6 +430,56 @@ TEST(asio_stream, AnUrgentByteFromThePeerLosesNothing) {
   EXPECT_THAT(last, HasError(errc::peer_closed));
 }
 
+// drained(), which the adapter trusts: a read that stopped at the urgent byte did not empty the
+// socket; the one after it did.
+TEST(asio_stream, DrainedIsFalseAtAnUrgentMark) {
+  auto ends = test::must(channel_pair(socket_kind::stream));
+  ASSERT_THAT(ends.second.send(as_bytes("before")), Succeeded());
+  const char urgent = '!';
+  if (::send(ends.second.native_handle(), &urgent, 1, MSG_OOB) != 1) {
+    GTEST_SKIP() << "this kernel has no MSG_OOB for AF_UNIX";
+  }
+  ASSERT_THAT(ends.second.send(as_bytes("after")), Succeeded());
+  EXPECT_EQ(test::must(ends.first.try_receive()).text(), "before");
+  EXPECT_FALSE(ends.first.drained());
+  EXPECT_EQ(test::must(ends.first.try_receive()).text(), "after");
+  EXPECT_TRUE(ends.first.drained());
+}
+
+// The same urgent byte from a peer that stays open and waits for a reply: the read that stops at
+// the urgent byte did not empty the socket, so the receive after it must not wait for an edge
+// (none comes: the peer sends nothing more until it has its reply).
+TEST(asio_stream, AnUrgentByteFromAPeerThatStaysOpenDoesNotStallTheReply) {
+  ::asio::io_context io;
+  auto ends = test::must(channel_pair(socket_kind::stream));
+  duplex::asio::channel a(io, std::move(ends.first));
+  duplex::channel peer = std::move(ends.second);
+  std::vector<std::string> texts;
+  spawn(io, [&]() -> ::asio::awaitable<void> {
+    for (int i = 0; i < 2; ++i) {
+      auto [ec, m] = co_await a.async_receive(::asio::experimental::as_tuple(use_awaitable));
+      EXPECT_FALSE(ec) << ec.message();
+      if (ec) co_return;
+      texts.emplace_back(m.text());
+    }
+    co_await a.async_send(as_bytes("reply"), use_awaitable);
+  });
+  // The first receive waits in the reactor; then everything arrives at once, in one edge.
+  io.poll();
+  ASSERT_TRUE(texts.empty());
+  ASSERT_THAT(peer.send(as_bytes("before")), Succeeded());
+  const char urgent = '!';
+  if (::send(peer.native_handle(), &urgent, 1, MSG_OOB) != 1) {
+    GTEST_SKIP() << "this kernel has no MSG_OOB for AF_UNIX";
+  }
+  ASSERT_THAT(peer.send(as_bytes("request")), Succeeded());
+  run(io, 10s);
+  EXPECT_THAT(texts, ::testing::ElementsAre("before", "request"));
+  auto reply = peer.receive(10s);
+  ASSERT_THAT(reply, Succeeded());
+  EXPECT_EQ(reply->text(), "reply");
+}
+
 TEST_P(asio_test, CoroutinesRoundTripEveryOverload) {
   ::asio::io_context io;
   auto [a, b] = make_pair(io, GetParam());
