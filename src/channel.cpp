@@ -184,8 +184,11 @@ struct channel::impl {
   // what drained() reports: that, with nothing left buffered when the call ended.
   bool read_emptied = false;
   std::atomic<bool> drained{false};
+  // Whether drained() has already asked the socket about an urgent mark since that call.
+  std::atomic<bool> mark_asked{false};
   // Ends a receive call (under rx): publishes drained.
   void end_receive() noexcept {
+    mark_asked.store(false, std::memory_order_relaxed);
     drained.store(read_emptied && decoder.starved(), std::memory_order_relaxed);
     read_emptied = false;
   }
@@ -1442,12 +1445,18 @@ bool channel::wants_write() const noexcept { return impl_ && impl_->queued.load(
 
 bool channel::drained() const noexcept {
   if (!impl_ || !impl_->drained.load(std::memory_order_relaxed)) return false;
+  if (impl_->mark_asked.load(std::memory_order_relaxed)) return true;
   // A stream read also stops short at an urgent byte (MSG_OOB) with more behind it: at the mark,
-  // the socket is not empty. Asked here, not on every read, so only drained()'s callers pay.
+  // the socket is not empty. Asked here, once per receive call, so only drained()'s callers pay.
   const impl::call c(*impl_);
   int at_mark = 0;
-  return c.ok() &&
-         (::ioctl(impl_->sock.native_handle(), SIOCATMARK, &at_mark) != 0 || at_mark == 0);
+  if (!c.ok() ||
+      (::ioctl(impl_->sock.native_handle(), SIOCATMARK, &at_mark) == 0 && at_mark != 0)) {
+    impl_->drained.store(false, std::memory_order_relaxed);
+    return false;
+  }
+  impl_->mark_asked.store(true, std::memory_order_relaxed);
+  return true;
 }
 
 std::size_t channel::queued_bytes() const noexcept { return impl_ ? impl_->queued.load() : 0; }
