@@ -2,7 +2,7 @@
 // shared memory, and with busy_poll both ends spin on the ring instead of sleeping in the kernel.
 // The child echoes; the parent times 100,000 round trips and prints their mean. Then it closes,
 // and the child, having read everything, sees peer_closed and exits. (Without busy_poll each end
-// would sleep on an eventfd as soon as its ring is empty: a round trip then costs about what a
+// would sleep on a wake socket as soon as its ring is empty: a round trip then costs about what a
 // socket's does.)
 #include <sys/wait.h>
 #include <unistd.h>
