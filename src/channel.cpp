@@ -15,6 +15,7 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <string>
 
@@ -1238,21 +1239,34 @@ channel::channel(channel&&) noexcept = default;
 channel& channel::operator=(channel&&) noexcept = default;
 channel::~channel() = default;
 
-result<void> detail::check_channel(socket_kind kind, const channel_options& options) {
+static_assert(max_shared_pool_slots == detail::max_pool_slots);
+
+result<void> detail::check_channel(socket_kind kind, const channel_options& o) {
   if (kind == socket_kind::datagram) return fail(errc::wrong_kind);
-  if (options.format == framing::python && kind != socket_kind::stream) {
-    return fail(errc::wrong_kind);
-  }
-  if (options.max_fds > max_fds_per_message || options.max_message_size == 0) {
+  if (o.format != framing::native && o.format != framing::python) return fail_errno(EINVAL);
+  if (o.format == framing::python && kind != socket_kind::stream) return fail(errc::wrong_kind);
+  if (o.max_message_size == 0 || o.max_fds > max_fds_per_message) return fail_errno(EINVAL);
+  if (o.receive_buffer_size > max_receive_buffer_size) return fail_errno(EINVAL);
+  if (o.busy_poll < std::chrono::nanoseconds::zero() || o.busy_poll > max_busy_poll) {
     return fail_errno(EINVAL);
   }
+  const auto& shm = o.shared_memory;
+  if (shm.receive != shared_receive::copy && shm.receive != shared_receive::view) {
+    return fail_errno(EINVAL);
+  }
+  if (shm.pool_size == 0 || shm.pool_size > max_shared_pool_size) return fail_errno(EINVAL);
+  if (shm.slots == 0 || shm.slots > max_shared_pool_slots) return fail_errno(EINVAL);
   return {};
 }
 
 result<channel> channel::create(socket s, channel_options options) {
   if (auto ok = detail::check_channel(s.kind(), options); !ok) return std::unexpected(ok.error());
   channel c;
-  c.impl_ = std::make_unique<impl>(std::move(s), options);
+  try {
+    c.impl_ = std::make_unique<impl>(std::move(s), options);
+  } catch (const std::bad_alloc&) {
+    return fail_errno(ENOMEM);  // s is closed on the way out
+  }
   return c;
 }
 

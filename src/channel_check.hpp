@@ -10,8 +10,12 @@
 namespace duplex::detail {
 
 // Succeeds if channel::create accepts a socket of this kind with these options. Errors:
-// errc::wrong_kind (a datagram socket, or framing::python on a packet socket), EINVAL (an option
-// out of range).
+// errc::wrong_kind (a datagram socket, or framing::python on a packet socket); EINVAL for the first
+// option out of its documented range (channel.hpp): format or shared_memory.receive not one of
+// their enumerators; max_message_size 0; max_fds over 253; receive_buffer_size over
+// max_receive_buffer_size; busy_poll negative or over max_busy_poll; shared_memory.pool_size 0 or
+// over max_shared_pool_size; shared_memory.slots 0 or over max_shared_pool_slots. Allocates
+// nothing.
 [[nodiscard]] result<void> check_channel(socket_kind kind, const channel_options& options);
 
 }  // namespace duplex::detail

@@ -62,6 +62,19 @@ namespace duplex {
 // separation monitor allows 4 MiB, Chromium's Mojo 256 MiB).
 inline constexpr std::size_t default_max_message_size = std::size_t{64} << 20;
 
+// The largest channel_options::receive_buffer_size: 1 GiB. A stream channel allocates its
+// receive buffer whole on its first receive; more than this could never be filled by one read
+// and only risks an allocation that cannot succeed.
+inline constexpr std::size_t max_receive_buffer_size = std::size_t{1} << 30;
+
+// The longest channel_options::busy_poll: one hour (a spin that long is a busy thread, not a
+// latency trade; the bound keeps every deadline computed from it in range).
+inline constexpr std::chrono::nanoseconds max_busy_poll = std::chrono::hours(1);
+
+// The largest shared_memory_options::pool_size (1 TiB) and slots (65536).
+inline constexpr std::size_t max_shared_pool_size = std::size_t{1} << 40;
+inline constexpr std::uint32_t max_shared_pool_slots = 65536;
+
 // How a channel receives a large message its peer sent through the peer's shared-memory pool.
 enum class shared_receive {
   // Copy it out at once and give the pool's memory back (the default). The message is then this
@@ -84,8 +97,9 @@ struct shared_memory_options {
   bool enabled = false;
   // Payloads of at least this many bytes go through shared memory.
   std::size_t threshold = std::size_t{256} << 10;
-  // The data region of this end's pool (rounded up to a page), and its number of slots (how
-  // many messages may be in flight in it at once).
+  // The data region of this end's pool (rounded up to a page; 1 to max_shared_pool_size
+  // bytes), and its number of slots (how many messages may be in flight in it at once; 1 to
+  // max_shared_pool_slots).
   std::size_t pool_size = std::size_t{64} << 20;
   std::uint32_t slots = 256;
   // How messages from the peer's pool are received.
@@ -105,7 +119,8 @@ struct shared_memory_options {
   std::size_t max_in_flight = std::size_t{64} << 20;
 };
 
-// How a channel is set up.
+// How a channel is set up. channel::create refuses (EINVAL) any option out of the range its
+// comment gives, before it allocates anything.
 struct channel_options {
   // The wire format. framing::python needs a stream socket and carries no fds.
   framing format = framing::native;
@@ -121,11 +136,13 @@ struct channel_options {
   // Busy-poll: before a receive blocks, keep trying without blocking for this long. Trades a
   // CPU core, spinning, for latency: a blocking round trip across cores costs tens of
   // microseconds (mostly waking the sleeping thread), a spinning one a few. 0: block at once.
+  // At most max_busy_poll; never negative.
   std::chrono::nanoseconds busy_poll{0};
   // Large payloads through shared memory.
   shared_memory_options shared_memory{};
-  // Stream channels read through a buffer of this size (at least 64 bytes; many small messages
-  // per syscall); payloads of at least half of it are read straight into their message.
+  // Stream channels read through a buffer of this size (a smaller value counts as 64 bytes; at
+  // most max_receive_buffer_size), allocated on the first receive: many small messages per
+  // syscall; payloads of at least half of it are read straight into their message.
   // Seqpacket channels read each packet whole instead, with behind the caller's buffer a spill
   // area of min(max_message_size, 2 * net.core.wmem_max) bytes of address space, of which at
   // most 64 KiB stays resident (docs/design.md).
@@ -172,7 +189,10 @@ class channel {
 
   // Makes a channel of one end of a connected pair (stream or seqpacket). Errors:
   // errc::wrong_kind (a datagram socket, or framing::python on a seqpacket socket);
-  // EINVAL (max_fds over 253, or max_message_size 0). On error the socket is closed.
+  // EINVAL (an option out of its range: max_fds over 253, max_message_size 0,
+  // receive_buffer_size over max_receive_buffer_size, busy_poll negative or over max_busy_poll,
+  // shared_memory.pool_size 0 or over max_shared_pool_size, shared_memory.slots 0 or over
+  // max_shared_pool_slots, an enum out of its values); ENOMEM. On error the socket is closed.
   [[nodiscard]] static result<channel> create(socket s, channel_options options = {});
 
   channel(channel&&) noexcept;

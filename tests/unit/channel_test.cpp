@@ -15,6 +15,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -108,6 +109,48 @@ TEST_F(channel_test, CreateRefusesWhatCannotKeepItsPromises) {
   EXPECT_THAT(channel::create(std::move(stream->first), {.max_fds = 254}), HasError(sys(EINVAL)));
   EXPECT_THAT(channel::create(std::move(stream->second), {.max_message_size = 0}),
               HasError(sys(EINVAL)));
+}
+
+// Every option is checked at create, against the range channel.hpp gives it: what a channel
+// cannot honour is refused there (EINVAL), never met later as an allocation that fails or a
+// deadline that overflows. Each refusal closes the socket.
+TEST_F(channel_test, CreateRefusesOptionsOutOfRange) {
+  const std::vector<std::function<void(channel_options&)>> changes{
+      [](channel_options& o) { o.receive_buffer_size = SIZE_MAX; },
+      [](channel_options& o) { o.receive_buffer_size = std::size_t{1} << 40; },
+      [](channel_options& o) { o.receive_buffer_size = max_receive_buffer_size + 1; },
+      [](channel_options& o) { o.max_fds = 254; },
+      [](channel_options& o) { o.max_message_size = 0; },
+      [](channel_options& o) { o.busy_poll = -1ns; },
+      [](channel_options& o) { o.busy_poll = std::chrono::nanoseconds::max(); },
+      [](channel_options& o) { o.format = static_cast<framing>(7); },
+      [](channel_options& o) { o.shared_memory.pool_size = 0; },
+      [](channel_options& o) { o.shared_memory.pool_size = SIZE_MAX; },
+      [](channel_options& o) { o.shared_memory.slots = 0; },
+      [](channel_options& o) { o.shared_memory.slots = max_shared_pool_slots + 1; },
+      [](channel_options& o) { o.shared_memory.receive = static_cast<shared_receive>(9); },
+  };
+  for (std::size_t i = 0; i < changes.size(); ++i) {
+    channel_options o;
+    changes[i](o);
+    auto pair = test::must(socket_pair(socket_kind::stream));
+    const int fd = pair.first.native_handle();
+    EXPECT_THAT(channel::create(std::move(pair.first), o), HasError(sys(EINVAL))) << "change " << i;
+    EXPECT_FALSE(test::fd_is_open(fd)) << "change " << i;
+    EXPECT_THAT(channel_pair(socket_kind::seqpacket, o), HasError(sys(EINVAL))) << "change " << i;
+  }
+  // The bounds themselves are accepted, and a channel with the largest buffer works (the buffer
+  // is address space until it is written).
+  channel_options edge;
+  edge.receive_buffer_size = max_receive_buffer_size;
+  edge.busy_poll = max_busy_poll;
+  edge.shared_memory.slots = max_shared_pool_slots;
+  edge.shared_memory.pool_size = max_shared_pool_size;
+  auto [a, b] = test::must(channel_pair(socket_kind::stream, edge));
+  ASSERT_THAT(a.send(as_bytes("edge")), Succeeded());
+  auto m = b.receive(10s);
+  ASSERT_THAT(m, Succeeded());
+  EXPECT_EQ(m->text(), "edge");
 }
 
 TEST_F(channel_test, AnEmptyChannelSaysClosed) {
