@@ -18,6 +18,7 @@
 #include <new>
 #include <optional>
 #include <string>
+#include <thread>
 
 #include "channel_check.hpp"
 #include "duplex/socket_pair.hpp"
@@ -179,6 +180,24 @@ struct channel::impl {
   std::atomic<int> fd_copy{sock.native_handle()};  // for native_handle(); -1 once released
   call_lock tx;
   call_lock rx;
+  // The thread running a receive_batch callback of this channel right now (under rx), or none.
+  // Only that thread ever finds its own id here, so a relaxed load tells it whether it is inside
+  // the callback.
+  std::atomic<std::thread::id> delivering{};
+  [[nodiscard]] bool inside_callback() const noexcept {
+    return delivering.load(std::memory_order_relaxed) == std::this_thread::get_id();
+  }
+  // Takes rx for a receive call, waiting as w says. A call from inside a receive_batch callback
+  // on this channel (which holds rx until the callback returns) is refused at once with
+  // errc::reentrant_call instead of waiting for ever; the check costs nothing when rx is free.
+  [[nodiscard]] result<void> enter_receive(const wait_spec& w) {
+    if (rx.try_lock()) return {};
+    if (inside_callback()) return fail(errc::reentrant_call);
+    if (!rx.acquire(w)) {
+      return fail(w.kind == wait_kind::try_once ? errc::would_block : errc::timed_out);
+    }
+    return {};
+  }
   detail::stream_decoder decoder;  // stream channels; guarded by rx
   detail::fd_batch arrived;        // guarded by rx
   // Whether the current receive call's last read came back short and clean (guarded by rx), and
@@ -758,9 +777,7 @@ result<bool> channel::impl::flush() {
 result<message_info> channel::impl::receive(const wait_spec& w, destination dest) {
   const call c(*this);
   if (auto u = usable(c); !u) return std::unexpected(u.error());
-  if (!rx.acquire(w)) {
-    return fail(w.kind == wait_kind::try_once ? errc::would_block : errc::timed_out);
-  }
+  if (auto entered = enter_receive(w); !entered) return std::unexpected(entered.error());
   const auto take_stash = [&] {
     message m = std::move(*stash);
     stash.reset();
@@ -1137,9 +1154,7 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
                                                  std::size_t max) {
   const call c(*this);
   if (auto u = usable(c); !u) return std::unexpected(u.error());
-  if (!rx.acquire(w)) {
-    return fail(w.kind == wait_kind::try_once ? errc::would_block : errc::timed_out);
-  }
+  if (auto entered = enter_receive(w); !entered) return std::unexpected(entered.error());
   struct release_rx {
     impl& i;
     ~release_rx() {
@@ -1147,12 +1162,25 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
       i.rx.release();
     }
   } release{*this};
+  // Each message is passed over before the callback sees it, or (shown in place) by the
+  // callback's guard on the way out, even when the callback throws: a message is delivered once,
+  // the one it threw on included, and the rest stay queued for the next call.
+  const auto deliver_to_fn = [&](message_view& view) {
+    const struct in_callback {
+      std::atomic<std::thread::id>& who;
+      explicit in_callback(std::atomic<std::thread::id>& w) : who(w) {
+        who.store(std::this_thread::get_id(), std::memory_order_relaxed);
+      }
+      ~in_callback() { who.store(std::thread::id{}, std::memory_order_relaxed); }
+    } mark{delivering};
+    call_fn(fn, view);
+  };
   std::size_t count = 0;
   if (stash) {
     message m = std::move(*stash);
     stash.reset();
     message_view view{std::as_const(m).bytes(), m.fds()};
-    call_fn(fn, view);
+    deliver_to_fn(view);
     ++count;
   }
   if (sock.kind() != socket_kind::stream) {
@@ -1169,7 +1197,7 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
         return std::unexpected(r.error());
       }
       message_view view{std::as_const(m).bytes(), m.fds()};
-      call_fn(fn, view);
+      deliver_to_fn(view);
       ++count;
     }
     return count;
@@ -1180,8 +1208,12 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
       // A small message without fds, the common case of a batch: in place, with no state change
       // but passing it over.
       message_view view{plain, {}};
-      call_fn(fn, view);
-      decoder.finish_plain(plain);
+      const struct finish_on_exit {
+        detail::stream_decoder& d;
+        const_buffer plain;
+        ~finish_on_exit() { d.finish_plain(plain); }
+      } finish{decoder, plain};
+      deliver_to_fn(view);
       ++count;
       continue;
     }
@@ -1190,8 +1222,11 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
         if (decoder.payload_buffered() && decoder.pending_flags() == 0) {
           // In place: the bytes stay in the receive buffer, nothing is allocated.
           message_view view{decoder.buffered_payload(), decoder.pending_fd_span()};
-          call_fn(fn, view);
-          decoder.finish_view();
+          const struct finish_on_exit {
+            detail::stream_decoder& d;
+            ~finish_on_exit() { d.finish_view(); }  // closes the fds the callback did not take
+          } finish{decoder};
+          deliver_to_fn(view);
           ++count;
         } else {
           decoder.accept_owned();
@@ -1207,7 +1242,7 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
           m = std::move(**resolved);
         }
         message_view view{std::as_const(m).bytes(), m.fds()};
-        call_fn(fn, view);
+        deliver_to_fn(view);
         ++count;
         continue;
       }
@@ -1509,6 +1544,8 @@ result<void> channel::wait_readable(std::chrono::nanoseconds timeout) const {
   if (!impl_) return fail(errc::closed);
   const impl::call c(*impl_);
   if (auto u = impl_->usable(c); !u) return u;
+  // Inside this channel's receive_batch callback no receive can make progress until it returns.
+  if (impl_->inside_callback()) return fail(errc::reentrant_call);
   // Buffered bytes (read by an earlier call) count: the socket alone would not show them.
   if (impl_->rx.acquire(wait_spec::now())) {
     const bool buffered = impl_->decoder.buffered() > 0;

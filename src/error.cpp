@@ -28,6 +28,8 @@ class category_impl final : public std::error_category {
       case errc::not_inherited: return "no channel was inherited (DUPLEX_FD is not set)";
       case errc::queue_full: return "the outgoing queue is full";
       case errc::bad_environment: return "DUPLEX_FD is set, but not to an fd number";
+      case errc::reentrant_call:
+        return "receive called from inside a receive_batch callback of the same channel";
     }
     return "unknown duplex error " + std::to_string(value);
   }
@@ -68,6 +70,7 @@ std::string_view to_string(errc e) noexcept {
     case errc::not_inherited: return "not_inherited";
     case errc::queue_full: return "queue_full";
     case errc::bad_environment: return "bad_environment";
+    case errc::reentrant_call: return "reentrant_call";
   }
   return "unknown";
 }

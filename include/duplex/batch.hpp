@@ -142,7 +142,9 @@ class batch {
 };
 
 // A received message seen in place (receive_batch): its bytes are valid only during the callback;
-// take the fds (std::move) to keep them, the others are closed after the callback.
+// take the fds (std::move) to keep them, the others are closed after the callback (also when it
+// throws). The callback must not receive on the same channel (errc::reentrant_call): see
+// channel::receive_batch.
 struct message_view {
   const_buffer bytes;
   std::span<unique_fd> fds;

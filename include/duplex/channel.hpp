@@ -269,9 +269,9 @@ class channel {
   [[nodiscard]] result<bool> flush();
 
   // Bytes already read from the socket and not yet delivered (0 if another thread is receiving
-  // right now). When it is 0, a receive needs the socket: an event loop can wait for readability
-  // at once instead of first trying a receive that would block. Non-zero does not promise a
-  // whole message (a frame may be partial).
+  // right now, or from inside a receive_batch callback). When it is 0, a receive needs the socket:
+  // an event loop can wait for readability at once instead of first trying a receive that would
+  // block. Non-zero does not promise a whole message (a frame may be partial).
   [[nodiscard]] std::size_t buffered_bytes() const noexcept;
 
   // True if the last receive call read the socket empty and left nothing buffered: its last read
@@ -320,18 +320,21 @@ class channel {
   // Receives the next message, blocking until one is whole. Errors: errc::peer_closed,
   // errc::truncated_message, errc::protocol_error (then broken), errc::message_too_large,
   // errc::too_many_fds, errc::fds_truncated, ENOMEM (the message was skipped), errc::broken,
-  // errc::closed. With shared memory, local limits skip one message and never break the
-  // channel: ENOMEM, EAGAIN or ENFILE when the peer's pool or a message's memfd cannot be mapped
-  // here (address space, vm.max_map_count); and once the pool's announce was skipped
-  // (errc::fds_truncated at RLIMIT_NOFILE, or no room to map it), each later message in that
-  // pool is skipped with the same error while all others arrive.
+  // errc::closed, errc::reentrant_call (called from inside a receive_batch callback of this
+  // channel, on the callback's thread: refused at once, nothing consumed; see receive_batch).
+  // With shared memory, local limits skip one message and never break the channel: ENOMEM,
+  // EAGAIN or ENFILE when the peer's pool or a message's memfd cannot be mapped here (address
+  // space, vm.max_map_count); and once the pool's announce was skipped (errc::fds_truncated at
+  // RLIMIT_NOFILE, or no room to map it), each later message in that pool is skipped with the
+  // same error while all others arrive.
   [[nodiscard]] result<message> receive();
 
   // receive, giving up after timeout: errc::timed_out. A message partly read stays buffered
   // for the next call.
   [[nodiscard]] result<message> receive(std::chrono::nanoseconds timeout);
 
-  // receive without blocking: errc::would_block if no whole message is available yet.
+  // receive without blocking: errc::would_block if no whole message is available yet (or
+  // another thread is receiving on this channel right now).
   [[nodiscard]] result<message> try_receive();
 
   // Receives the next message into buf and its fds into fds. If the message is larger than buf
@@ -351,6 +354,16 @@ class channel {
   // the callback. Returns how many were delivered. Errors as receive (an error that concerns one
   // message comes after the messages before it were delivered). On seqpacket, each message is
   // still one packet and one read: batching saves the allocations there, not the syscalls.
+  //
+  // The callback runs with this channel's receive lock held. From inside it, on its thread, every
+  // receive call on this channel (receive, try_receive, receive_into, receive_batch,
+  // try_receive_batch, receive_value, wait_readable) returns errc::reentrant_call at once and
+  // consumes nothing; buffered_bytes() says 0. Receives from other threads wait for the batch to
+  // end, as they would for any receive. Sending on the channel, or receiving on another one, is
+  // fine. If the callback throws, the message it threw on counts as delivered (the fds it did
+  // not take are closed), the messages after it stay queued for the next call, the lock is
+  // released, and the exception propagates out of receive_batch: the channel stays usable and
+  // each message is still delivered exactly once.
   template <typename F>
   [[nodiscard]] result<std::size_t> receive_batch(F&& fn, std::size_t max = SIZE_MAX,
                                                   std::chrono::nanoseconds timeout = forever) {
@@ -358,7 +371,8 @@ class channel {
                               false);
   }
 
-  // receive_batch without waiting: errc::would_block if no whole message is available.
+  // receive_batch without waiting: errc::would_block if no whole message is available (or
+  // another thread is receiving on this channel right now).
   template <typename F>
   [[nodiscard]] result<std::size_t> try_receive_batch(F&& fn, std::size_t max = SIZE_MAX) {
     return receive_batch_impl(&call_view<std::remove_reference_t<F>>, erase(fn), max, forever,
@@ -366,7 +380,8 @@ class channel {
   }
 
   // Receives one message and decodes it with codec<T>. A message with fds is refused
-  // (errc::protocol_error; the fds are closed). Errors as receive, and those of decode.
+  // (errc::protocol_error; the fds are closed). Errors as receive (errc::reentrant_call
+  // included), and those of decode.
   template <has_codec T>
   [[nodiscard]] result<T> receive_value(std::chrono::nanoseconds timeout = forever) {
     auto m = receive(timeout);
@@ -377,7 +392,8 @@ class channel {
 
   // Waits until a receive can make progress without blocking (bytes buffered or readable,
   // end-of-stream, or an error pending). Errors: errc::timed_out, errc::closed (also when a
-  // close() from another thread ends the wait).
+  // close() from another thread ends the wait), errc::reentrant_call (from inside a
+  // receive_batch callback of this channel: no receive can make progress before it returns).
   [[nodiscard]] result<void> wait_readable(std::chrono::nanoseconds timeout = forever) const;
 
   // Half-close: the peer receives every message sent so far (the outgoing queue is written

@@ -63,6 +63,10 @@ enum class errc : int {
   // DUPLEX_FD is set, but not to an fd number (digits only, within int): the environment that
   // was to name an inherited channel is malformed. describe_inherited_error() shows the value.
   bad_environment,
+  // A receive call was made on a channel from inside that channel's own receive_batch callback,
+  // on the thread running it: it cannot proceed until the callback returns, so it was refused
+  // at once (nothing consumed). Receive after the batch instead.
+  reentrant_call,
 };
 
 // The category of duplex::errc; its name is "duplex".

@@ -2,7 +2,14 @@
 // already buffered; under a signal storm, and with fds through short writes.
 #include "duplex/batch.hpp"
 
+#include <fcntl.h>
+#include <poll.h>
 #include <unistd.h>
+
+#include <atomic>
+#include <csignal>
+#include <functional>
+#include <stdexcept>
 
 #include <array>
 #include <chrono>
@@ -22,6 +29,7 @@ namespace {
 using namespace std::chrono_literals;
 using test::eventually;
 using test::HasError;
+using test::inode_of;
 using test::pattern;
 using test::same;
 using test::Succeeded;
@@ -452,6 +460,198 @@ TEST_P(batch_test, FdsKeepToTheirMessagesWhenABatchGoesOutInShortWrites) {
   EXPECT_EQ(received, count);
   EXPECT_EQ(fds_received, fds_sent);
   EXPECT_THAT(b.try_receive_batch([](message_view&) {}), HasError(errc::would_block));
+}
+
+// --- the callback's limits ---------------------------------------------------------------------
+
+// The error of a result, or none.
+template <typename T>
+std::error_code error_of(const result<T>& r) {
+  return r ? std::error_code{} : r.error();
+}
+
+// Every receive-side call made on a channel from inside its own receive_batch callback is refused
+// at once with errc::reentrant_call (the callback holds the receive lock: a call that waited for it
+// would wait for ever). Nothing is consumed by the refused call: the batch goes on and every
+// message arrives once, in order, and the channel works afterwards. Each case runs in a child with
+// an alarm, so a call that hangs fails the test instead of hanging the suite.
+TEST_P(batch_test, AReceiveFromInsideTheCallbackIsRefusedAtOnce) {
+  using inner_call = std::function<std::error_code(channel&)>;
+  const std::vector<std::pair<std::string, inner_call>> calls{
+      {"receive()", [](channel& c) { return error_of(c.receive()); }},
+      {"receive(timeout)", [](channel& c) { return error_of(c.receive(10s)); }},
+      {"try_receive", [](channel& c) { return error_of(c.try_receive()); }},
+      {"receive_into",
+       [](channel& c) {
+         std::array<std::byte, 64> buf{};
+         return error_of(c.receive_into(buf));
+       }},
+      {"receive_into(timeout)",
+       [](channel& c) {
+         std::array<std::byte, 64> buf{};
+         std::array<unique_fd, 4> fds;
+         return error_of(c.receive_into(buf, fds, 10s));
+       }},
+      {"receive_batch",
+       [](channel& c) { return error_of(c.receive_batch([](message_view&) {}, SIZE_MAX, 10s)); }},
+      {"try_receive_batch",
+       [](channel& c) { return error_of(c.try_receive_batch([](message_view&) {})); }},
+      {"receive_value", [](channel& c) { return error_of(c.receive_value<std::uint16_t>(10s)); }},
+      {"wait_readable", [](channel& c) { return error_of(c.wait_readable(10s)); }},
+  };
+  const std::vector<std::string> sent{"m0", "m1", "m2", "m3", "m4"};
+  for (const auto& [name, call] : calls) {
+    const int status = test::run_in_child([&, &call = call] {
+      ::alarm(20);  // a call that hangs ends the child with SIGALRM
+      auto [a, b] = test::must(channel_pair(GetParam()));
+      for (const auto& text : sent) {
+        if (!a.send(as_bytes(text))) return 10;
+      }
+      std::vector<std::string> got;
+      std::error_code inner;
+      auto n = b.receive_batch(
+          [&](message_view& m) {
+            got.emplace_back(m.text());
+            if (got.size() == 1) inner = call(b);
+          },
+          SIZE_MAX, 10s);
+      if (inner != errc::reentrant_call) return 1;
+      if (!n) return 2;
+      while (got.size() < sent.size()) {
+        auto more =
+            b.receive_batch([&](message_view& m) { got.emplace_back(m.text()); }, SIZE_MAX, 10s);
+        if (!more) return 3;
+      }
+      if (got != sent) return 4;
+      if (error_of(b.try_receive()) != errc::would_block) return 5;
+      if (!a.send(as_bytes("after"))) return 10;
+      auto after = b.receive(10s);
+      if (!after || after->text() != "after") return 6;
+      return 0;
+    });
+    EXPECT_EQ(status, 0) << name << " (1: not refused with reentrant_call, 2-3: the batch failed, "
+                         << "4: messages lost or repeated, 5-6: the channel stopped working, "
+                         << 128 + SIGALRM << ": hung)";
+  }
+}
+
+// Another thread's receive during a callback waits for the batch, as any concurrent receive does:
+// only the callback's own thread is refused.
+TEST_P(batch_test, AnotherThreadsReceiveDuringTheCallbackWaits) {
+  auto [a, b] = test::must(channel_pair(GetParam()));
+  ASSERT_THAT(a.send(as_bytes("first")), Succeeded());
+  ASSERT_THAT(a.send(as_bytes("second")), Succeeded());
+  std::error_code other;
+  std::atomic<bool> done{false};
+  auto n = b.receive_batch(
+      [&](message_view&) {
+        std::thread t([&] {
+          other = error_of(b.receive(50ms));  // the callback holds the lock all along
+          done = true;
+        });
+        t.join();
+      },
+      1, 10s);
+  EXPECT_THAT(n, ::testing::Optional(1U));
+  EXPECT_TRUE(done);
+  EXPECT_EQ(other, make_error_code(errc::timed_out));
+  auto second = b.receive(10s);
+  ASSERT_THAT(second, Succeeded());
+  EXPECT_EQ(second->text(), "second");
+}
+
+// A callback that throws: the message it threw on counts as delivered (the fds it did not take
+// are closed), the exception reaches the caller, the receive lock is released, and every later
+// message arrives once, in order, with its own fds. Covered for each way a stream batch shows a
+// message (small and plain, with fds in place, large through a message of its own) and on
+// seqpacket.
+TEST_P(batch_test, ACallbackThatThrowsConsumesOnlyTheMessageItThrewOn) {
+  struct thrown : std::runtime_error {
+    thrown() : std::runtime_error("from the callback") {}
+  };
+  enum class shape { plain, with_fds, large };
+  for (const shape kind : {shape::plain, shape::with_fds, shape::large}) {
+    SCOPED_TRACE(static_cast<int>(kind));
+    auto [a, b] = test::must(channel_pair(GetParam()));
+    constexpr std::size_t count = 5;
+    constexpr std::size_t throw_on = 1;
+    // Message i is "m<i>" (or, for large, a pattern made from i, larger than half the receive
+    // buffer, so that a stream receives it into a message of its own), with, for with_fds, the
+    // read end of pipe i. A thread sends them: large ones do not all fit the socket at once.
+    const std::size_t large = GetParam() == socket_kind::stream ? 200000 : 100000;
+    std::vector<std::pair<unique_fd, unique_fd>> pipes;
+    std::vector<ino_t> inodes;
+    std::vector<std::vector<std::byte>> bodies;
+    for (std::size_t i = 0; i < count; ++i) {
+      bodies.push_back(kind == shape::large
+                           ? pattern(large, static_cast<unsigned>(i + 1))
+                           : std::vector<std::byte>{std::byte{'m'}, std::byte('0' + i)});
+      if (kind == shape::with_fds) {
+        pipes.push_back(test::make_pipe());
+        inodes.push_back(inode_of(pipes.back().first.get()));
+      }
+    }
+    std::thread sender([&] {
+      for (std::size_t i = 0; i < count; ++i) {
+        if (kind == shape::with_fds) {
+          const std::array<int, 1> fd{pipes[i].first.get()};
+          EXPECT_THAT(a.send(bodies[i], fd), Succeeded());
+          pipes[i].first.reset();  // the message holds the only read end now
+        } else {
+          EXPECT_THAT(a.send(bodies[i]), Succeeded());
+        }
+      }
+    });
+    std::vector<std::vector<std::byte>> got;
+    std::vector<ino_t> got_inodes;
+    std::vector<unique_fd> kept;
+    const auto take = [&](message_view& m) {
+      got.emplace_back(m.bytes.begin(), m.bytes.end());
+      for (auto& fd : m.fds) {
+        got_inodes.push_back(inode_of(fd.get()));
+        kept.push_back(std::move(fd));
+      }
+    };
+    bool threw = false;
+    while (!threw && got.size() < count) {
+      try {
+        auto n = b.receive_batch(
+            [&](message_view& m) {
+              if (got.size() == throw_on) {
+                got.emplace_back(m.bytes.begin(), m.bytes.end());
+                throw thrown();
+              }
+              take(m);
+            },
+            SIZE_MAX, 10s);
+        ASSERT_THAT(n, Succeeded());
+      } catch (const thrown&) {
+        threw = true;
+      }
+    }
+    EXPECT_TRUE(threw);
+    while (got.size() < count) {
+      auto n = b.receive_batch(take, SIZE_MAX, 10s);
+      ASSERT_THAT(n, Succeeded()) << "after " << got.size() << " messages";
+    }
+    sender.join();
+    EXPECT_EQ(got, bodies) << "each message exactly once, in order";
+    EXPECT_THAT(b.try_receive(), HasError(errc::would_block));
+    if (kind == shape::with_fds) {
+      std::vector<ino_t> expected = inodes;
+      expected.erase(expected.begin() + throw_on);
+      EXPECT_EQ(got_inodes, expected);
+      // The thrown-on message's fd was closed: its pipe has no reader left.
+      ASSERT_TRUE(test::fd_is_open(pipes[throw_on].second.get()));
+      pollfd p{pipes[throw_on].second.get(), 0, 0};
+      ASSERT_EQ(::poll(&p, 1, 0), 1);
+      EXPECT_NE(p.revents & POLLERR, 0) << "a reader of the thrown-on message's pipe is still open";
+    }
+    ASSERT_THAT(a.send(as_bytes("after")), Succeeded());
+    auto after = b.receive(10s);
+    ASSERT_THAT(after, Succeeded());
+    EXPECT_EQ(after->text(), "after");
+  }
 }
 
 }  // namespace
