@@ -1,9 +1,11 @@
 // Typed messages between two threads: send_value / receive_value with duplex::codec<T>.
 //
 // Two kinds of type travel here:
-//   - order, a trivially copyable struct: the built-in codec sends its bytes as they are (both
-//     ends are on the same machine and built from the same definition). Never do this with a
-//     type that holds pointers: std::string, std::vector and the like.
+//   - order, a trivially copyable struct whose members accept every bit pattern (integers, a
+//     double, chars): opted in with duplex::trivially_decodable, the built-in codec sends its
+//     bytes as they are (both ends are on the same machine and built from the same definition).
+//     Never do this with a type that holds pointers (std::string, std::vector and the like), a
+//     bool or an enum: a peer's bytes could make an object that is not a valid value.
 //   - team, which holds a std::string and a std::vector<int>: it gets its own codec<team>, which
 //     writes each field with a length in front and, when decoding, checks every length against
 //     the bytes that really arrived. A message comes from a peer; decode must not trust it.
@@ -30,6 +32,10 @@ struct order {
   double price;
   char symbol[8];  // NUL-padded
 };
+
+// Every bit pattern of every member is a valid value: the peer's bytes can be copied as they are.
+template <>
+inline constexpr bool duplex::trivially_decodable<order> = true;
 
 // Not plain data: needs a codec of its own.
 struct team {

@@ -38,13 +38,16 @@
 //   if (m) std::cout << m->text() << '\n';
 #pragma once
 
+#include <cerrno>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <span>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "duplex/batch.hpp"
@@ -309,11 +312,16 @@ class channel {
   // batch made for the other framing); if one fails, the messages before it were sent.
   [[nodiscard]] result<void> send(const batch& b);
 
-  // Sends a value encoded with codec<T> as one message.
+  // Sends a value encoded with codec<T> as one message. Errors as send, and ENOMEM (the
+  // encoding could not be allocated; nothing sent).
   template <has_codec T>
   [[nodiscard]] result<void> send_value(const T& value) {
     std::vector<std::byte> bytes;
-    codec<T>::encode(value, bytes);
+    try {
+      codec<T>::encode(value, bytes);
+    } catch (const std::bad_alloc&) {
+      return fail_errno(ENOMEM);
+    }
     return send(const_buffer(bytes));
   }
 
@@ -381,13 +389,20 @@ class channel {
 
   // Receives one message and decodes it with codec<T>. A message with fds is refused
   // (errc::protocol_error; the fds are closed). Errors as receive (errc::reentrant_call
-  // included), and those of decode.
+  // included), those of decode (the built-in codecs: errc::protocol_error for bytes that are not
+  // a value of T: a wrong size, a bool byte other than 0 or 1, an enum value enum_values<T>
+  // refuses), and ENOMEM if decode could not allocate. A message that fails to decode is
+  // consumed and the channel goes on: the frame was sound, only its contents were refused.
   template <has_codec T>
   [[nodiscard]] result<T> receive_value(std::chrono::nanoseconds timeout = forever) {
     auto m = receive(timeout);
     if (!m) return std::unexpected(m.error());
     if (!m->fds().empty()) return fail(errc::protocol_error);
-    return codec<T>::decode(m->bytes());
+    try {
+      return codec<T>::decode(std::as_const(*m).bytes());
+    } catch (const std::bad_alloc&) {
+      return fail_errno(ENOMEM);  // the message is consumed, as for any failed decode
+    }
   }
 
   // Waits until a receive can make progress without blocking (bytes buffered or readable,
