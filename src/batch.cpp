@@ -2,7 +2,10 @@
 
 #include <algorithm>
 #include <array>
+#include <cerrno>
 #include <cstring>
+#include <new>
+#include <stdexcept>
 
 #include "duplex/socket.hpp"
 
@@ -11,16 +14,23 @@ namespace duplex {
 result<void> batch::add(const_buffer bytes, std::span<const int> fds) {
   if (fds.size() > max_fds_per_message) return fail(errc::too_many_fds);
   if (format_ == framing::python && !fds.empty()) return fail(errc::not_supported);
-  if (!fds.empty()) {
-    // Room first: once the bytes are in, nothing may fail and leave a frame without its fds.
-    fd_frames_.reserve(fd_frames_.size() + 1);
-    fds_.reserve(fds_.size() + fds.size());
-  }
   const std::size_t offset = wire_.size();
   std::size_t head = wire::native_header_size;
   std::array<std::byte, wire::python_max_header_size> python{};
   if (format_ == framing::python) head = wire::encode_python(bytes.size(), python);
-  wire_.resize(offset + head + bytes.size());  // grows geometrically; the new bytes are written
+  // Room first, all of it: once the bytes are in, nothing may fail and leave a frame without its
+  // fds. A reserve or resize that throws changes nothing, so the batch is as it was.
+  try {
+    if (!fds.empty()) {
+      fd_frames_.reserve(fd_frames_.size() + 1);
+      fds_.reserve(fds_.size() + fds.size());
+    }
+    wire_.resize(offset + head + bytes.size());  // grows geometrically; the new bytes are written
+  } catch (const std::bad_alloc&) {
+    return fail_errno(ENOMEM);
+  } catch (const std::length_error&) {
+    return fail_errno(ENOMEM);
+  }
   std::byte* out = wire_.data() + offset;
   if (format_ == framing::native) {
     const auto native =

@@ -783,9 +783,17 @@ result<message_info> channel::impl::receive(const wait_spec& w, destination dest
     stash.reset();
     return deliver(std::move(m), dest);
   };
-  result<message_info> r = stash                                ? take_stash()
-                           : sock.kind() == socket_kind::stream ? receive_stream(w, dest)
-                                                                : receive_packet(w, dest);
+  result<message_info> r = fail_errno(ENOMEM);
+  try {
+    r = stash                                ? take_stash()
+        : sock.kind() == socket_kind::stream ? receive_stream(w, dest)
+                                             : receive_packet(w, dest);
+  } catch (const std::bad_alloc&) {
+    // Every allocation of a message's own is checked where it is made (the message is skipped
+    // and reported as ENOMEM); this catches the small ones on the way (fd lists, shared-memory
+    // keepers, error details), so that no exception leaves a result-returning call.
+    arrived.clear();
+  }
   end_receive();
   rx.release();
   if (!r && is_closed()) return fail(errc::closed);
@@ -890,7 +898,12 @@ result<void> channel::impl::read_more(const wait_spec& w, spinner& spin) {
   const int fd = sock.native_handle();
   for (;;) {
     const int flags = w.kind == wait_kind::block && !spin.active() ? 0 : MSG_DONTWAIT;
-    const mutable_buffer target = decoder.read_target();
+    mutable_buffer target;
+    try {
+      target = decoder.read_target();  // the receive buffer is allocated on the first read
+    } catch (const std::bad_alloc&) {
+      return fail_errno(ENOMEM);  // nothing was read: a later call can try again
+    }
     iovec v{target.data(), target.size()};
     auto r = detail::recv_with_fds(fd, &v, 1, flags, arrived);
     if (r) {
@@ -900,7 +913,16 @@ result<void> channel::impl::read_more(const wait_spec& w, spinner& spin) {
       if (r->bytes == 0) {
         decoder.end_of_stream();
       } else {
-        decoder.commit(r->bytes, arrived.taken(), r->ctrunc);
+        try {
+          decoder.commit(r->bytes, arrived.taken(), r->ctrunc);
+        } catch (const std::bad_alloc&) {
+          // The bytes are buffered but the fds that came with them could not be recorded (they
+          // are closed): the frame that owns them can no longer be delivered whole.
+          arrived.clear();
+          set_detail("no memory to keep the fds that arrived with a read");
+          broken.store(true);
+          return fail_errno(ENOMEM);
+        }
       }
       arrived.clear();
       return {};
@@ -1187,7 +1209,12 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
     // One packet, one read: deliver what can be had without waiting after the first.
     while (count < max) {
       message m;
-      auto r = receive_packet(count == 0 ? w : wait_spec::now(), destination{&m, {}, {}});
+      result<message_info> r = fail_errno(ENOMEM);
+      try {
+        r = receive_packet(count == 0 ? w : wait_spec::now(), destination{&m, {}, {}});
+      } catch (const std::bad_alloc&) {
+        arrived.clear();  // as in receive(): r stays ENOMEM
+      }
       if (!r) {
         // The count first when the next call will hear the same again (as on a stream).
         if (count > 0 && (r.error() == errc::would_block || r.error() == errc::peer_closed)) {
@@ -1236,7 +1263,12 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
         const std::uint8_t flags = decoder.pending_flags();
         message m = decoder.take_message();
         if (flags != 0) {
-          auto resolved = resolve(flags, std::as_const(m).bytes(), m.take_fds());
+          result<std::optional<message>> resolved = fail_errno(ENOMEM);
+          try {
+            resolved = resolve(flags, std::as_const(m).bytes(), m.take_fds());
+          } catch (const std::bad_alloc&) {
+            // resolved stays ENOMEM: that message is skipped, as receive() reports it
+          }
           if (!resolved) return std::unexpected(resolved.error());
           if (!*resolved) continue;  // a pool announce
           m = std::move(**resolved);
@@ -1420,7 +1452,8 @@ result<shared_buffer> channel::allocate(std::size_t size) {
   if (auto u = impl_->usable(c); !u) return std::unexpected(u.error());
   if (impl_->options.format != framing::native) return fail(errc::not_supported);
   if (size > impl_->options.max_message_size) return fail(errc::message_too_large);
-  auto st = std::make_unique<shared_buffer::state>();
+  std::unique_ptr<shared_buffer::state> st(new (std::nothrow) shared_buffer::state);
+  if (!st) return fail_errno(ENOMEM);
   st->owner = impl_.get();
   if (auto p = impl_->pool()) {
     if (auto b = p->allocate(size)) {

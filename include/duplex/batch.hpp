@@ -47,7 +47,8 @@ class batch {
   explicit batch(framing format = framing::native) : format_(format) {}
 
   // Appends a message (its bytes are copied in). The channel's max_message_size is checked when
-  // the batch is sent (errc::message_too_large, nothing sent). Inline for the common case (native
+  // the batch is sent (errc::message_too_large, nothing sent). Errors: ENOMEM (the batch could
+  // not grow; it is left as it was). Inline for the common case (native
   // framing, a message of at most 64 bytes, room without growing): a few moves per message.
   [[nodiscard]] result<void> add(const_buffer bytes) {
     const std::size_t offset = wire_.size();
@@ -66,7 +67,8 @@ class batch {
 
   // Appends a message with fds. The fds are not duplicated: they must stay open until the batch
   // is sent. A message with fds starts a new sendmsg (its fds go with its first byte). Errors:
-  // errc::too_many_fds (over 253), errc::not_supported (framing::python).
+  // errc::too_many_fds (over 253), errc::not_supported (framing::python), ENOMEM (the batch
+  // could not grow; it is left as it was).
   [[nodiscard]] result<void> add(const_buffer bytes, std::span<const int> fds);
 
   // Number of messages.

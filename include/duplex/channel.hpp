@@ -327,7 +327,10 @@ class channel {
 
   // Receives the next message, blocking until one is whole. Errors: errc::peer_closed,
   // errc::truncated_message, errc::protocol_error (then broken), errc::message_too_large,
-  // errc::too_many_fds, errc::fds_truncated, ENOMEM (the message was skipped), errc::broken,
+  // errc::too_many_fds, errc::fds_truncated, ENOMEM (the message was skipped; or, on a stream
+  // channel's first receive, its receive buffer could not be allocated: nothing was read, and a
+  // later call tries again; or the fds that came with a read could not be kept: then broken),
+  // errc::broken,
   // errc::closed, errc::reentrant_call (called from inside a receive_batch callback of this
   // channel, on the callback's thread: refused at once, nothing consumed; see receive_batch).
   // With shared memory, local limits skip one message and never break the channel: ENOMEM,

@@ -7,7 +7,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -17,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "duplex/batch.hpp"
 #include "duplex/channel.hpp"
 #include "duplex/socket_pair.hpp"
 #include "support.hpp"
@@ -229,6 +232,59 @@ TEST_F(allocation_test, AMessageThatCannotBeAllocatedIsReportedAndTheNextArrives
     ASSERT_THAT(second, Succeeded());
     EXPECT_TRUE(test::same(second->bytes(), test::pattern(9, 2)));
   }
+}
+
+// A stream channel's receive buffer is allocated on its first read. If that allocation fails,
+// every kind of receive says ENOMEM (never an exception out of a result-returning call), nothing
+// is read, and once memory is there again every message arrives, in order.
+TEST_F(allocation_test, AReceiveBufferThatCannotBeAllocatedIsENOMEMAndNothingIsLost) {
+  constexpr std::size_t odd_size = 70001;  // no other allocation here asks for exactly this
+  auto [a, b] = test::must(channel_pair(socket_kind::stream, {.receive_buffer_size = odd_size}));
+  ASSERT_THAT(a.send(as_bytes("first")), Succeeded());
+  ASSERT_THAT(a.send(as_bytes("second")), Succeeded());
+  std::array<std::byte, 64> buf{};
+  refused_size = odd_size;
+  auto received = b.receive(std::chrono::seconds(10));
+  auto tried = b.try_receive();
+  auto into = b.receive_into(buf);
+  std::size_t delivered = 0;
+  auto batch =
+      b.receive_batch([&](message_view&) { ++delivered; }, SIZE_MAX, std::chrono::seconds(10));
+  auto value = b.receive_value<std::uint32_t>(std::chrono::seconds(10));
+  refused_size = 0;
+  const auto nomem = test::sys(ENOMEM);
+  EXPECT_THAT(received, HasError(nomem));
+  EXPECT_THAT(tried, HasError(nomem));
+  EXPECT_THAT(into, HasError(nomem));
+  EXPECT_THAT(batch, HasError(nomem));
+  EXPECT_THAT(value, HasError(nomem));
+  EXPECT_EQ(delivered, 0U);
+  EXPECT_FALSE(b.is_broken());
+  auto first = b.receive(std::chrono::seconds(10));
+  ASSERT_THAT(first, Succeeded());
+  EXPECT_EQ(first->text(), "first");
+  auto second = b.receive(std::chrono::seconds(10));
+  ASSERT_THAT(second, Succeeded());
+  EXPECT_EQ(second->text(), "second");
+}
+
+// A batch that cannot grow says ENOMEM and is left as it was; it takes the message once memory
+// is there again.
+TEST_F(allocation_test, ABatchThatCannotGrowIsENOMEMAndUnchanged) {
+  const auto body = test::pattern(5000, 3);
+  batch out;
+  refused_size = wire::native_header_size + body.size();  // an empty batch's first growth
+  auto refused = out.add(body);
+  refused_size = 0;
+  EXPECT_THAT(refused, HasError(test::sys(ENOMEM)));
+  EXPECT_TRUE(out.empty());
+  EXPECT_EQ(out.wire_size(), 0U);
+  ASSERT_THAT(out.add(body), Succeeded());
+  auto [a, b] = test::must(channel_pair(socket_kind::stream));
+  ASSERT_THAT(a.send(out), Succeeded());
+  auto m = b.receive(std::chrono::seconds(10));
+  ASSERT_THAT(m, Succeeded());
+  EXPECT_TRUE(test::same(m->bytes(), body));
 }
 
 // Messages of up to message::inline_capacity bytes keep them inside the object: once the
