@@ -177,10 +177,16 @@ bool is_wake_socket(int fd) {
   return ::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &len) == 0;
 }
 
-bool valid_options(const ring_options& o) {
-  return std::has_single_bit(o.capacity) && o.capacity >= min_capacity &&
-         o.capacity <= max_capacity && o.max_message_size <= o.capacity - record_header &&
-         o.busy_poll >= std::chrono::nanoseconds::zero();
+// Succeeds if every field of o is in the range ring.hpp gives it; EINVAL otherwise. The bounds
+// on busy_poll keep clock::now() + busy_poll (spin_budget) in range.
+result<void> check_options(const ring_options& o) {
+  const bool ok =
+      std::has_single_bit(o.capacity) && o.capacity >= min_capacity && o.capacity <= max_capacity &&
+      o.max_message_size >= 1 && o.max_message_size <= o.capacity - record_header &&
+      o.max_peer_capacity >= min_capacity && o.busy_poll >= std::chrono::nanoseconds::zero() &&
+      o.busy_poll <= max_busy_poll && o.handshake_timeout >= std::chrono::nanoseconds::zero();
+  if (!ok) return fail_errno(EINVAL);
+  return {};
 }
 
 }  // namespace
@@ -511,7 +517,7 @@ struct ring_channel::impl {
     if (!s.is_open() || (s.kind() != socket_kind::stream && s.kind() != socket_kind::seqpacket)) {
       return fail(errc::wrong_kind);
     }
-    if (!valid_options(o)) return fail_errno(EINVAL);
+    if (auto ok = check_options(o); !ok) return std::unexpected(ok.error());
     std::unique_ptr<impl> p(new (std::nothrow) impl);
     if (!p) return fail_errno(ENOMEM);
     p->sock = std::move(s);
@@ -536,6 +542,7 @@ result<ring_channel> ring_channel::create(socket s, const ring_options& options)
 }
 
 result<std::pair<ring_channel, ring_channel>> ring_channel_pair(const ring_options& options) {
+  if (auto ok = check_options(options); !ok) return std::unexpected(ok.error());
   auto sockets = socket_pair(socket_kind::stream);
   if (!sockets) return std::unexpected(sockets.error());
   const deadline d(options.handshake_timeout);

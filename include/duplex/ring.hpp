@@ -55,6 +55,7 @@
 #include <utility>
 
 #include "duplex/buffer.hpp"
+#include "duplex/channel.hpp"
 #include "duplex/error.hpp"
 #include "duplex/message.hpp"
 #include "duplex/socket.hpp"
@@ -62,19 +63,24 @@
 namespace duplex {
 
 // How a ring_channel end is set up. Both ends choose their own; each learns the peer's ring
-// size and message limit in the handshake.
+// size and message limit in the handshake. create() refuses a field out of its range below with
+// EINVAL before it makes or sends anything.
 struct ring_options {
   // Bytes of the ring this end receives on: a power of two from 4 KiB to 1 GiB.
   std::size_t capacity = std::size_t{1} << 20;
-  // The largest message this end accepts; at most capacity - 8. Larger ones are refused with
+  // The largest message this end accepts: 1 to capacity - 8. Larger ones are refused with
   // errc::message_too_large by the sender, and break the ring if they appear in it anyway.
   std::size_t max_message_size = std::size_t{64} << 10;
-  // The largest ring the peer may ask this end to map (the peer's capacity).
+  // The largest ring the peer may ask this end to map (the peer's capacity): at least 4 KiB,
+  // the smallest ring (less would refuse every peer); above 1 GiB it is the same as 1 GiB.
   std::size_t max_peer_capacity = std::size_t{64} << 20;
-  // How long a receive (or a send waiting for room) spins on shared memory before it sleeps.
-  // Spinning costs a core for that long; 0 sleeps at once.
+  // How long a receive (or a send waiting for room) spins on shared memory before it sleeps:
+  // 0 to max_busy_poll (channel.hpp), never negative. Spinning costs a core for that long; 0
+  // sleeps at once.
   std::chrono::nanoseconds busy_poll{0};
-  // How long create() waits for the peer's half of the handshake.
+  // How long create() waits for the peer's half of the handshake: never negative; 0 takes only
+  // a handshake already there, and a hundred years or more (nanoseconds::max()) waits without
+  // bound.
   std::chrono::nanoseconds handshake_timeout = std::chrono::seconds(10);
 };
 
@@ -90,8 +96,9 @@ class ring_channel {
   // Sets up this end over a connected stream or seqpacket socket whose peer calls create() too:
   // sends this end's ring and wake sockets, receives and checks the peer's, and maps its ring.
   // Errors: errc::wrong_kind (not a connected stream/seqpacket socket), errc::timed_out,
-  // errc::peer_closed, errc::protocol_error (a bad handshake, ring or fd), EINVAL (options out of
-  // range), the errno of memfd_create, socketpair or mmap.
+  // errc::peer_closed, errc::protocol_error (a bad handshake, ring or fd), EINVAL (an option out
+  // of its range in ring_options, checked first), the errno of memfd_create, socketpair or mmap.
+  // On error the socket is closed (as by channel::create).
   [[nodiscard]] static result<ring_channel> create(socket s, const ring_options& options = {});
 
   // Sends one message (its pieces gathered), waiting for room in the peer's ring as long as
@@ -139,7 +146,8 @@ class ring_channel {
   std::unique_ptr<impl> impl_;
 };
 
-// Two connected ring_channel ends in this process, both set up with options.
+// Two connected ring_channel ends in this process, both set up with options. Errors as
+// create(); EINVAL (an option out of range) before any socket is made.
 [[nodiscard]] result<std::pair<ring_channel, ring_channel>> ring_channel_pair(
     const ring_options& options = {});
 

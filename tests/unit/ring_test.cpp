@@ -160,11 +160,40 @@ TEST_F(ring_test, OptionsOutOfRangeAreRefused) {
            [](ring_options& o) { o.capacity = 2048; },
            [](ring_options& o) { o.capacity = std::size_t{2} << 30; },
            [](ring_options& o) { o.max_message_size = o.capacity - 7; },
+           [](ring_options& o) { o.max_message_size = 0; },
+           [](ring_options& o) { o.max_peer_capacity = 4095; },
            [](ring_options& o) { o.busy_poll = -1ns; },
+           [](ring_options& o) { o.busy_poll = max_busy_poll + 1ns; },
+           [](ring_options& o) { o.busy_poll = std::chrono::nanoseconds::max(); },
+           [](ring_options& o) { o.handshake_timeout = -1ns; },
        }) {
     ring_options o;
     change(o);
     EXPECT_THAT(ring_channel_pair(o), HasError(std::error_code(EINVAL, std::system_category())));
+  }
+  // create() refuses before it sends anything, and closes the socket it was given.
+  {
+    auto ends = must(socket_pair(socket_kind::stream));
+    const int fd = ends.first.native_handle();
+    EXPECT_THAT(ring_channel::create(std::move(ends.first), {.busy_poll = max_busy_poll + 1ns}),
+                HasError(std::error_code(EINVAL, std::system_category())));
+    EXPECT_EQ(::fcntl(fd, F_GETFD), -1);
+    std::byte b{};
+    EXPECT_EQ(::recv(ends.second.native_handle(), &b, 1, MSG_DONTWAIT), 0);  // end of stream
+  }
+  // Each bound itself is accepted, and a spin of max_busy_poll ends at a receive's timeout.
+  {
+    ring_options edge;
+    edge.capacity = 4096;
+    edge.max_message_size = 1;
+    edge.max_peer_capacity = 4096;
+    edge.busy_poll = max_busy_poll;
+    edge.handshake_timeout = std::chrono::nanoseconds::max();
+    auto [a, b] = must(ring_channel_pair(edge));
+    ASSERT_THAT(a.send(as_bytes("x"), 10s), Succeeded());
+    EXPECT_EQ(must(b.receive(10s)).text(), "x");
+    EXPECT_THAT(b.receive(20ms), HasError(errc::timed_out));
+    EXPECT_THAT(a.send(as_bytes("xy"), 10s), HasError(errc::message_too_large));
   }
   auto pair = must(socket_pair(socket_kind::datagram));
   EXPECT_THAT(ring_channel::create(std::move(pair.first)), HasError(errc::wrong_kind));
