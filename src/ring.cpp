@@ -477,7 +477,11 @@ struct ring_channel::impl {
         return std::unexpected(rr.error());
       }
       if (rr->bytes == 0) return fail(errc::peer_closed);
-      if (rr->ctrunc || rr->trunc || (!first && more.count != 0)) return fail(errc::protocol_error);
+      // MSG_CTRUNC: the kernel could not give this process every fd the peer sent, which is
+      // this end's limit (RLIMIT_NOFILE), not the peer's fault. The fds that did arrive are
+      // closed on return with fds and more.
+      if (rr->ctrunc) return fail(errc::fds_truncated);
+      if (rr->trunc || (!first && more.count != 0)) return fail(errc::protocol_error);
       if (sock.kind() == socket_kind::seqpacket && rr->bytes != sizeof h) {
         return fail(errc::protocol_error);
       }

@@ -5,8 +5,10 @@
 #include "duplex/ring.hpp"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -287,6 +289,71 @@ pid_t child_with_ring(connected_pair& pair, const ring_options& o, F fn) {
   pair.first.close();
   auto ch = ring_channel::create(std::move(pair.second), o);
   ::_exit(ch ? fn(*ch) : 90);
+}
+
+// Reads one byte from fd, waiting at most 10 s; false if none came.
+bool await_byte(int fd) {
+  pollfd p{fd, POLLIN, 0};
+  char c = 0;
+  return ::poll(&p, 1, 10000) == 1 && ::read(fd, &c, 1) == 1;
+}
+
+// Class: local resource exhaustion. The peer's hello (three fds) arrives when this process can
+// take only one more fd (RLIMIT_NOFILE): create() says fds_truncated, a local error that does
+// not blame the peer, and closes the fd that did arrive. The child lowers its limit only once its
+// own hello has gone, so its half of the handshake is whole.
+TEST_F(ring_test, AHelloCutShortAtRlimitNofileIsFdsTruncatedAndLeaksNothing) {
+  auto pair = must(socket_pair(socket_kind::stream));
+  auto [lower_read, lower_write] = test::make_pipe();
+  auto [lowered_read, lowered_write] = test::make_pipe();
+  std::fflush(nullptr);
+  const pid_t pid = ::fork();
+  if (pid == 0) {
+    pair.first.close();
+    lower_write.reset();
+    lowered_read.reset();
+    const int sock = pair.second.native_handle();
+    auto before = test::open_fds();
+    std::erase(before, sock);                 // create() takes the socket, and closes it on error
+    std::erase(before, lowered_write.get());  // closed below
+    result<ring_channel> made = fail(errc::closed);
+    std::thread t([&] { made = ring_channel::create(std::move(pair.second), small_ring()); });
+    // This end's hello has reached the parent, and its offer has closed what it sent: only
+    // the socket and the two wake sockets it sleeps on remain (with lowered_write).
+    bool ok = await_byte(lower_read.get()) &&
+              test::eventually([&] { return test::open_fd_count() == before.size() + 4; });
+    rlimit old{};
+    ::getrlimit(RLIMIT_NOFILE, &old);
+    if (ok) {
+      int lowest = 0;
+      while (test::fd_is_open(lowest))
+        ++lowest;
+      rlimit tight = old;
+      tight.rlim_cur = static_cast<rlim_t>(lowest) + 1;  // one fd more, of the hello's three
+      ok = ::setrlimit(RLIMIT_NOFILE, &tight) == 0 && ::write(lowered_write.get(), "l", 1) == 1;
+    }
+    lowered_write.reset();  // the parent goes on either way
+    t.join();
+    ::setrlimit(RLIMIT_NOFILE, &old);
+    if (!ok) ::_exit(1);
+    if (made) ::_exit(2);
+    if (made.error() != errc::fds_truncated) ::_exit(3);
+    ::_exit(test::open_fds() == before ? 0 : 4);
+  }
+  pair.second.close();
+  lower_read.reset();
+  lowered_write.reset();
+  pollfd p{pair.first.native_handle(), POLLIN, 0};
+  ASSERT_EQ(::poll(&p, 1, 10000), 1);  // the child's hello
+  ASSERT_EQ(::write(lower_write.get(), "l", 1), 1);
+  EXPECT_TRUE(await_byte(lowered_read.get()));
+  auto parent = ring_channel::create(std::move(pair.first), small_ring());
+  const int status = test::reap(pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << status;
+  // The child's end went with its error: this end's half of the handshake completed, and then
+  // it sees the peer gone.
+  ASSERT_THAT(parent, Succeeded());
+  EXPECT_THAT(parent->receive(10s), HasError(errc::peer_closed));
 }
 
 TEST_F(ring_test, ChildProcessEchoesWithSpinningEnds) {
