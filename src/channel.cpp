@@ -485,23 +485,31 @@ result<bool> channel::impl::flush_queue(bool blocking) {
 
 result<void> channel::impl::enqueue(detail::iovec_array& iov, std::span<const int> fds,
                                     bool started) {
-  outgoing q;
-  if (!started) {
-    // The caller keeps its fds: the queue holds duplicates until they are sent. If one cannot be
-    // made (EBADF, EMFILE), nothing is queued: a frame must never go out short of its fds.
-    for (int fd : fds) {
-      auto copy = duplicate(fd);
-      if (!copy) return std::unexpected(copy.error());
-      q.fds.push_back(std::move(*copy));
+  // Everything is allocated and copied before the queue changes: if memory runs out (ENOMEM) or
+  // a duplicate cannot be made, nothing is queued and the duplicates made so far close with q.
+  try {
+    outgoing q;
+    if (!started) {
+      // The caller keeps its fds: the queue holds duplicates until they are sent. If one cannot
+      // be made (EBADF, EMFILE), nothing is queued: a frame must never go out short of its fds.
+      q.fds.reserve(fds.size());
+      for (int fd : fds) {
+        auto copy = duplicate(fd);
+        if (!copy) return std::unexpected(copy.error());
+        q.fds.push_back(std::move(*copy));
+      }
     }
+    q.bytes.reserve(iov.total());
+    for (std::size_t i = 0; i < iov.size(); ++i) {
+      const auto* p = static_cast<const std::byte*>(iov.data()[i].iov_base);
+      q.bytes.insert(q.bytes.end(), p, p + iov.data()[i].iov_len);
+    }
+    const std::size_t size = q.bytes.size();
+    queue.push_back(std::move(q));  // unchanged if it throws
+    queued += size;
+  } catch (const std::bad_alloc&) {
+    return fail_errno(ENOMEM);
   }
-  q.bytes.reserve(iov.total());
-  for (std::size_t i = 0; i < iov.size(); ++i) {
-    const auto* p = static_cast<const std::byte*>(iov.data()[i].iov_base);
-    q.bytes.insert(q.bytes.end(), p, p + iov.data()[i].iov_len);
-  }
-  queued += q.bytes.size();
-  queue.push_back(std::move(q));
   return {};
 }
 
@@ -634,13 +642,15 @@ result<void> channel::impl::memfd_room(std::uint64_t length, bool blocking) {
 
 result<void> channel::impl::put_memfd(unique_fd memfd, std::uint64_t length,
                                       std::span<const int> fds, bool blocking) {
-  std::vector<int> all;
-  all.reserve(fds.size() + 1);
-  all.push_back(memfd.get());
-  all.insert(all.end(), fds.begin(), fds.end());
+  // The memfd and the caller's fds, on the stack: callers pass fewer than max_fds_per_message.
+  if (fds.size() >= max_fds_per_message) return fail(errc::too_many_fds);
+  std::array<int, max_fds_per_message> all;  // NOLINT: only the first fds.size() + 1 are read
+  all[0] = memfd.get();
+  std::copy(fds.begin(), fds.end(), all.begin() + 1);
   const auto ref = wire::encode(wire::memfd_ref{length});
   const std::array<const_buffer, 1> parts{const_buffer(ref)};
-  auto r = put(parts, all, wire::flag_memfd, blocking);  // our copy of the memfd closes on return
+  // Our copy of the memfd closes on return.
+  auto r = put(parts, std::span<const int>(all.data(), fds.size() + 1), wire::flag_memfd, blocking);
   if (r) memfd_in_flight += length;
   return r;
 }
@@ -1371,25 +1381,20 @@ result<void> channel::send(std::span<const const_buffer> parts) { return send(pa
 
 namespace {
 
-// Calls send(parts, fds) with a message's bytes and its fds as raw numbers: on the stack for any
-// count a message may carry, else in a vector (which the send then refuses, after the checks that
-// come before that one).
+// Calls send(parts, fds) with a message's bytes and its fds as raw numbers, on the stack, with no
+// allocation. A message with more fds than one may carry passes only its first
+// max_fds_per_message + 1: the send refuses that count (errc::too_many_fds) as it would the whole,
+// after the checks that come before that one.
 template <typename Send>
 result<void> with_raw_fds(const message& m, Send send) {
   const const_buffer bytes = m.bytes();
   const auto parts = std::span(&bytes, 1);
   const auto& owned = m.fds();
-  if (owned.size() > max_fds_per_message) {
-    std::vector<int> many;
-    many.reserve(owned.size());
-    for (const auto& fd : owned)
-      many.push_back(fd.get());
-    return send(parts, many);
-  }
-  std::array<int, max_fds_per_message> raw;  // NOLINT: only the first owned.size() are read
-  for (std::size_t i = 0; i < owned.size(); ++i)
+  const std::size_t n = std::min(owned.size(), max_fds_per_message + 1);
+  std::array<int, max_fds_per_message + 1> raw;  // NOLINT: only the first n are read
+  for (std::size_t i = 0; i < n; ++i)
     raw[i] = owned[i].get();
-  return send(parts, std::span<const int>(raw.data(), owned.size()));
+  return send(parts, std::span<const int>(raw.data(), n));
 }
 
 }  // namespace

@@ -64,8 +64,12 @@ result<std::shared_ptr<pool_tx>> pool_tx::create(std::size_t data_size, std::uin
   }
   void* base = ::mmap(nullptr, layout.total, PROT_READ | PROT_WRITE, MAP_SHARED, fd->get(), 0);
   if (base == MAP_FAILED) return fail_errno(errno);
-  std::shared_ptr<pool_tx> p(new (std::nothrow) pool_tx);
-  if (!p) {
+  // The object and shared_ptr's control block: either failing is ENOMEM (the shared_ptr deletes
+  // its object if its control block cannot be had), with the mapping undone.
+  std::shared_ptr<pool_tx> p;
+  try {
+    p.reset(new pool_tx);
+  } catch (const std::bad_alloc&) {
     ::munmap(base, layout.total);
     return fail_errno(ENOMEM);
   }
@@ -129,9 +133,14 @@ std::optional<pool_tx::block> pool_tx::allocate(std::size_t n) {
       }
     }
     if (!offset) continue;
+    // The record first: a push_back that throws leaves everything as it was (no room then).
+    try {
+      live_.push_back({*slot, *offset, size});
+    } catch (const std::bad_alloc&) {
+      return std::nullopt;
+    }
     state(*slot).store(slot_in_use, std::memory_order_relaxed);
     next_slot_ = (*slot + 1) % slots_;
-    live_.push_back({*slot, *offset, size});
     head_ = *offset + size;
     return block{*slot, *offset, n, base_ + layout_.data_offset + *offset};
   }
@@ -166,8 +175,12 @@ result<std::shared_ptr<pool_rx>> pool_rx::map(unique_fd fd, const wire::pool_ann
     why = "the pool's memfd is not the announced size";
     return fail(errc::protocol_error);
   }
-  std::shared_ptr<pool_rx> p(new (std::nothrow) pool_rx);
-  if (!p) return fail_errno(ENOMEM);
+  std::shared_ptr<pool_rx> p;
+  try {
+    p.reset(new pool_rx);  // the object and shared_ptr's control block
+  } catch (const std::bad_alloc&) {
+    return fail_errno(ENOMEM);
+  }
   void* data = ::mmap(nullptr, layout.total, PROT_READ, MAP_SHARED, fd.get(), 0);
   if (data == MAP_FAILED) return map_failed(errno, "cannot map the pool: ", why);
   p->data_ = static_cast<const std::byte*>(data);

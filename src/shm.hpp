@@ -67,7 +67,8 @@ class pool_tx {
   [[nodiscard]] wire::pool_announce announce() const noexcept { return {data_size_, slots_}; }
 
   // A block of n bytes whose slot is marked in use, or nullopt if the pool has no room (after
-  // taking back every block the receiver released).
+  // taking back every block the receiver released) or no memory can be had to record the block
+  // (the pool is then unchanged). Never throws bad_alloc.
   [[nodiscard]] std::optional<block> allocate(std::size_t n);
 
   // Gives back a block that will never be sent.

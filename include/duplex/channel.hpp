@@ -231,8 +231,10 @@ class channel {
   // ENOBUFS or ENOMEM (no kernel memory). A local error after the frame's first byte (and its
   // fds) went out is not returned: the rest waits in the outgoing queue (wants_write()) and goes
   // first with the next send or flush, which reports the error if it persists; the message is
-  // accepted, do not send it again. With shared memory, a send past shared_memory.max_in_flight
-  // waits for the peer to read (errc::closed if close() ends the wait).
+  // accepted, do not send it again; only if no memory can be had for that rest is ENOMEM
+  // returned, with the channel broken (errc::broken after: the stream cannot go on mid-frame).
+  // With shared memory, a send past shared_memory.max_in_flight waits for the peer to read
+  // (errc::closed if close() ends the wait).
   [[nodiscard]] result<void> send(std::span<const const_buffer> parts, std::span<const int> fds);
 
   // Sends bytes as one message.
@@ -254,7 +256,8 @@ class channel {
   // (errc::peer_closed) or close() drops the queue. Errors: errc::queue_full (the queue is at
   // max_queued_bytes: nothing was taken; wait until writable, flush(), retry; or
   // shared_memory.max_in_flight is reached: retry once the peer has read), errc::would_block
-  // (another thread is sending at this moment), and those of send.
+  // (another thread is sending at this moment), ENOMEM (no memory for the queue's copy of a
+  // message of which nothing was written: nothing was taken, retry), and those of send.
   [[nodiscard]] result<void> try_send(std::span<const const_buffer> parts,
                                       std::span<const int> fds);
 

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <memory>
 #include <new>
 #include <string>
 #include <thread>
@@ -362,6 +363,113 @@ TEST_F(allocation_test, APacketAfterALargeOneCostsItsOwnSize) {
   ASSERT_THAT(after, Succeeded());
   EXPECT_TRUE(test::same(after->bytes(), tiny));
   EXPECT_FALSE(pair.second.is_broken());
+}
+
+// A message try_send must queue (the socket is full) whose queue entry cannot be allocated:
+// ENOMEM, nothing of it queued, the channel not broken. Sent again once memory is there, it
+// arrives once, after everything queued before it.
+TEST_F(allocation_test, AMessageTheQueueCannotTakeIsENOMEMAndNotHalfQueued) {
+  auto [a, b] = test::must(channel_pair(socket_kind::stream));
+  const auto filler = test::pattern(std::size_t{64} << 10, 1);
+  std::size_t fillers = 0;
+  while (!a.wants_write()) {
+    ASSERT_THAT(a.try_send(filler), Succeeded());
+    ASSERT_LT(++fillers, 10000U);
+  }
+  const std::size_t queued = a.queued_bytes();
+  constexpr std::size_t odd_size = 3001;  // no other allocation here asks for its frame's size
+  const auto body = test::pattern(odd_size, 2);
+  auto [pipe_read, pipe_write] = test::make_pipe();
+  const std::array<int, 1> fd{pipe_read.get()};
+  const std::size_t open_before = test::open_fd_count();
+  refused_size = wire::native_header_size + odd_size;
+  auto refused = a.try_send(body, fd);
+  refused_size = 0;
+  EXPECT_THAT(refused, HasError(test::sys(ENOMEM)));
+  EXPECT_EQ(a.queued_bytes(), queued);
+  EXPECT_EQ(test::open_fd_count(), open_before);  // the fd's queued duplicate is gone too
+  EXPECT_FALSE(a.is_broken());
+  ASSERT_THAT(a.try_send(body, fd), Succeeded());
+  std::vector<message> got;
+  std::thread reader([&b, &got] {
+    for (;;) {
+      auto m = b.receive(std::chrono::seconds(10));
+      if (!m) return;
+      const bool last = m->text() == "end";
+      got.push_back(std::move(*m));
+      if (last) return;
+    }
+  });
+  const auto ended = a.send(as_bytes("end"));  // the queue goes first
+  reader.join();
+  ASSERT_THAT(ended, Succeeded());
+  ASSERT_EQ(got.size(), fillers + 2);
+  for (std::size_t i = 0; i < fillers; ++i)
+    EXPECT_TRUE(test::same(got[i].bytes(), filler)) << i;
+  EXPECT_TRUE(test::same(got[fillers].bytes(), body));
+  EXPECT_EQ(got[fillers].fds().size(), 1U);
+  EXPECT_EQ(got[fillers + 1].text(), "end");
+}
+
+// A message with more fds than a frame may carry is refused (too_many_fds) without an
+// allocation for its fds' numbers: one that could not be had changes nothing.
+TEST_F(allocation_test, TooManyFdsAreRefusedWithoutAnAllocation) {
+  auto [a, b] = test::must(channel_pair(socket_kind::stream));
+  auto [pipe_read, pipe_write] = test::make_pipe();
+  std::vector<unique_fd> fds;
+  for (std::size_t i = 0; i <= max_fds_per_message; ++i)
+    fds.push_back(test::must(duplicate(pipe_read.get())));
+  const message m(as_bytes("x"), std::move(fds));
+  refused_size = (max_fds_per_message + 1) * sizeof(int);
+  auto sent = a.send(m);
+  auto tried = a.try_send(m);
+  refused_size = 0;
+  EXPECT_THAT(sent, HasError(errc::too_many_fds));
+  EXPECT_THAT(tried, HasError(errc::too_many_fds));
+  ASSERT_THAT(a.send(as_bytes("next")), Succeeded());
+  auto next = b.receive(std::chrono::seconds(10));
+  ASSERT_THAT(next, Succeeded());
+  EXPECT_EQ(next->text(), "next");
+}
+
+// A message too large for the pool goes in a memfd of its own, with the caller's fds beside it:
+// that needs no allocation of theirs. And when the pool's shared_ptr cannot be had, the send
+// goes another way and allocate() says ENOMEM or gives a memfd of its own: never an exception.
+TEST_F(allocation_test, SharedMemorySendsNeedNoAllocationThatCanEscape) {
+  channel_options o;
+  o.shared_memory.enabled = true;
+  o.shared_memory.threshold = 1024;
+  o.shared_memory.pool_size = 4096;
+  auto [a, b] = test::must(channel_pair(socket_kind::stream, o));
+  auto [pipe_read, pipe_write] = test::make_pipe();
+  const auto big = test::pattern(100000, 3);
+#if defined(__GLIBCXX__)
+  // The control block of a shared_ptr made from a raw pointer (its size does not depend on the
+  // type): the pool's, made on the first shared-memory send or allocate().
+  refused_size = sizeof(std::_Sp_counted_ptr<int*, __gnu_cxx::_S_atomic>);
+  auto allocated = a.allocate(100);
+  auto first = a.send(big);
+  refused_size = 0;
+  if (!allocated) {
+    EXPECT_THAT(allocated, HasError(test::sys(ENOMEM)));
+  }
+  ASSERT_THAT(first, Succeeded());
+  auto got = b.receive(std::chrono::seconds(10));
+  ASSERT_THAT(got, Succeeded());
+  EXPECT_TRUE(test::same(got->bytes(), big));
+#endif
+  constexpr std::size_t many = 37;  // 38 fds with the memfd: an odd size for their numbers
+  std::vector<int> fds(many, pipe_read.get());
+  ASSERT_THAT(a.send(as_bytes("pool")), Succeeded());  // the pool exists, whatever came before
+  ASSERT_THAT(b.receive(std::chrono::seconds(10)), Succeeded());
+  refused_size = (many + 1) * sizeof(int);
+  auto sent = a.send(big, fds);
+  refused_size = 0;
+  ASSERT_THAT(sent, Succeeded());
+  auto m = b.receive(std::chrono::seconds(10));
+  ASSERT_THAT(m, Succeeded());
+  EXPECT_TRUE(test::same(m->bytes(), big));
+  EXPECT_EQ(m->fds().size(), many);
 }
 
 }  // namespace
