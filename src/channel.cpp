@@ -911,6 +911,7 @@ result<void> channel::impl::read_more(const wait_spec& w, spinner& spin) {
     mutable_buffer target;
     try {
       target = decoder.read_target();  // the receive buffer is allocated on the first read
+      decoder.reserve_for_commit();    // so the fds of this read can be kept without allocating
     } catch (const std::bad_alloc&) {
       return fail_errno(ENOMEM);  // nothing was read: a later call can try again
     }
@@ -926,8 +927,8 @@ result<void> channel::impl::read_more(const wait_spec& w, spinner& spin) {
         try {
           decoder.commit(r->bytes, arrived.taken(), r->ctrunc);
         } catch (const std::bad_alloc&) {
-          // The bytes are buffered but the fds that came with them could not be recorded (they
-          // are closed): the frame that owns them can no longer be delivered whole.
+          // Not after reserve_for_commit() above. Were it to happen, the read's bytes and fds
+          // (closed here) would be in no decoder: the stream cannot go on.
           arrived.clear();
           set_detail("no memory to keep the fds that arrived with a read");
           broken.store(true);

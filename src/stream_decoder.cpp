@@ -4,6 +4,9 @@
 #include <cerrno>
 #include <cstring>
 #include <new>
+#include <tuple>
+
+#include "io.hpp"
 
 namespace duplex::detail {
 namespace {
@@ -11,6 +14,8 @@ namespace {
 // More pending batches than this cannot come from an honest sender (each batch ends the read
 // that carried it, and the decoder parses after every read).
 constexpr std::size_t max_pending_batches = 8;
+// The most fds one read can bring: the room of the fd_batch the channel reads them into.
+constexpr std::size_t max_fds_per_read = std::tuple_size_v<decltype(fd_batch::fds)>;
 
 }  // namespace
 
@@ -44,10 +49,27 @@ mutable_buffer stream_decoder::read_target() {
   return {buf_.get() + end_, capacity_ - end_};
 }
 
+void stream_decoder::reserve_for_commit() {
+  if (batches_.capacity() < max_pending_batches) batches_.reserve(max_pending_batches);
+  if (spare_fds_.capacity() < max_fds_per_read) spare_fds_.reserve(max_fds_per_read);
+}
+
 void stream_decoder::commit(std::size_t n, std::span<unique_fd> fds, bool ctrunc) {
+  const bool control = !fds.empty() || ctrunc;
+  const bool keep = !direct_ && control && state_ != state::failed && format_ != framing::python &&
+                    batches_.size() < max_pending_batches;
+  // What keeping the fds needs is had before anything changes, from what reserve_for_commit()
+  // set aside: if it still must be allocated and cannot be, bad_alloc leaves the decoder as it
+  // was and the fds with the caller.
+  std::vector<unique_fd> kept;
+  if (keep) {
+    if (batches_.capacity() == batches_.size()) batches_.reserve(max_pending_batches);
+    kept = std::exchange(spare_fds_, {});
+    kept.clear();
+    kept.reserve(fds.size());
+  }
   const std::uint64_t start = read_offset_;
   read_offset_ += n;
-  const bool control = !fds.empty() || ctrunc;
   auto close_all = [&fds] {
     for (auto& fd : fds)
       fd.reset();
@@ -79,11 +101,9 @@ void stream_decoder::commit(std::size_t n, std::span<unique_fd> fds, bool ctrunc
     fail_for_ever(make_error_code(errc::protocol_error), "fds arrived that no frame announced");
     return;
   }
-  batch b{start, start + n, {}, ctrunc};
-  b.fds.reserve(fds.size());
   for (auto& fd : fds)
-    b.fds.push_back(std::move(fd));
-  batches_.push_back(std::move(b));
+    kept.push_back(std::move(fd));  // within its reserved capacity
+  batches_.push_back(batch{start, start + n, std::move(kept), ctrunc});  // likewise
 }
 
 stream_decoder::event stream_decoder::fail_for_ever(std::error_code ec, std::string detail) {
@@ -100,7 +120,7 @@ stream_decoder::event stream_decoder::fail_for_ever(std::error_code ec, std::str
 
 void stream_decoder::drop_stray_batches_before(std::uint64_t offset) {
   while (!batches_.empty() && batches_.front().end <= offset) {
-    batches_.pop_front();  // closes its fds
+    batches_.erase(batches_.begin());  // closes its fds
     stray_ = true;
   }
 }
@@ -196,7 +216,7 @@ stream_decoder::event stream_decoder::parse_header() {
     } else {
       fds_ = std::move(b.fds);
     }
-    batches_.pop_front();
+    batches_.erase(batches_.begin());
   }
   start_frame(length, fd_count, header_size);
   flags_ = flags;

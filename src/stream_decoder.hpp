@@ -16,7 +16,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <deque>
 #include <memory>
 #include <optional>
 #include <span>
@@ -52,8 +51,14 @@ class stream_decoder {
   // Where the next read should put its bytes; not empty while poll() says need_more.
   [[nodiscard]] mutable_buffer read_target();
 
+  // Sets aside what the next commit() needs to keep the fds of one read (room for a batch of
+  // them), so that it allocates nothing: call before each read that may bring fds. Throws
+  // bad_alloc (with nothing changed) if that room cannot be had, before anything is read.
+  void reserve_for_commit();
+
   // n bytes were read into the last read_target(); fds arrived with them (taken over here);
-  // ctrunc if the kernel cut control data short.
+  // ctrunc if the kernel cut control data short. Allocates nothing after reserve_for_commit();
+  // without it, may throw bad_alloc, with the decoder unchanged and the fds still the caller's.
   void commit(std::size_t n, std::span<unique_fd> fds, bool ctrunc);
 
   // The peer's end-of-stream was seen: once the buffered bytes are used up, poll() reports
@@ -179,9 +184,10 @@ class stream_decoder {
   std::uint64_t parse_offset_ = 0;  // stream offset of buf_[begin_]
   std::uint64_t read_offset_ = 0;   // stream offset of the next byte to be read
   bool eof_ = false;
-  bool direct_ = false;  // the last read_target() was the payload's destination
-  bool stray_ = false;   // a batch of fds no frame claimed was seen (and closed)
-  std::deque<batch> batches_;
+  bool direct_ = false;               // the last read_target() was the payload's destination
+  bool stray_ = false;                // a batch of fds no frame claimed was seen (and closed)
+  std::vector<batch> batches_;        // in order of arrival; at most max_pending_batches
+  std::vector<unique_fd> spare_fds_;  // reserve_for_commit()'s room for the next batch's fds
 
   state state_ = state::idle;
   std::error_code error_;
