@@ -316,14 +316,18 @@ TEST_F(ring_test, AHelloCutShortAtRlimitNofileIsFdsTruncatedAndLeaksNothing) {
     auto before = test::open_fds();
     std::erase(before, sock);                 // create() takes the socket, and closes it on error
     std::erase(before, lowered_write.get());  // closed below
+    rlimit old{};
+    ::getrlimit(RLIMIT_NOFILE, &old);
     result<ring_channel> made = fail(errc::closed);
-    std::thread t([&] { made = ring_channel::create(std::move(pair.second), small_ring()); });
+    std::thread t([&] {
+      made = ring_channel::create(std::move(pair.second), small_ring());
+      // Raised again at once: what runs after (a sanitizer's checks too) may need fds.
+      ::setrlimit(RLIMIT_NOFILE, &old);
+    });
     // This end's hello has reached the parent, and its offer has closed what it sent: only
     // the socket and the two wake sockets it sleeps on remain (with lowered_write).
     bool ok = await_byte(lower_read.get()) &&
               test::eventually([&] { return test::open_fd_count() == before.size() + 4; });
-    rlimit old{};
-    ::getrlimit(RLIMIT_NOFILE, &old);
     if (ok) {
       int lowest = 0;
       while (test::fd_is_open(lowest))
