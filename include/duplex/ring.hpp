@@ -98,9 +98,9 @@ class ring_channel {
   // Errors: errc::wrong_kind (not a connected stream/seqpacket socket), errc::timed_out,
   // errc::peer_closed, errc::protocol_error (a bad handshake, ring or fd), errc::fds_truncated
   // (the kernel could not give this process all of the peer's fds, as at its RLIMIT_NOFILE;
-  // those that arrived are closed), EINVAL (an option out
-  // of its range in ring_options, checked first), the errno of memfd_create, socketpair or mmap.
-  // On error the socket is closed (as by channel::create).
+  // those that arrived are closed), EINVAL (an option out of its range in ring_options, checked
+  // first), the errno of memfd_create, socketpair or mmap. On error the socket is closed (as by
+  // channel::create).
   [[nodiscard]] static result<ring_channel> create(socket s, const ring_options& options = {});
 
   // Sends one message (its pieces gathered), waiting for room in the peer's ring as long as
