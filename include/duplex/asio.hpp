@@ -60,6 +60,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <asio/any_io_executor.hpp>
 #include <asio/associated_cancellation_slot.hpp>
 #include <asio/associated_executor.hpp>
@@ -70,9 +71,11 @@
 #include <asio/execution_context.hpp>
 #include <asio/posix/stream_descriptor.hpp>
 #include <asio/post.hpp>
+#include <asio/steady_timer.hpp>
 #include <asio/version.hpp>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <concepts>
 #include <cstdint>
 #include <memory>
@@ -209,21 +212,45 @@ struct receive_steps {
 
 // async_send: try_send until the channel takes the message (while its outgoing queue is full,
 // try_send takes nothing), then flush until the queue is empty.
+//
+// Two waits have no socket readiness to end them, so they are paused out on a timer instead,
+// for a pause that doubles from min_pause to max_pause (as the channel's blocking send does):
+// shared_memory.max_in_flight reached (errc::queue_full with nothing queued: the socket is
+// writable, the memfds wait for the peer to read), and a local limit met by a flush once the
+// message is taken (ETOOMANYREFS, ENOBUFS, ENOMEM: the message stays queued, whole, and the
+// channel is fine; the operation completes once it has gone out, as any send does). Waiting for
+// writability instead would spin, the socket being writable all along.
 struct send_steps {
   static constexpr bool wants_read = false;
+  static constexpr std::chrono::microseconds min_pause{50};
+  static constexpr std::chrono::milliseconds max_pause{10};
   send_source what;
   bool accepted = false;
+  // After an attempt that returned false: how long to pause before the next one (zero: wait
+  // until the socket is writable).
+  std::chrono::nanoseconds pause{0};
+  std::chrono::nanoseconds next_pause{min_pause};
 
   bool attempt(duplex::channel& ch, std::error_code& ec) {
+    pause = std::chrono::nanoseconds{0};
     if (!accepted) {
       auto r = what.try_send(ch);
       if (!r) {
-        if (r.error() == errc::queue_full || r.error() == errc::would_block) return false;
+        if (r.error() == errc::would_block) return false;
+        if (r.error() == errc::queue_full) {
+          if (!ch.wants_write()) back_off();  // not the queue: the memfd bound
+          return false;
+        }
         ec = r.error();
         return true;
       }
       accepted = true;
+      next_pause = min_pause;
     } else if (auto flushed = ch.flush(); !flushed) {
+      if (is_local_limit(flushed.error())) {
+        back_off();
+        return false;
+      }
       ec = flushed.error();
       return true;
     }
@@ -234,6 +261,18 @@ struct send_steps {
   // cancellation forbids. Terminal and partial cancellation are still honoured.
   [[nodiscard]] bool taken() const noexcept { return accepted; }
   [[nodiscard]] static bool worth_trying(const duplex::channel&) noexcept { return true; }
+
+ private:
+  void back_off() noexcept {
+    pause = next_pause;
+    next_pause = std::min<std::chrono::nanoseconds>(next_pause * 2, max_pause);
+  }
+  // A limit of this process or user, not a fault of the socket or the peer: the flush that met
+  // it kept the queue (channel::flush).
+  static bool is_local_limit(const std::error_code& e) noexcept {
+    return e.category() == std::system_category() &&
+           (e.value() == ETOOMANYREFS || e.value() == ENOBUFS || e.value() == ENOMEM);
+  }
 };
 
 // async_flush: flush until the outgoing queue is empty.
@@ -248,6 +287,22 @@ struct flush_steps {
   [[nodiscard]] static bool taken() noexcept { return false; }
   [[nodiscard]] static bool worth_trying(const duplex::channel&) noexcept { return true; }
 };
+
+// How long an operation pauses before its next attempt (zero: until the socket is ready).
+template <typename Steps>
+std::chrono::nanoseconds pause_of(const Steps& steps) noexcept {
+  if constexpr (std::is_same_v<Steps, send_steps>) {
+    return steps.pause;
+  } else {
+    return std::chrono::nanoseconds{0};
+  }
+}
+
+// The timer a send pauses on (see send_steps).
+template <typename Executor>
+using pause_timer =
+    ::asio::basic_waitable_timer<std::chrono::steady_clock,
+                                 ::asio::wait_traits<std::chrono::steady_clock>, Executor>;
 
 // An execution context such as asio::io_context.
 template <typename T>
@@ -333,6 +388,8 @@ class reactor_watch {
   void post(::asio::detail::reactor_op* op, bool is_continuation) {
     reactor_.post_immediate_completion(op, is_continuation);
   }
+  // The reactor (lives as long as the execution context).
+  reactor& service() noexcept { return reactor_; }
 
   // True if a receive that read the socket empty may tell the reactor so: the end watch is on and
   // has not seen the peer's end.
@@ -418,6 +475,12 @@ struct channel_state {
   duplex::channel ch;
   Executor ex;
   reactor_watch watch;
+  // What a send pauses on (see send_steps). A paused send is not in the reactor: cancel() and
+  // close() cancel the timer and bump cancels, which a send about to pause checks.
+  pause_timer<Executor> timer{ex};
+  std::atomic<std::uint64_t> cancels{0};
+  // Expires with the state: a paused send that wakes after it completes with operation_aborted.
+  std::shared_ptr<char> alive = std::make_shared<char>();
 };
 
 // An operation's cancellation slot handler. An operation is queued under the key `this` until
@@ -425,13 +488,17 @@ struct channel_state {
 // cancellation reach it under either key, total cancellation only under the first. The reactor
 // compares keys under the descriptor's lock, the same lock the operation's steps run under, so a
 // cancellation never lands between the message being taken and the key changing.
+//
+// A send paused on the timer (see channel_op) is in no queue of the reactor: the types asked for
+// are kept in `requested`, which the send looks at before it pauses and when it wakes.
 class cancel_handler {
  public:
-  cancel_handler(reactor_watch* w, int op_type, void* late_key)
-      : watch_(w), op_type_(op_type), late_key_(late_key) {}
+  cancel_handler(reactor_watch* w, int op_type, void* late_key, std::atomic<unsigned>* requested)
+      : watch_(w), op_type_(op_type), late_key_(late_key), requested_(requested) {}
 
   void operator()(::asio::cancellation_type_t type) {
     using ::asio::cancellation_type;
+    requested_->fetch_or(static_cast<unsigned>(type));
     if (!!(type &
            (cancellation_type::terminal | cancellation_type::partial | cancellation_type::total))) {
       watch_->cancel(op_type_, this);
@@ -445,11 +512,17 @@ class cancel_handler {
   reactor_watch* watch_;
   int op_type_;
   void* late_key_;
+  std::atomic<unsigned>* requested_;
 };
 
 // One operation as an Asio reactor operation: the reactor calls do_perform (in the initiating
 // call, then whenever the fd is ready), and the scheduler calls do_complete, which invokes the
 // handler through its executor as Asio's own operations do.
+//
+// A send whose steps ask for a pause (no readiness of the socket tells when to try again) leaves
+// the reactor: do_perform says done, and do_complete, instead of invoking the handler, waits on
+// the channel's timer (armed on the channel's executor, as cancel() and close() touch it there),
+// then starts the operation again. The operation is owned by the timer's handler meanwhile.
 template <typename Steps, typename Handler, typename IoExecutor>
 class channel_op : public ::asio::detail::reactor_op {
  public:
@@ -457,42 +530,53 @@ class channel_op : public ::asio::detail::reactor_op {
 
   // make() gives the steps, built in place here.
   template <typename Make>
-  channel_op(duplex::channel& ch, reactor_watch& watch, const Make& make, Handler& handler,
-             const IoExecutor& io_ex)
+  channel_op(channel_state<IoExecutor>& s, const Make& make, Handler& handler)
       : reactor_op(std::error_code(), &channel_op::do_perform, &channel_op::do_complete),
-        ch_(ch),
-        watch_(watch),
+        s_(s),
+        reactor_(s.watch.service()),
+        cancels_(s.cancels.load()),
         steps_(make()),
         handler_(std::move(handler)),
-        work_(handler_, io_ex) {}
+        work_(handler_, s.ex) {}
 
   // The key the operation is queued under once its steps say taken().
   void* late_key() noexcept { return &steps_; }
 
+  // The cancellation types asked for through the slot (see cancel_handler).
+  std::atomic<unsigned>* requested() noexcept { return &requested_; }
+
   // An attempt made outside the reactor, for a receive that the reactor would not try (see
   // initiate). True once the operation has its outcome.
-  bool attempt_now() { return steps_.attempt(ch_, ec_); }
+  bool attempt_now() { return steps_.attempt(s_.ch, ec_); }
 
  private:
   static status do_perform(reactor_op* base) {
     auto* o = static_cast<channel_op*>(base);
-    if (o->steps_.attempt(o->ch_, o->ec_)) {
+    if (o->steps_.attempt(o->s_.ch, o->ec_)) {
       if constexpr (Steps::wants_read) {
         // See reactor_watch: a receive that read the socket empty says so.
-        const bool empty = !o->ec_ && o->ch_.drained() && o->watch_.may_claim_empty();
-        o->watch_.set_claimed_empty(empty);
+        const bool empty = !o->ec_ && o->s_.ch.drained() && o->s_.watch.may_claim_empty();
+        o->s_.watch.set_claimed_empty(empty);
         return empty ? done_and_exhausted : done;
       }
       return done;
     }
-    if constexpr (Steps::wants_read) o->watch_.set_claimed_empty(false);
+    if constexpr (Steps::wants_read) o->s_.watch.set_claimed_empty(false);
     if (o->steps_.taken() && o->cancellation_key_ != nullptr) o->cancellation_key_ = o->late_key();
+    if (pause_of(o->steps_).count() > 0) {
+      o->pausing_ = true;
+      return done;
+    }
     return not_done;
   }
 
   static void do_complete(void* owner, ::asio::detail::operation* base, const std::error_code&,
                           std::size_t) {
     auto* o = static_cast<channel_op*>(base);
+    if (owner != nullptr && std::exchange(o->pausing_, false) && !o->ec_) {
+      o->pause();
+      return;
+    }
     ptr p = {std::addressof(o->handler_), o, o};
     ::asio::detail::handler_work<Handler, IoExecutor> w(std::move(o->work_));
     // The handler and its arguments leave the operation before its memory is freed.
@@ -507,6 +591,57 @@ class channel_op : public ::asio::detail::reactor_op {
     }
   }
 
+  // The operation, held by a handler of the pause: destroyed with it if that is never invoked
+  // (the io_context shut down first).
+  struct holder {
+    channel_op* op;
+    explicit holder(channel_op* o) noexcept : op(o) {}
+    holder(holder&& other) noexcept : op(std::exchange(other.op, nullptr)) {}
+    holder& operator=(holder&&) = delete;
+    ~holder() {
+      if (op != nullptr) op->destroy();
+    }
+    channel_op* release() noexcept { return std::exchange(op, nullptr); }
+  };
+
+  // True if the operation was cancelled since it started: by cancel() or close() (cancels), or
+  // through its slot with a type it still honours.
+  bool cancelled() const noexcept {
+    using ::asio::cancellation_type;
+    const auto asked = static_cast<cancellation_type>(requested_.load());
+    return s_.cancels.load() != cancels_ ||
+           !!(asked & (cancellation_type::terminal | cancellation_type::partial)) ||
+           (!steps_.taken() && !!(asked & cancellation_type::total));
+  }
+
+  // Completes the operation with operation_aborted (through the scheduler: not inside the
+  // caller's frame).
+  void abort(holder h) {
+    ec_ = ::asio::error::operation_aborted;
+    reactor_.post_immediate_completion(h.release(), true);
+  }
+
+  // Waits steps_.pause on the timer, then starts again (see above).
+  void pause() {
+    ::asio::post(s_.ex, [h = holder(this), alive = std::weak_ptr<char>(s_.alive)]() mutable {
+      channel_op* o = h.op;
+      if (alive.expired() || o->cancelled()) {
+        o->abort(std::move(h));
+        return;
+      }
+      o->s_.timer.expires_after(pause_of(o->steps_));
+      o->s_.timer.async_wait(
+          [h = std::move(h), alive = std::move(alive)](std::error_code e) mutable {
+            channel_op* w = h.op;
+            if (e || alive.expired() || w->cancelled()) {
+              w->abort(std::move(h));
+              return;
+            }
+            w->s_.watch.start(reactor::write_op, h.release(), true);
+          });
+    });
+  }
+
   static auto bind(channel_op& o) {
     if constexpr (std::is_same_v<Steps, receive_steps>) {
       return ::asio::detail::move_binder2<Handler, std::error_code, message>(
@@ -516,8 +651,11 @@ class channel_op : public ::asio::detail::reactor_op {
     }
   }
 
-  duplex::channel& ch_;
-  reactor_watch& watch_;
+  channel_state<IoExecutor>& s_;
+  reactor& reactor_;
+  std::uint64_t cancels_;
+  std::atomic<unsigned> requested_{0};
+  bool pausing_ = false;
   Steps steps_;
   Handler handler_;
   ::asio::detail::handler_work<Handler, IoExecutor> work_;
@@ -544,10 +682,10 @@ class initiate {
     const bool is_continuation = asio_handler_cont_helpers::is_continuation(h.value);
     auto slot = ::asio::get_associated_cancellation_slot(h.value);
     typename op::ptr p = {std::addressof(h.value), op::ptr::allocate(h.value), nullptr};
-    p.p = new (p.v) op(s_->ch, s_->watch, make_, h.value, s_->ex);
+    p.p = new (p.v) op(*s_, make_, h.value);
     if (slot.is_connected()) {
-      p.p->cancellation_key_ =
-          &slot.template emplace<cancel_handler>(&s_->watch, op_type, p.p->late_key());
+      p.p->cancellation_key_ = &slot.template emplace<cancel_handler>(
+          &s_->watch, op_type, p.p->late_key(), p.p->requested());
     }
     if constexpr (steps_type::wants_read) {
       // Told that the socket was read empty, the reactor will not try this receive before the
@@ -600,6 +738,7 @@ struct channel_state {
   duplex::channel ch;
   Executor ex;
   ::asio::posix::basic_stream_descriptor<Executor> descriptor;
+  pause_timer<Executor> timer{ex};
   // Bumped by cancel() and close(): an operation that started before gives up at its next wait,
   // even if cancel() came while it was between two waits (when the reactor holds nothing of it).
   std::atomic<std::uint64_t> cancels{0};
@@ -659,6 +798,11 @@ class composed_op {
         break;
     }
     step_ = step::waiting;
+    if (const auto pause = pause_of(steps_); pause.count() > 0) {
+      s_->timer.expires_after(pause);
+      s_->timer.async_wait(std::move(self));
+      return;
+    }
     s_->descriptor.async_wait(Steps::wants_read ? ::asio::posix::descriptor_base::wait_read
                                                 : ::asio::posix::descriptor_base::wait_write,
                               std::move(self));
@@ -763,12 +907,14 @@ class basic_channel {
   // channel; see async_send for a message partly sent.
   void cancel() {
 #if DUPLEX_ASIO_REACTOR
+    s_->cancels.fetch_add(1);
     s_->watch.cancel();
 #else
     s_->cancels.fetch_add(1);
     std::error_code ignored;
     s_->descriptor.cancel(ignored);
 #endif
+    s_->timer.cancel();
   }
 
   // Cancels every outstanding operation (asio::error::operation_aborted) and closes the channel
@@ -776,12 +922,14 @@ class basic_channel {
   // operations complete with errc::closed.
   void close() {
 #if DUPLEX_ASIO_REACTOR
+    s_->cancels.fetch_add(1);
     s_->watch.close();
 #else
     s_->cancels.fetch_add(1);
     std::error_code ignored;
     s_->descriptor.close(ignored);
 #endif
+    s_->timer.cancel();
     s_->ch.close();
   }
 
@@ -804,6 +952,17 @@ class basic_channel {
   // As with asio::async_write, the bytes, the parts array and the fds must stay valid until the
   // handler runs. Errors: those of channel::send (errc::message_too_large, errc::too_many_fds,
   // errc::peer_closed, EBADF, ...), errc::closed, and asio::error::operation_aborted.
+  //
+  // An error tells the truth about the message. One from before the channel took it (a local
+  // limit such as ETOOMANYREFS met by try_send included) means nothing of it was sent. Once
+  // taken, a local limit met while flushing it (ETOOMANYREFS, ENOBUFS, ENOMEM) is not an outcome:
+  // the message stays queued, whole, and the send retries until it is out; only
+  // errc::peer_closed, errc::broken, errc::closed or a cancellation (below) end it before. While
+  // shared_memory.max_in_flight is reached (the peer has not read the memfds already sent), the
+  // send waits for the peer to read. Neither wait has socket readiness to end it: the send
+  // pauses on a timer, from 50 us doubling up to 10 ms, and tries again, rather than spin. A
+  // peer that never reads, or a limit that never clears, keeps the send pending: bound it with
+  // a timeout. A paused send sees a cancellation through its slot at the latest when it wakes.
   //
   // Cancellation. Before the channel has taken the message (it waits while the outgoing queue is
   // full), a cancelled send has sent nothing (total, partial and terminal cancellation are
@@ -847,7 +1006,9 @@ class basic_channel {
   // Completes once the channel's outgoing queue is empty (at once if it is): after an
   // async_send was cancelled, or to deliver what channel().try_send() queued. Counts as the one
   // outstanding async_send. Errors: errc::peer_closed (the queue was dropped), errc::broken,
-  // errc::closed, asio::error::operation_aborted (every cancellation type: the queue is kept).
+  // errc::closed, asio::error::operation_aborted (every cancellation type: the queue is kept),
+  // and the local limits of channel::flush (ETOOMANYREFS, ENOBUFS, ENOMEM: the queue is kept;
+  // flush again later).
   template <::asio::completion_token_for<send_signature> Token =
                 ::asio::default_completion_token_t<executor_type>>
   auto async_flush(Token&& token = ::asio::default_completion_token_t<executor_type>()) {

@@ -12,6 +12,7 @@
 #pragma GCC diagnostic pop
 
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -874,6 +875,144 @@ TEST_P(asio_test, ASendCancelledAfterTheChannelTookItIsDeliveredWholeByTheNextFl
   run(io);
   EXPECT_TRUE(found);
   EXPECT_FALSE(a.channel().wants_write());
+}
+
+// The CPU time this process has used, all threads together.
+std::chrono::nanoseconds process_cpu_time() {
+  timespec t{};
+  ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return std::chrono::seconds(t.tv_sec) + std::chrono::nanoseconds(t.tv_nsec);
+}
+
+// shared_memory.max_in_flight reached: the socket is writable, but the channel takes nothing
+// until the peer has read the memfd already on its way, and no readiness says when. The send
+// waits paused on a timer instead of spinning on writability: over half a second of waiting the
+// process uses well under a third of the CPU time. Once the peer reads, the send completes and
+// both messages arrive whole, in order. A paused send cancelled before sent nothing.
+TEST_P(asio_test, ASendPastTheMemfdBoundWaitsWithoutSpinningUntilThePeerReads) {
+  ::asio::io_context io;
+  channel_options o;
+  o.shared_memory.enabled = true;
+  o.shared_memory.threshold = std::size_t{64} << 10;
+  o.shared_memory.pool_size = std::size_t{64} << 10;  // too small: each message a memfd of its own
+  o.shared_memory.max_in_flight = std::size_t{1} << 20;
+  auto ends = test::must(channel_pair(GetParam(), o));
+  duplex::asio::channel a(io, std::move(ends.first));
+  duplex::channel& b = ends.second;
+  const auto first = pattern(std::size_t{2} << 20, 7);
+  const auto second = pattern(std::size_t{2} << 20, 8);
+  sent s1;
+  a.async_send(first, record(s1));  // nothing on its way yet: it goes
+  run(io);
+  ASSERT_TRUE(s1.done);
+  ASSERT_FALSE(s1.ec) << s1.ec.message();
+  // A paused send is cancelled as any send the channel has not taken: with nothing sent.
+  ::asio::cancellation_signal signal;
+  sent cancelled;
+  a.async_send(second, ::asio::bind_cancellation_slot(signal.slot(), record(cancelled)));
+  io.restart();
+  io.run_for(50ms);
+  EXPECT_FALSE(cancelled.done);
+  signal.emit(::asio::cancellation_type::total);
+  run(io);
+  EXPECT_EQ(cancelled.ec, ::asio::error::operation_aborted);
+  sent s2;
+  a.async_send(second, record(s2));
+  io.restart();
+  const auto cpu_before = process_cpu_time();
+  const auto wall_before = std::chrono::steady_clock::now();
+  io.run_for(500ms);
+  const auto cpu = process_cpu_time() - cpu_before;
+  const auto wall = std::chrono::steady_clock::now() - wall_before;
+  EXPECT_FALSE(s2.done);
+  EXPECT_LT(cpu * 10, wall * 3) << "waiting used " << cpu.count() << " ns of CPU in "
+                                << std::chrono::nanoseconds(wall).count() << " ns";
+  auto m1 = b.receive(10s);
+  ASSERT_THAT(m1, Succeeded());
+  EXPECT_TRUE(same(std::as_const(*m1).bytes(), first));
+  run(io);
+  ASSERT_TRUE(s2.done);
+  EXPECT_FALSE(s2.ec) << s2.ec.message();
+  auto m2 = b.receive(10s);
+  ASSERT_THAT(m2, Succeeded());
+  EXPECT_TRUE(same(std::as_const(*m2).bytes(), second));
+  EXPECT_THAT(b.try_receive(), HasError(errc::would_block));
+}
+
+// A local limit met after the channel took the message (ETOOMANYREFS: this user's fds in flight,
+// reached in an unprivileged child) leaves the message queued, whole, and it goes once the limit
+// clears: async_send completes then, with success, and the peer gets it exactly once. Had the
+// send completed with ETOOMANYREFS, its caller would have sent the message a second time.
+TEST_P(asio_test, ALocalLimitMetAfterTheChannelTookTheMessageIsNotItsOutcome) {
+  const socket_kind kind = GetParam();
+  const int status = test::run_in_child([kind] {
+    if (::geteuid() == 0 && !test::become_unprivileged()) return 9;
+    ::asio::io_context io;
+    auto ends = test::must(channel_pair(kind));
+    duplex::asio::channel a(io, std::move(ends.first));
+    duplex::channel& b = ends.second;
+    auto hog = test::must(channel_pair(socket_kind::stream));
+    auto [read_end, write_end] = test::make_pipe();
+    const std::array<int, 1> fd{read_end.get()};
+    if (!test::set_nofile(64)) return 10;  // a few fds in flight reach the limit
+    for (unsigned i = 0; i < 10000 && !a.channel().wants_write(); ++i) {
+      if (!a.channel().try_send(pattern(1000, i))) return 11;
+    }
+    if (!a.channel().wants_write()) return 11;
+    sent s;
+    a.async_send(as_bytes("with fd"), fd, record(s));
+    io.poll();
+    if (s.done) return 12;  // taken, behind the fillers
+    // The user's fds in flight reach the limit: fds sent over a pair nobody reads.
+    const std::array<int, 1> hog_fd{write_end.get()};
+    bool at_limit = false;
+    for (int i = 0; i < 4096 && !at_limit; ++i) {
+      auto r = hog.first.send(as_bytes("x"), hog_fd);
+      if (!r && r.error() != test::sys(ETOOMANYREFS)) return 13;
+      at_limit = !r;
+    }
+    if (!at_limit) return 13;
+    // b drains the fillers; the send's flush then meets the limit at the message's fd.
+    std::size_t plain = 0;
+    int quiet = 0;
+    for (int i = 0; i < 20000 && quiet < 200 && !s.done; ++i) {
+      io.run_for(1ms);
+      auto m = b.try_receive();
+      if (!m) {
+        if (m.error() != errc::would_block) return 14;
+        ++quiet;
+        continue;
+      }
+      if (!m->fds().empty()) return 15;
+      ++plain;
+      quiet = 0;
+    }
+    if (s.done) return 16;
+    if (plain == 0 || !a.channel().wants_write()) return 17;
+    // The fds in flight go with the pair that held them; the limit goes back up.
+    hog.first.close();
+    hog.second.close();
+    if (!test::set_nofile(1024)) return 18;
+    for (int i = 0; i < 1000 && !s.done; ++i)
+      io.run_for(10ms);
+    if (!s.done || s.ec) return 19;
+    bool got = false;
+    for (;;) {
+      auto m = b.try_receive();
+      if (!m) {
+        if (m.error() != errc::would_block) return 20;
+        break;
+      }
+      if (m->fds().empty()) continue;  // the rest of the fillers
+      if (got || m->text() != "with fd" || m->fds().size() != 1 ||
+          test::inode_of(m->fds()[0].get()) != test::inode_of(fd[0])) {
+        return 21;
+      }
+      got = true;
+    }
+    return got && !a.channel().wants_write() ? 0 : 22;
+  });
+  EXPECT_EQ(status, 0);
 }
 
 TEST_P(asio_test, TimeoutsWithATimer) {

@@ -2,7 +2,9 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <grp.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -202,6 +204,20 @@ int run_in_child(const std::function<int()>& fn) {
   if (WIFEXITED(status)) return WEXITSTATUS(status);
   if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
   return -1;
+}
+
+bool become_unprivileged() {
+  const auto uid = static_cast<id_t>(200000 + ::getpid() % 100000);
+  if (::geteuid() == 0 && ::setgroups(0, nullptr) != 0) return false;
+  if (::setresgid(uid, uid, uid) != 0) return false;
+  return ::setresuid(uid, uid, uid) == 0;
+}
+
+bool set_nofile(rlim_t soft) {
+  rlimit r{};
+  ::getrlimit(RLIMIT_NOFILE, &r);
+  r.rlim_cur = soft;
+  return ::setrlimit(RLIMIT_NOFILE, &r) == 0;
 }
 
 raw_peer make_raw(socket_kind kind, channel_options options) {

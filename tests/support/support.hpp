@@ -4,6 +4,7 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <sys/types.h>
 
 #include <atomic>
@@ -171,6 +172,16 @@ class process_checked : public fd_checked {
 // fn's return value is the child's exit code. The child leaves with _exit, skipping gtest's
 // cleanup. Use only async-signal-safe-enough code in fn when other threads exist.
 int run_in_child(const std::function<int()>& fn);
+
+// For a forked child (run_in_child): the kernel's limit on fds in flight (unix(7): a user may
+// have at most RLIMIT_NOFILE fds sent and not yet received; ETOOMANYREFS past it) does not apply
+// to a process with CAP_SYS_RESOURCE or CAP_SYS_ADMIN, so as root sends never meet it. The child
+// becomes an unprivileged user of its own (a uid no account uses, made from its pid, since the
+// count is per user and tests may run in parallel). False if it cannot.
+bool become_unprivileged();
+
+// Sets this process's soft RLIMIT_NOFILE (the hard one stays, so it can be raised again).
+bool set_nofile(rlim_t soft);
 
 // Matches a result<T> (or an error_code) that holds exactly the given error.
 MATCHER_P(HasError, code, "fails with " + ::testing::PrintToString(std::error_code(code))) {

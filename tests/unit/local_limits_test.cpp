@@ -4,7 +4,6 @@
 // the limit reports it; nothing try_send or send accepted is lost, the channel is never broken,
 // and no error is blamed on the peer. Each test runs in a forked child, since it lowers a limit
 // (or drops privileges) for the whole process.
-#include <grp.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -32,25 +31,8 @@ INSTANTIATE_TEST_SUITE_P(kinds, local_limits_test,
 
 const std::error_code too_many_refs(ETOOMANYREFS, std::system_category());
 
-// The fds-in-flight limit (unix(7): a user may have at most RLIMIT_NOFILE fds sent and not yet
-// received) does not apply to a process with CAP_SYS_RESOURCE or CAP_SYS_ADMIN: as root, sends
-// never meet it. A forked child becomes an unprivileged user of its own (a uid no account uses,
-// made from its pid, since the count is per user and tests may run in parallel). False if it
-// cannot.
-bool become_unprivileged() {
-  const auto uid = static_cast<id_t>(200000 + ::getpid() % 100000);
-  if (::geteuid() == 0 && ::setgroups(0, nullptr) != 0) return false;
-  if (::setresgid(uid, uid, uid) != 0) return false;
-  return ::setresuid(uid, uid, uid) == 0;
-}
-
-// Sets the soft RLIMIT_NOFILE (the hard one stays, so it can be raised again).
-bool set_nofile(rlim_t soft) {
-  rlimit r{};
-  ::getrlimit(RLIMIT_NOFILE, &r);
-  r.rlim_cur = soft;
-  return ::setrlimit(RLIMIT_NOFILE, &r) == 0;
-}
+using test::become_unprivileged;
+using test::set_nofile;
 
 // Puts this user at the fds-in-flight limit: sends fds over a pair nobody reads until the
 // kernel says ETOOMANYREFS. The fds stay in flight while the pair lives.
