@@ -101,8 +101,12 @@ duplex::result<digest> read_through(int fd) {
 
 int worker() {
   auto broker = duplex::inherited_channel();
-  if (!broker)
-    return fail("Worker: no inherited channel (run me without arguments)", broker.error());
+  if (!broker) {
+    // In words that name DUPLEX_FD and its value, not a bare errc.
+    std::cerr << "Worker: no inherited channel (run me without arguments): "
+              << duplex::describe_inherited_error(broker.error()) << '\n';
+    return EXIT_FAILURE;
+  }
   int jobs = 0;
   for (;;) {
     // One job: a name, and the files as fds (received close-on-exec, owned by the message).
@@ -251,8 +255,13 @@ int broker() {
   asio::io_context io(1);
   std::vector<worker_slot> workers;
   workers.reserve(worker_count);  // the coroutines hold references: no reallocation later
+  // A duplex::child kills and reaps its worker when destroyed, but a broker ended by a signal
+  // (SIGTERM, SIGKILL) runs no destructor: kill_on_parent_death has the kernel kill the workers
+  // then, rather than leave them orphaned. It is tied to the spawning thread: the main thread.
+  duplex::spawn_options options;
+  options.kill_on_parent_death = true;
   for (int i = 1; i <= worker_count; ++i) {
-    auto child = duplex::spawn({"/proc/self/exe", "worker"});
+    auto child = duplex::spawn({"/proc/self/exe", "worker"}, options);
     if (!child) return fail("Broker: spawn", child.error());
     duplex::asio::channel ch(io, std::move(child->channel()));
     workers.push_back({i, std::move(*child), std::move(ch), 0});
@@ -281,10 +290,21 @@ int broker() {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   if (argc == 1) return broker();
   if (argc == 2 && std::string_view(argv[1]) == "worker") return worker();
   std::cerr << "usage: " << argv[0] << "   (the broker starts itself as '" << argv[0]
             << " worker')\n";
   return 2;
+}
+
+// What the example printed is its result: output that could not be written (a full disk, a
+// closed pipe) is a failure, not an exit status of 0.
+int main(int argc, char** argv) {
+  const int status = run(argc, argv);
+  if (!std::cout.flush()) {
+    std::cerr << "asio_broker: output lost\n";
+    return EXIT_FAILURE;
+  }
+  return status;
 }

@@ -54,7 +54,7 @@ int child(duplex::channel& parent) {
 
 }  // namespace
 
-int main() {
+int run() {
   // A file with a known line in it. MFD_CLOEXEC: an exec'd program would not inherit it.
   duplex::unique_fd file{::memfd_create("duplex-fd-passing", MFD_CLOEXEC)};
   if (!file.valid()) return fail("memfd_create", last_error());
@@ -102,4 +102,15 @@ int main() {
   }
   std::cout << "Parent: Child did not exit normally." << std::endl;
   return EXIT_FAILURE;
+}
+
+// What the example printed is its result: output that could not be written (a full disk, a
+// closed pipe) is a failure, not an exit status of 0.
+int main() {
+  const int status = run();
+  if (!std::cout.flush()) {
+    std::cerr << "fd_passing: output lost\n";
+    return EXIT_FAILURE;
+  }
+  return status;
 }

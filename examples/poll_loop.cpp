@@ -34,10 +34,11 @@ int worker(duplex::channel& parent) {
 
 }  // namespace
 
-int main() {
+int run() {
   std::vector<duplex::child> children;
   for (int i = 0; i < workers; ++i) {
-    auto c = duplex::fork_with_channel(worker);
+    // Killed by the kernel if this process dies by a signal, when no destructor reaps it.
+    auto c = duplex::fork_with_channel(worker, {.kill_on_parent_death = true});
     if (!c) {
       std::cerr << "fork_with_channel: " << c.error().message() << '\n';
       return EXIT_FAILURE;
@@ -101,4 +102,15 @@ int main() {
   std::cout << "All " << workers * requests_each << " replies received from one thread."
             << std::endl;
   return EXIT_SUCCESS;
+}
+
+// What the example printed is its result: output that could not be written (a full disk, a
+// closed pipe) is a failure, not an exit status of 0.
+int main() {
+  const int status = run();
+  if (!std::cout.flush()) {
+    std::cerr << "poll_loop: output lost\n";
+    return EXIT_FAILURE;
+  }
+  return status;
 }

@@ -51,10 +51,13 @@ std::string expected_reply(const std::string& text) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   const std::string python = argc > 1 ? argv[1] : "python3";
   duplex::spawn_options options;
   options.channel.format = duplex::framing::python;  // CPython's framing, on a stream pair
+  // A parent ended by a signal (SIGTERM, SIGKILL) runs no destructor, which would kill and reap
+  // the worker: the kernel kills it then instead of leaving it orphaned (tied to this thread).
+  options.kill_on_parent_death = true;
   auto worker = duplex::spawn({python, DUPLEX_PYTHON_WORKER}, options);
   if (!worker) {
     if (worker.error() == std::errc::no_such_file_or_directory) {
@@ -96,4 +99,15 @@ int main(int argc, char** argv) {
   if (!status) return fail("Parent: wait", status.error());
   std::cout << "Parent: Worker " << status->describe() << '.' << std::endl;
   return status->success() ? EXIT_SUCCESS : EXIT_FAILURE;
+}
+
+// What the example printed is its result: output that could not be written (a full disk, a
+// closed pipe) is a failure, not an exit status of 0.
+int main(int argc, char** argv) {
+  const int status = run(argc, argv);
+  if (!std::cout.flush()) {
+    std::cerr << "python_parent: output lost\n";
+    return EXIT_FAILURE;
+  }
+  return status;
 }

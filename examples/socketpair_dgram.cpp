@@ -11,7 +11,7 @@
 
 #include "duplex/duplex.hpp"
 
-int main() {
+int run() {
   auto pair = duplex::socket_pair(duplex::socket_kind::datagram);
   if (!pair) {
     std::cerr << "socketpair: " << pair.error().message() << '\n';
@@ -53,4 +53,15 @@ int main() {
   std::cout << "Into an 8-byte buffer: " << (cut ? "received (unexpected)" : cut.error().message())
             << std::endl;
   return cut ? EXIT_FAILURE : EXIT_SUCCESS;
+}
+
+// What the example printed is its result: output that could not be written (a full disk, a
+// closed pipe) is a failure, not an exit status of 0.
+int main() {
+  const int status = run();
+  if (!std::cout.flush()) {
+    std::cerr << "socketpair_dgram: output lost\n";
+    return EXIT_FAILURE;
+  }
+  return status;
 }

@@ -43,7 +43,7 @@ int fail(const char* what, std::error_code ec) {
 
 }  // namespace
 
-int main() {
+int run() {
   auto pair = duplex::socket_pair(duplex::socket_kind::stream);
   if (!pair) return fail("socketpair", pair.error());
   std::cout << "Socket pair created: fds " << pair->first.native_handle() << " and "
@@ -84,4 +84,15 @@ int main() {
   }
   std::cout << "Parent: Child did not exit normally." << std::endl;
   return EXIT_FAILURE;
+}
+
+// What the example printed is its result: output that could not be written (a full disk, a
+// closed pipe) is a failure, not an exit status of 0.
+int main() {
+  const int status = run();
+  if (!std::cout.flush()) {
+    std::cerr << "socketpair_fork: output lost\n";
+    return EXIT_FAILURE;
+  }
+  return status;
 }

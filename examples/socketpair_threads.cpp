@@ -13,7 +13,7 @@
 
 using namespace std::chrono_literals;
 
-int main() {
+int run() {
   auto pair = duplex::socket_pair(duplex::socket_kind::seqpacket);
   if (!pair) {
     std::cerr << "socketpair: " << pair.error().message() << '\n';
@@ -54,5 +54,16 @@ int main() {
   }
   thread.join();
   std::cout << "Main: Exiting." << std::endl;
+  return status;
+}
+
+// What the example printed is its result: output that could not be written (a full disk, a
+// closed pipe) is a failure, not an exit status of 0.
+int main() {
+  const int status = run();
+  if (!std::cout.flush()) {
+    std::cerr << "socketpair_threads: output lost\n";
+    return EXIT_FAILURE;
+  }
   return status;
 }

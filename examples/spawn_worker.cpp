@@ -72,7 +72,12 @@ int parent() {
     return EXIT_FAILURE;
   }
 
-  auto worker = duplex::spawn({"/proc/self/exe", "worker"});
+  // The destructor of a duplex::child kills and reaps the worker, but a parent ended by a signal
+  // (SIGTERM, SIGKILL) runs no destructor: kill_on_parent_death has the kernel kill the worker
+  // then, rather than leave it orphaned. It is tied to the spawning thread: the main thread.
+  duplex::spawn_options options;
+  options.kill_on_parent_death = true;
+  auto worker = duplex::spawn({"/proc/self/exe", "worker"}, options);
   if (!worker) return fail("Parent: spawn", worker.error());
   std::cout << "Parent: Started worker, pid " << worker->pid() << std::endl;
   duplex::channel& ch = worker->channel();
@@ -95,10 +100,21 @@ int parent() {
 
 }  // namespace
 
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   if (argc == 1) return parent();
   if (argc == 2 && std::string_view(argv[1]) == "worker") return worker();
   std::cerr << "usage: " << argv[0] << "   (the parent starts itself as '" << argv[0]
             << " worker')\n";
   return 2;
+}
+
+// What the example printed is its result: output that could not be written (a full disk, a
+// closed pipe) is a failure, not an exit status of 0.
+int main(int argc, char** argv) {
+  const int status = run(argc, argv);
+  if (!std::cout.flush()) {
+    std::cerr << "spawn_worker: output lost\n";
+    return EXIT_FAILURE;
+  }
+  return status;
 }

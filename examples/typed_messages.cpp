@@ -148,7 +148,7 @@ void worker(duplex::channel ch) {
 
 }  // namespace
 
-int main() {
+int run() {
   auto ends = duplex::channel_pair();
   if (!ends) {
     std::cerr << "channel_pair: " << ends.error().message() << '\n';
@@ -184,5 +184,16 @@ int main() {
   // Shut down both ways: if anything failed, this wakes the worker (errc::peer_closed).
   ch.close();
   thread.join();
+  return status;
+}
+
+// What the example printed is its result: output that could not be written (a full disk, a
+// closed pipe) is a failure, not an exit status of 0.
+int main() {
+  const int status = run();
+  if (!std::cout.flush()) {
+    std::cerr << "typed_messages: output lost\n";
+    return EXIT_FAILURE;
+  }
   return status;
 }
