@@ -939,6 +939,34 @@ TEST_P(asio_test, ASendPastTheMemfdBoundWaitsWithoutSpinningUntilThePeerReads) {
   EXPECT_THAT(b.try_receive(), HasError(errc::would_block));
 }
 
+// A send paused at the memfd bound when its channel goes completes with operation_aborted (the
+// io_context run after), or is destroyed unrun with the io_context: nothing leaks (fd accounting
+// here, the leak checker under the sanitizers).
+TEST_P(asio_test, ASendPausedWhenItsChannelGoesIsAbortedAndLeavesNothing) {
+  channel_options o;
+  o.shared_memory.enabled = true;
+  o.shared_memory.threshold = std::size_t{64} << 10;
+  o.shared_memory.pool_size = std::size_t{64} << 10;
+  o.shared_memory.max_in_flight = std::size_t{1} << 20;
+  const auto large = pattern(std::size_t{2} << 20, 9);
+  for (const bool run_after : {true, false}) {
+    ::asio::io_context io;
+    auto ends = test::must(channel_pair(GetParam(), o));
+    std::optional<duplex::asio::channel> a(std::in_place, io, std::move(ends.first));
+    ASSERT_THAT(a->channel().send(large), Succeeded());  // on its way, unread
+    sent s;
+    a->async_send(large, record(s));
+    io.run_for(20ms);
+    EXPECT_FALSE(s.done);
+    a.reset();
+    if (run_after) {
+      io.restart();
+      run(io);
+      EXPECT_EQ(s.ec, ::asio::error::operation_aborted);
+    }
+  }
+}
+
 // A local limit met after the channel took the message (ETOOMANYREFS: this user's fds in flight,
 // reached in an unprivileged child) leaves the message queued, whole, and it goes once the limit
 // clears: async_send completes then, with success, and the peer gets it exactly once. Had the
