@@ -534,6 +534,8 @@ class channel_op : public ::asio::detail::reactor_op {
       : reactor_op(std::error_code(), &channel_op::do_perform, &channel_op::do_complete),
         s_(s),
         reactor_(s.watch.service()),
+        ex_(s.ex),
+        alive_(s.alive),
         cancels_(s.cancels.load()),
         steps_(make()),
         handler_(std::move(handler)),
@@ -621,9 +623,11 @@ class channel_op : public ::asio::detail::reactor_op {
     reactor_.post_immediate_completion(h.release(), true);
   }
 
-  // Waits steps_.pause on the timer, then starts again (see above).
+  // Waits steps_.pause on the timer, then starts again (see above). Runs on a thread of the
+  // scheduler, where the channel may be gone: the state is touched only on its executor, and
+  // only while alive.
   void pause() {
-    ::asio::post(s_.ex, [h = holder(this), alive = std::weak_ptr<char>(s_.alive)]() mutable {
+    ::asio::post(ex_, [h = holder(this), alive = alive_]() mutable {
       channel_op* o = h.op;
       if (alive.expired() || o->cancelled()) {
         o->abort(std::move(h));
@@ -653,6 +657,8 @@ class channel_op : public ::asio::detail::reactor_op {
 
   channel_state<IoExecutor>& s_;
   reactor& reactor_;
+  IoExecutor ex_;
+  std::weak_ptr<char> alive_;
   std::uint64_t cancels_;
   std::atomic<unsigned> requested_{0};
   bool pausing_ = false;
