@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -218,6 +219,16 @@ bool set_nofile(rlim_t soft) {
   ::getrlimit(RLIMIT_NOFILE, &r);
   r.rlim_cur = soft;
   return ::setrlimit(RLIMIT_NOFILE, &r) == 0;
+}
+
+std::string read_to_end(int fd) {
+  std::string out;
+  char buf[4096];
+  ssize_t n = 0;
+  while ((n = ::read(fd, buf, sizeof buf)) > 0 || (n < 0 && errno == EINTR)) {
+    if (n > 0) out.append(buf, static_cast<std::size_t>(n));
+  }
+  return out;
 }
 
 raw_peer make_raw(socket_kind kind, channel_options options) {

@@ -183,6 +183,9 @@ bool become_unprivileged();
 // Sets this process's soft RLIMIT_NOFILE (the hard one stays, so it can be raised again).
 bool set_nofile(rlim_t soft);
 
+// Reads fd until end of file (or an error) and returns what was read.
+std::string read_to_end(int fd);
+
 // Matches a result<T> (or an error_code) that holds exactly the given error.
 MATCHER_P(HasError, code, "fails with " + ::testing::PrintToString(std::error_code(code))) {
   if constexpr (std::is_same_v<std::decay_t<arg_type>, std::error_code>) {

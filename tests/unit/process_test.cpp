@@ -80,21 +80,9 @@ std::string in_a_process(const std::function<std::string()>& fn) {
     return n == static_cast<ssize_t>(out.size()) ? 0 : 1;
   });
   write_end.reset();
-  std::string out;
-  char buf[256];
-  ssize_t n = 0;
-  while ((n = ::read(read_end.get(), buf, sizeof buf)) > 0)
-    out.append(buf, static_cast<std::size_t>(n));
+  std::string out = test::read_to_end(read_end.get());
   EXPECT_EQ(status, 0);
   return out;
-}
-
-// Sets the soft RLIMIT_NOFILE of this process (meant for a forked one: see in_a_process).
-bool set_fd_limit(rlim_t limit) {
-  rlimit l{};
-  if (::getrlimit(RLIMIT_NOFILE, &l) != 0) return false;
-  l.rlim_cur = limit;
-  return ::setrlimit(RLIMIT_NOFILE, &l) == 0;
 }
 
 // Runs a program with exactly the given environment and returns its stdout.
@@ -117,11 +105,7 @@ std::string run_with_env(const std::vector<std::string>& argv, std::vector<std::
   posix_spawn_file_actions_destroy(&actions);
   if (r != 0) return "posix_spawn failed";
   write_end.reset();
-  std::string out;
-  char buf[256];
-  ssize_t n = 0;
-  while ((n = ::read(read_end.get(), buf, sizeof buf)) > 0)
-    out.append(buf, static_cast<std::size_t>(n));
+  std::string out = test::read_to_end(read_end.get());
   test::reap(pid);
   if (!out.empty() && out.back() == '\n') out.pop_back();
   return out;
@@ -379,7 +363,7 @@ TEST_F(process_test, AnyChildFdBelowALowFdLimitWorks) {
     SCOPED_TRACE("limit " + std::to_string(s.limit) + ", child_fd " + fd +
                  (s.null_stdio ? ", stdio on /dev/null" : ""));
     const std::string seen = in_a_process([&s] {
-      if (!set_fd_limit(s.limit)) return std::string("setrlimit failed");
+      if (!test::set_nofile(s.limit)) return std::string("setrlimit failed");
       spawn_options o;
       o.child_fd = s.child_fd;
       if (s.null_stdio) o.stdin_mode = o.stdout_mode = o.stderr_mode = stdio_mode::null;
@@ -397,7 +381,7 @@ TEST_F(process_test, AnyChildFdBelowALowFdLimitWorks) {
 // EBADF before anything starts.
 TEST_F(process_test, AChildFdAtOrAboveTheFdLimitIsRefused) {
   EXPECT_EQ(in_a_process([] {
-              if (!set_fd_limit(64)) return std::string("setrlimit failed");
+              if (!test::set_nofile(64)) return std::string("setrlimit failed");
               const auto before = test::open_files();
               std::string out;
               for (const int fd : {64, 65, 1000}) {
