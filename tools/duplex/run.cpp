@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include <array>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
@@ -55,8 +56,9 @@ constexpr std::size_t output_high_water = std::size_t{1} << 20;
 
 // The wake pipe: the signal handler writes one byte per signal (its number, + 0x80 when the
 // kernel sent it, e.g. the terminal's Ctrl-C), the feeder thread a 0 when it stopped on a
-// failure; the main loop polls the read end. It is made once and never closed, so that a feeder
-// still running while the process exits can never write into a reused fd number.
+// failure; the main loop polls the read end. It is closed only once nothing can write to it any
+// more (close_wake_pipe); while a feeder may still run, it stays open to the process's exit, so
+// that no write can ever land in a reused fd number.
 int wake_read_fd = -1;
 int wake_write_fd = -1;
 
@@ -130,6 +132,8 @@ std::string what_went_wrong(const std::string& name, const channel& ch, const st
 struct feeder_report {
   std::mutex mutex;
   std::string failure;  // set once, before the 0 byte is written to the wake pipe
+  // Set once the feeder makes no call that can wait any more: joining it is then bounded.
+  std::atomic<bool> finished{false};
 };
 
 // The feeder: lines of stdin to messages, on a thread of its own, so that a child that sends
@@ -141,6 +145,10 @@ class feeder {
       : child_(std::move(c)), report_(std::move(report)), ch_(child_->channel()) {}
 
   void operator()() {
+    struct mark_finished {
+      feeder_report& r;
+      ~mark_finished() { r.finished.store(true); }
+    } const finished{*report_};
     std::array<char, 64 * 1024> buf{};
     for (;;) {
       const ssize_t n = ::read(STDIN_FILENO, buf.data(), buf.size());
@@ -177,6 +185,7 @@ class feeder {
     }
     // The last line may lack its newline.
     if (!line_.empty() && !send(line_)) return;
+    report_->finished.store(true);  // the child sees the end of input only after this
     if (auto r = ch_.shutdown_send(); !r && !child_gone(r.error())) {
       return fail("ending the input: " + r.error().message());
     }
@@ -216,6 +225,7 @@ class feeder {
       const std::lock_guard lock(report_->mutex);
       report_->failure = std::move(what);
     }
+    report_->finished.store(true);  // the main loop ends only after the byte below
     const unsigned char byte = 0;
     static_cast<void>(::write(wake_write_fd, &byte, 1));
   }
@@ -471,9 +481,19 @@ int run_command(const run_options& o) {
   ::pthread_sigmask(SIG_BLOCK, &blocked, &old);
   std::thread feeding(feeder(child, report));
   ::pthread_sigmask(SIG_SETMASK, &old, nullptr);
-  feeding.detach();  // it may be blocked reading stdin; the process exits without waiting for it
-
-  return relay(child, report, o.command[0]).run();
+  const int status = relay(child, report, o.command[0]).run();
+  if (!report->finished.load()) {
+    feeding.detach();  // blocked reading stdin: the process exits without waiting for it
+    return status;
+  }
+  // Nothing writes to the wake pipe once the feeder has returned and the signals are blocked
+  // (a signal now finds the child reaped and the status decided), so it can be closed.
+  feeding.join();
+  ::pthread_sigmask(SIG_BLOCK, &blocked, nullptr);
+  ::close(wake_read_fd);
+  ::close(wake_write_fd);
+  wake_read_fd = wake_write_fd = -1;
+  return status;
 }
 
 }  // namespace duplex::cli
