@@ -815,8 +815,8 @@ std::string rtt_method(const std::string& transport) {
   }
   if (transport == "duplex-ring") {
     return "duplex::ring_channel (shared-memory rings, set up over a stream pair): send(), then "
-           "receive_into() a reused buffer; busy_poll 0, so a waiting end sleeps on an eventfd at "
-           "once" +
+           "receive_into() a reused buffer; busy_poll 0, so a waiting end sleeps at once on a "
+           "wake socket of its own" +
            common;
   }
   if (transport == "duplex-ring-busypoll") {
