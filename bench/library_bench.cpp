@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "duplex/duplex.hpp"
-#include "stream_decoder.hpp"
+#include "framing/stream_decoder.hpp"
 
 namespace {
 

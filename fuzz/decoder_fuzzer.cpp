@@ -9,8 +9,8 @@
 #include <cstring>
 #include <vector>
 
+#include "framing/stream_decoder.hpp"
 #include "fuzz_support.hpp"
-#include "stream_decoder.hpp"
 
 using duplex::detail::stream_decoder;
 

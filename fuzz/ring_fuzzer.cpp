@@ -30,7 +30,7 @@
 #include "duplex/ring.hpp"
 #include "duplex/socket_pair.hpp"
 #include "fuzz_support.hpp"
-#include "ring_layout.hpp"
+#include "ring/ring_layout.hpp"
 
 namespace {
 

@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "duplex/socket_pair.hpp"
-#include "io.hpp"
+#include "socket/io.hpp"
 #include "support.hpp"
 
 namespace duplex {

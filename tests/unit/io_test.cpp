@@ -1,6 +1,6 @@
 // The internal I/O helpers: the seqpacket size limit, the spill area, and the check and copy
 // that keep a packet's copy out of rep movsb's slow band.
-#include "io.hpp"
+#include "socket/io.hpp"
 
 #include <sys/mman.h>
 #include <sys/socket.h>

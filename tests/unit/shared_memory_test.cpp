@@ -11,7 +11,7 @@
 
 #include "duplex/channel.hpp"
 #include "duplex/socket_pair.hpp"
-#include "shm.hpp"
+#include "shm/shm.hpp"
 #include "support.hpp"
 
 namespace duplex {

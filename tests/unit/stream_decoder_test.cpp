@@ -1,7 +1,7 @@
 // The stream decoder alone, fed the way the kernel would feed it: bytes in arbitrary slices, and
 // each sendmsg's fds with the read that touches its first byte, that read ending at the end of
 // that sendmsg's data.
-#include "stream_decoder.hpp"
+#include "framing/stream_decoder.hpp"
 
 #include <fcntl.h>
 #include <sys/stat.h>

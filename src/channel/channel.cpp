@@ -20,13 +20,13 @@
 #include <string>
 #include <thread>
 
-#include "channel_check.hpp"
+#include "base/syscall.hpp"
+#include "channel/channel_check.hpp"
 #include "duplex/socket_pair.hpp"
-#include "io.hpp"
-#include "native_header.hpp"
-#include "shm.hpp"
-#include "stream_decoder.hpp"
-#include "syscall.hpp"
+#include "framing/native_header.hpp"
+#include "framing/stream_decoder.hpp"
+#include "shm/shm.hpp"
+#include "socket/io.hpp"
 
 namespace duplex {
 namespace {

@@ -1,4 +1,4 @@
-#include "stream_decoder.hpp"
+#include "framing/stream_decoder.hpp"
 
 #include <algorithm>
 #include <cerrno>
@@ -6,7 +6,7 @@
 #include <new>
 #include <tuple>
 
-#include "io.hpp"
+#include "socket/io.hpp"
 
 namespace duplex::detail {
 namespace {

@@ -1,4 +1,4 @@
-#include "io.hpp"
+#include "socket/io.hpp"
 
 #include <limits.h>
 #include <poll.h>
@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "syscall.hpp"
+#include "base/syscall.hpp"
 
 #ifndef SCM_PIDFD
 #define SCM_PIDFD 0x04

@@ -10,8 +10,8 @@
 #include <algorithm>
 #include <cerrno>
 
-#include "io.hpp"
-#include "syscall.hpp"
+#include "base/syscall.hpp"
+#include "socket/io.hpp"
 
 #ifndef SO_PEERPIDFD
 #define SO_PEERPIDFD 77

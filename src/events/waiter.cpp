@@ -7,9 +7,9 @@
 #include <cerrno>
 #include <limits>
 
+#include "base/syscall.hpp"
 #include "duplex/channel.hpp"
 #include "duplex/process.hpp"
-#include "syscall.hpp"
 
 namespace duplex {
 namespace {

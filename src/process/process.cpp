@@ -24,10 +24,10 @@
 #include <string>
 #include <vector>
 
-#include "channel_check.hpp"
+#include "base/syscall.hpp"
+#include "channel/channel_check.hpp"
 #include "duplex/socket_pair.hpp"
-#include "spawn_child.hpp"
-#include "syscall.hpp"
+#include "process/spawn_child.hpp"
 
 #ifndef CLONE_PIDFD
 #define CLONE_PIDFD 0x00001000

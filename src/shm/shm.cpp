@@ -1,6 +1,6 @@
 // Shared memory for large payloads: the sender's pool, the receiver's checked mapping of it, and
 // the sealed memfds of single messages (see shm.hpp).
-#include "shm.hpp"
+#include "shm/shm.hpp"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -11,7 +11,7 @@
 #include <cstring>
 #include <new>
 
-#include "io.hpp"
+#include "socket/io.hpp"
 
 namespace duplex::detail {
 namespace {

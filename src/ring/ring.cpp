@@ -17,8 +17,8 @@
 #include <new>
 
 #include "duplex/socket_pair.hpp"
-#include "io.hpp"
-#include "ring_layout.hpp"
+#include "ring/ring_layout.hpp"
+#include "socket/io.hpp"
 
 namespace duplex {
 namespace {

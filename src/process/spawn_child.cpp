@@ -1,6 +1,6 @@
 // Compiled with -fno-sanitize=all (see CMakeLists.txt): this code runs in a vfork-style child on
 // a stack the sanitizers do not know, sharing the parent's memory.
-#include "spawn_child.hpp"
+#include "process/spawn_child.hpp"
 
 #include <fcntl.h>
 #include <linux/close_range.h>

@@ -27,7 +27,7 @@
 #include "duplex/fd.hpp"
 #include "duplex/framing.hpp"
 #include "duplex/message.hpp"
-#include "native_header.hpp"
+#include "framing/native_header.hpp"
 
 namespace duplex::detail {
 

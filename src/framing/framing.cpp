@@ -1,7 +1,7 @@
 #include "duplex/framing.hpp"
 
 #include "duplex/socket.hpp"
-#include "native_header.hpp"
+#include "framing/native_header.hpp"
 
 #include <cstdio>
 
