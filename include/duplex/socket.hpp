@@ -33,6 +33,7 @@
 #include <string_view>
 
 #include "duplex/buffer.hpp"
+#include "duplex/constants.hpp"
 #include "duplex/error.hpp"
 #include "duplex/fd.hpp"
 
@@ -96,11 +97,7 @@ struct received {
   std::size_t message_size = 0;  // real size of the packet (== bytes unless truncation allowed)
 };
 
-// The largest number of fds one message can carry (the kernel's SCM_MAX_FD).
-inline constexpr std::size_t max_fds_per_message = 253;
-
-// Waiting forever: the default timeout of wait and receive calls.
-inline constexpr std::chrono::nanoseconds forever = std::chrono::nanoseconds::max();
+// max_fds_per_message and forever are declared in duplex/constants.hpp.
 
 // One end of a connected AF_UNIX socket pair. Move-only; the destructor closes it.
 class socket {

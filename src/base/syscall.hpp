@@ -8,8 +8,8 @@
 #include <chrono>
 #include <ctime>
 
+#include "duplex/constants.hpp"
 #include "duplex/error.hpp"
-#include "duplex/socket.hpp"
 
 namespace duplex::detail {
 
@@ -32,6 +32,23 @@ class deadline {
 
   [[nodiscard]] bool infinite() const noexcept { return infinite_; }
 
+  // When it comes (meaningless if infinite).
+  [[nodiscard]] std::chrono::steady_clock::time_point at() const noexcept { return end_; }
+
+  // True once the deadline has come; never for an infinite one.
+  [[nodiscard]] bool passed() const noexcept {
+    return !infinite_ && std::chrono::steady_clock::now() >= end_;
+  }
+
+  // The time left as ppoll's timeout, stored in ts: nullptr (wait without limit) if infinite.
+  [[nodiscard]] const timespec* left(timespec& ts) const noexcept {
+    if (infinite_) return nullptr;
+    const auto ns = remaining().count();
+    ts.tv_sec = static_cast<time_t>(ns / 1'000'000'000);
+    ts.tv_nsec = static_cast<long>(ns % 1'000'000'000);
+    return &ts;
+  }
+
   // Time left, at least zero; forever if infinite.
   [[nodiscard]] std::chrono::nanoseconds remaining() const noexcept {
     if (infinite_) return forever;
@@ -46,23 +63,26 @@ class deadline {
   std::chrono::steady_clock::time_point end_{};
 };
 
-// Waits until fd reports any of `events` (or an error/hangup), retrying EINTR with the time that
-// remains. Errors: errc::timed_out, EBADF (fd not open), ppoll's other errnos.
-[[nodiscard]] inline result<short> wait_for(int fd, short events,
-                                            std::chrono::nanoseconds timeout) noexcept {
+// Calls f() until it does not fail with EINTR, and returns its last result: for syscalls that
+// return -1 and set errno. A call with a timeout is not retried with this (it would restart the
+// full timeout): wait_for counts down instead.
+template <class F>
+[[nodiscard]] auto retry_eintr(F&& f) noexcept(noexcept(f())) {
+  for (;;) {
+    auto r = f();
+    if (r != -1 || errno != EINTR) return r;
+  }
+}
+
+// Waits until fd reports any of `events` (or an error/hangup) or the deadline comes, retrying
+// EINTR with the time that remains. Errors: errc::timed_out, EBADF (fd not open), ppoll's other
+// errnos.
+[[nodiscard]] inline result<short> wait_for(int fd, short events, const deadline& until) noexcept {
   if (fd < 0) return fail_errno(EBADF);  // poll would silently ignore a negative fd
-  const deadline until(timeout);
   for (;;) {
     pollfd p{fd, events, 0};
     timespec ts{};
-    timespec* tsp = nullptr;
-    if (!until.infinite()) {
-      const auto left = until.remaining();
-      ts.tv_sec = static_cast<time_t>(left.count() / 1'000'000'000);
-      ts.tv_nsec = static_cast<long>(left.count() % 1'000'000'000);
-      tsp = &ts;
-    }
-    const int r = ::ppoll(&p, 1, tsp, nullptr);
+    const int r = ::ppoll(&p, 1, until.left(ts), nullptr);
     if (r > 0) {
       if ((p.revents & POLLNVAL) != 0) return fail_errno(EBADF);
       return p.revents;
@@ -70,6 +90,12 @@ class deadline {
     if (r == 0) return fail(errc::timed_out);
     if (errno != EINTR) return fail_errno(errno);
   }
+}
+
+// wait_for with a timeout counted from now.
+[[nodiscard]] inline result<short> wait_for(int fd, short events,
+                                            std::chrono::nanoseconds timeout) noexcept {
+  return wait_for(fd, events, deadline(timeout));
 }
 
 }  // namespace duplex::detail

@@ -20,6 +20,7 @@
 #include <string>
 #include <thread>
 
+#include "base/spin.hpp"
 #include "base/syscall.hpp"
 #include "channel/channel_check.hpp"
 #include "duplex/socket_pair.hpp"
@@ -51,42 +52,8 @@ struct wait_spec {
   }
 };
 
-// Busy-polling before a receive blocks: non-blocking attempts until the budget (or the call's
-// deadline) runs out, then the ordinary wait.
-class spinner {
- public:
-  spinner(std::chrono::nanoseconds budget, const wait_spec& w) : active_(budget.count() > 0) {
-    if (!active_ || w.kind == wait_kind::try_once) {
-      active_ = false;
-      return;
-    }
-    until_ = std::chrono::steady_clock::now() + budget;
-    if (!w.until.infinite())
-      until_ = std::min(until_, std::chrono::steady_clock::now() + w.until.remaining());
-  }
-  // True while spinning: the next attempt must not block.
-  [[nodiscard]] bool active() const noexcept { return active_; }
-  // After a would-block: true to try again at once, false when the budget is spent.
-  [[nodiscard]] bool again() {
-    if (active_ && std::chrono::steady_clock::now() < until_) {
-      relax();
-      return true;
-    }
-    active_ = false;
-    return false;
-  }
-
- private:
-  static void relax() noexcept {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    asm volatile("yield");
-#endif
-  }
-  bool active_;
-  std::chrono::steady_clock::time_point until_{};
-};
+// Busy-polling before a receive blocks: a syscall per turn, so the clock is read every turn.
+using spinner = detail::spinner<1>;
 
 // The peer is gone, as a send or receive sees it.
 bool peer_gone(const std::error_code& ec) {
@@ -958,7 +925,7 @@ result<void> channel::impl::retry_after(std::error_code e, const wait_spec& w, s
 }
 
 result<message_info> channel::impl::receive_stream(const wait_spec& w, destination dest) {
-  spinner spin(options.busy_poll, w);
+  spinner spin(options.busy_poll, w.until, w.kind != wait_kind::try_once);
   for (;;) {
     if (const_buffer plain; decoder.next_plain(plain)) {
       // A whole message without flags or fds is buffered: copied out by the short path. What
@@ -1039,7 +1006,7 @@ result<message_info> channel::impl::receive_packet(const wait_spec& w, destinati
       return std::unexpected(m.error());
     }
   }
-  spinner spin(options.busy_poll, w);
+  spinner spin(options.busy_poll, w.until, w.kind != wait_kind::try_once);
   message first_part;  // made once, kept across attempts that would block
   bool first_made = false;
   for (;;) {
@@ -1240,7 +1207,7 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
     }
     return count;
   }
-  spinner spin(options.busy_poll, w);
+  spinner spin(options.busy_poll, w.until, w.kind != wait_kind::try_once);
   while (count < max) {
     if (const_buffer plain; decoder.next_plain(plain)) {
       // A small message without fds, the common case of a batch: in place, with no state change

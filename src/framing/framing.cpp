@@ -1,6 +1,6 @@
 #include "duplex/framing.hpp"
 
-#include "duplex/socket.hpp"
+#include "duplex/constants.hpp"
 #include "framing/native_header.hpp"
 
 #include <cstdio>

@@ -16,6 +16,8 @@
 #include <mutex>
 #include <new>
 
+#include "base/spin.hpp"
+#include "base/syscall.hpp"
 #include "duplex/socket_pair.hpp"
 #include "ring/ring_layout.hpp"
 #include "socket/io.hpp"
@@ -23,64 +25,12 @@
 namespace duplex {
 namespace {
 
-using clock = std::chrono::steady_clock;
 using namespace detail::ring_layout;
 
-void relax() noexcept {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  asm volatile("yield");
-#endif
-}
-
-// A point in time to wait until, or never.
-class deadline {
- public:
-  explicit deadline(std::chrono::nanoseconds timeout) {
-    if (timeout < std::chrono::nanoseconds::zero()) timeout = std::chrono::nanoseconds::zero();
-    infinite_ = timeout >= std::chrono::hours(24 * 365 * 100);
-    if (!infinite_) at_ = clock::now() + timeout;
-  }
-  [[nodiscard]] bool infinite() const noexcept { return infinite_; }
-  [[nodiscard]] bool passed() const { return !infinite_ && clock::now() >= at_; }
-  // For ppoll: nullptr when infinite.
-  [[nodiscard]] const timespec* left(timespec& ts) const {
-    if (infinite_) return nullptr;
-    const auto ns = std::max<std::int64_t>(0, (at_ - clock::now()).count());
-    ts.tv_sec = static_cast<time_t>(ns / 1'000'000'000);
-    ts.tv_nsec = static_cast<long>(ns % 1'000'000'000);
-    return &ts;
-  }
-  [[nodiscard]] clock::time_point at() const noexcept { return at_; }
-
- private:
-  bool infinite_ = true;
-  clock::time_point at_{};
-};
-
-// Spinning for at most a budget, and never past a deadline.
-class spin_budget {
- public:
-  spin_budget(std::chrono::nanoseconds budget, const deadline& d) : on_(budget.count() > 0) {
-    if (!on_) return;
-    until_ = clock::now() + budget;
-    if (!d.infinite()) until_ = std::min(until_, d.at());
-  }
-  // True to look again at once (after a pause), false once the budget is spent.
-  [[nodiscard]] bool again() {
-    if (!on_) return false;
-    // The clock is read every 64 turns: a turn is a few loads, the clock tens of nanoseconds.
-    if ((++turns_ & 63) == 0 && clock::now() >= until_) on_ = false;
-    if (on_) relax();
-    return on_;
-  }
-
- private:
-  bool on_;
-  std::uint32_t turns_ = 0;
-  clock::time_point until_{};
-};
+using detail::deadline;
+using detail::relax;
+// A turn of the ring's spin is a few loads from shared memory: the clock is read every 64 turns.
+using spin_budget = detail::spinner<64>;
 
 // A ring mapped into this process.
 class mapping {
@@ -178,7 +128,7 @@ bool is_wake_socket(int fd) {
 }
 
 // Succeeds if every field of o is in the range ring.hpp gives it; EINVAL otherwise. The bounds
-// on busy_poll keep clock::now() + busy_poll (spin_budget) in range.
+// on busy_poll keep steady_clock::now() + busy_poll (the spinner) in range.
 result<void> check_options(const ring_options& o) {
   const bool ok =
       std::has_single_bit(o.capacity) && o.capacity >= min_capacity && o.capacity <= max_capacity &&
