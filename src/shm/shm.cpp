@@ -11,6 +11,7 @@
 #include <cstring>
 #include <new>
 
+#include "base/memfd.hpp"
 #include "socket/io.hpp"
 
 namespace duplex::detail {
@@ -30,14 +31,6 @@ std::unexpected<std::error_code> map_failed(int e, const char* what, std::string
   if (local_map_error(e)) return fail_errno(e);
   why = std::string(what) + std::strerror(e);
   return fail(errc::protocol_error);
-}
-
-result<unique_fd> new_memfd(const char* name, std::size_t size) {
-  const int fd = ::memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
-  if (fd < 0) return fail_errno(errno);
-  unique_fd owned(fd);
-  if (::ftruncate(fd, static_cast<off_t>(size)) != 0) return fail_errno(errno);
-  return owned;
 }
 
 }  // namespace
