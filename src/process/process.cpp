@@ -52,18 +52,17 @@ result<exit_status> status_from(const siginfo_t& info) {
 
 // waitid on a pidfd; nullopt if WNOHANG and the child is still running.
 result<std::optional<exit_status>> wait_pidfd(int pidfd, int options) {
-  for (;;) {
-    siginfo_t info{};
-    if (::waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(pidfd), &info,
-                 WEXITED | options) != 0) {
-      if (errno == EINTR) continue;
-      return fail_errno(errno);
-    }
-    if (info.si_pid == 0) return std::optional<exit_status>{};  // WNOHANG: still running
-    auto s = status_from(info);
-    if (!s) return std::unexpected(s.error());
-    return std::optional<exit_status>{*s};
+  siginfo_t info{};
+  if (detail::retry_eintr([&] {
+        return ::waitid(static_cast<idtype_t>(P_PIDFD), static_cast<id_t>(pidfd), &info,
+                        WEXITED | options);
+      }) != 0) {
+    return fail_errno(errno);
   }
+  if (info.si_pid == 0) return std::optional<exit_status>{};  // WNOHANG: still running
+  auto s = status_from(info);
+  if (!s) return std::unexpected(s.error());
+  return std::optional<exit_status>{*s};
 }
 
 // The value of NAME in a list of "NAME=value" entries, or nullptr.
@@ -409,8 +408,7 @@ result<child> fork_with_channel(const std::function<int(duplex::channel&)>& fn,
     const int err = errno;
     ::kill(pid, SIGKILL);
     int status = 0;
-    while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-    }
+    static_cast<void>(detail::retry_eintr([&] { return ::waitpid(pid, &status, 0); }));
     return fail_errno(err);
   }
   c.pidfd_.reset(pidfd);

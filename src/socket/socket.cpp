@@ -21,6 +21,7 @@ namespace duplex {
 namespace {
 
 using detail::from_errno;
+using detail::retry_eintr;
 using detail::seqpacket_at_end;
 
 constexpr int to_msg_flags(io_flags flags) noexcept {
@@ -135,23 +136,19 @@ result<std::size_t> socket::receive_impl(mutable_buffer buf, io_flags flags) noe
   if (kind_ == socket_kind::stream && buf.empty() && fd_.valid()) return 0;
   int msg_flags = to_msg_flags(flags);
   if (kind_ != socket_kind::stream) msg_flags |= MSG_TRUNC;  // returns the packet's real size
-  for (;;) {
-    const ssize_t n = ::recv(fd_.get(), buf.data(), buf.size(), msg_flags);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return from_errno(errno);
-    }
-    const auto got = static_cast<std::size_t>(n);
-    if (kind_ == socket_kind::stream) {
-      if (got == 0) return fail(errc::peer_closed);
-      return got;
-    }
-    if (got > buf.size()) return fail(errc::buffer_too_small);
-    if (got == 0 && kind_ == socket_kind::seqpacket && seqpacket_at_end(fd_.get())) {
-      return fail(errc::peer_closed);
-    }
+  const ssize_t n =
+      retry_eintr([&] { return ::recv(fd_.get(), buf.data(), buf.size(), msg_flags); });
+  if (n < 0) return from_errno(errno);
+  const auto got = static_cast<std::size_t>(n);
+  if (kind_ == socket_kind::stream) {
+    if (got == 0) return fail(errc::peer_closed);
     return got;
   }
+  if (got > buf.size()) return fail(errc::buffer_too_small);
+  if (got == 0 && kind_ == socket_kind::seqpacket && seqpacket_at_end(fd_.get())) {
+    return fail(errc::peer_closed);
+  }
+  return got;
 }
 
 result<std::size_t> socket::receive(mutable_buffer buf, io_flags flags) noexcept {
@@ -229,18 +226,13 @@ result<void> socket::receive_exact(mutable_buffer buf, std::chrono::nanoseconds 
 result<std::size_t> socket::next_packet_size(io_flags flags) noexcept {
   if (kind_ == socket_kind::stream) return fail(errc::wrong_kind);
   const int msg_flags = to_msg_flags(flags) | MSG_PEEK | MSG_TRUNC;
-  for (;;) {
-    char probe = 0;
-    const ssize_t n = ::recv(fd_.get(), &probe, 0, msg_flags);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return from_errno(errno);
-    }
-    if (n == 0 && kind_ == socket_kind::seqpacket && seqpacket_at_end(fd_.get())) {
-      return fail(errc::peer_closed);
-    }
-    return static_cast<std::size_t>(n);
+  char probe = 0;
+  const ssize_t n = retry_eintr([&] { return ::recv(fd_.get(), &probe, 0, msg_flags); });
+  if (n < 0) return from_errno(errno);
+  if (n == 0 && kind_ == socket_kind::seqpacket && seqpacket_at_end(fd_.get())) {
+    return fail(errc::peer_closed);
   }
+  return static_cast<std::size_t>(n);
 }
 
 result<void> socket::shutdown(shutdown_how how) noexcept {
