@@ -24,6 +24,7 @@
 #include "bench.hpp"
 #include "commands.hpp"
 #include "name_filter.hpp"
+#include "report.hpp"
 
 namespace duplex::cli {
 namespace {

@@ -12,6 +12,7 @@
 
 #include "commands.hpp"
 #include "duplex/duplex.hpp"
+#include "report.hpp"
 
 namespace duplex::cli {
 namespace {

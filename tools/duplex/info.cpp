@@ -29,6 +29,7 @@
 #include "commands.hpp"
 #include "duplex/duplex.hpp"
 #include "json.hpp"
+#include "report.hpp"
 
 namespace duplex::cli {
 namespace {

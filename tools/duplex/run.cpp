@@ -39,6 +39,7 @@
 
 #include "commands.hpp"
 #include "duplex/duplex.hpp"
+#include "report.hpp"
 
 namespace duplex::cli {
 namespace {
