@@ -1,11 +1,13 @@
 // The subcommands of the duplex CLI. Each returns the process exit status: 0 on success, 1 on
-// failure (after printing one line "duplex: ..." on stderr).
+// failure (after printing one line "duplex: ..." on stderr). `duplex bench`, a library of its own
+// in bench/, is declared in bench/command.hpp, included here.
 #pragma once
 
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "bench/command.hpp"
 #include "duplex/channel.hpp"
 
 namespace duplex::cli {
@@ -34,21 +36,5 @@ struct run_options {
 // child first; SIGPIPE: stdout's reader left); the child is reaped before. Installs signal
 // handlers for the rest of the process: call it once, from the main thread.
 int run_command(const run_options& options);
-
-// What `duplex bench` was asked to do.
-struct bench_options {
-  bool quick = false;  // fewer sizes, repetitions and iterations: under 20 s
-  std::string json;    // write the JSON report here ("-": stdout, instead of the table)
-  std::string svg;     // write the SVG chart here
-  std::string filter;  // name_filter: rows whose name it matches (empty: every row)
-  bool list = false;   // print the chosen rows' names and measure nothing
-};
-
-// Measures duplex beside the raw syscalls, pipes and memcpy and prints the table and the goals.
-// Returns 0, 2 for a bad --filter (invalid, or matching no row), 1 on failure.
-int run_bench(const bench_options& options);
-
-// The end of `duplex bench --help`: row names, transports, how each row is measured.
-std::string bench_help();
 
 }  // namespace duplex::cli

@@ -22,7 +22,7 @@
 #include <vector>
 
 #include "bench.hpp"
-#include "commands.hpp"
+#include "command.hpp"
 #include "name_filter.hpp"
 #include "report.hpp"
 
