@@ -264,15 +264,6 @@ void raw_echo(const raw_end& e, std::size_t size, bool spin, bool packet) noexce
   }
 }
 
-void duplex_echo(channel& ch, std::size_t size) noexcept {
-  const page_buffer buf(size);
-  for (;;) {
-    auto r = ch.receive_into(buf.bytes());
-    if (!r) return;
-    if (!ch.send(const_buffer(buf.data(), r->size))) return;
-  }
-}
-
 // A forked child running fn (it returns when its end of the link closes), reaped on destruction.
 class raw_child {
  public:
@@ -301,6 +292,99 @@ class raw_child {
   pid_t pid_ = -1;
 };
 
+// --- duplex ends --------------------------------------------------------------------------------
+//
+// The sessions of duplex::channel and duplex::ring_channel are one template each, over a link: a
+// small struct that names the end type and makes the ends. A link has:
+//   end        the type of one end (channel, ring_channel);
+//   pair()     two connected ends in this process (.first, .second);
+//   process    a forked child echoing on its own end, built from (link, size, cpu); near() is
+//              this process's end, and its destructor reaps the child once that end is closed.
+
+// The bytes receive_into() stored: the count itself, or the .size of what it reports.
+constexpr std::size_t received_size(std::size_t n) noexcept { return n; }
+template <typename Info>
+requires requires(const Info& info) { info.size; }
+constexpr std::size_t received_size(const Info& info) noexcept { return info.size; }
+
+// The peer of a round trip: sends every message back as it came, until its end closes.
+template <typename End>
+void echo(End& ch, std::size_t size) noexcept {
+  const page_buffer buf(size);
+  for (;;) {
+    auto r = ch.receive_into(buf.bytes());
+    if (!r || !ch.send(const_buffer(buf.data(), received_size(*r)))) return;
+  }
+}
+
+// duplex::channel on a socket pair of kind with options; a forked peer is fork_with_channel's.
+struct channel_link {
+  using end = channel;
+  socket_kind kind = socket_kind::stream;
+  channel_options options;
+
+  [[nodiscard]] auto pair() const { return check(channel_pair(kind, options), "channel_pair"); }
+
+  class process {
+   public:
+    process(const channel_link& link, std::size_t size, int cpu) {
+      fork_options fo;
+      fo.kind = link.kind;
+      fo.channel = link.options;
+      fo.kill_on_parent_death = true;
+      child_ = check(fork_with_channel(
+                         [size, cpu](channel& ch) {
+                           close_all_but({ch.native_handle()});
+                           pin_to(cpu);
+                           echo(ch, size);
+                           return 0;
+                         },
+                         fo),
+                     "fork_with_channel");
+    }
+    process(const process&) = delete;
+    process& operator=(const process&) = delete;
+    ~process() {
+      if (child_.pid() > 0) static_cast<void>(child_.wait());
+    }
+    [[nodiscard]] channel& near() noexcept { return child_.channel(); }
+
+   private:
+    child child_;
+  };
+};
+
+// duplex::ring_channel with options; a forked peer sets up its own end over the stream socket it
+// inherits, as two unrelated processes would.
+struct ring_link {
+  using end = ring_channel;
+  ring_options options;
+
+  [[nodiscard]] auto pair() const { return check(ring_channel_pair(options), "ring_channel_pair"); }
+
+  class process {
+   public:
+    process(const ring_link& link, std::size_t size, int cpu) {
+      auto sockets = check(socket_pair(socket_kind::stream), "socket_pair");
+      const int far_fd = sockets.second.native_handle();
+      child_.emplace(
+          [&sockets, &link, size, cpu] {
+            pin_to(cpu);
+            auto ch = ring_channel::create(std::move(sockets.second), link.options);
+            if (ch) echo(*ch, size);
+          },
+          std::initializer_list<int>{far_fd});
+      sockets.second.close();
+      near_ = check(ring_channel::create(std::move(sockets.first), link.options),
+                    "ring_channel::create");
+    }
+    [[nodiscard]] ring_channel& near() noexcept { return near_; }
+
+   private:
+    std::optional<raw_child> child_;  // reaped after near_ is gone
+    ring_channel near_;
+  };
+};
 // --- round trips --------------------------------------------------------------------------------
 
 class raw_rtt final : public session {
@@ -354,121 +438,53 @@ class raw_rtt final : public session {
   std::optional<raw_child> child_;
 };
 
-class duplex_rtt final : public session {
+// Round trips through a duplex channel or ring (see the links above): send() a message, then
+// receive_into() a reused buffer; the peer is a thread, or a forked child.
+template <typename Link>
+class channel_rtt final : public session {
  public:
-  duplex_rtt(socket_kind kind, const channel_options& options, peers who, std::size_t size,
-             const placement& cpus)
+  channel_rtt(const Link& link, peers who, std::size_t size, const placement& cpus)
       : size_(size), out_(size), in_(size) {
     std::memset(out_.data(), 'x', size);
     if (who == peers::threads) {
-      auto pair = check(channel_pair(kind, options), "channel_pair");
-      near_ = std::move(pair.first);
-      thread_ = std::thread([far = std::move(pair.second), size, cpu = cpus.b]() mutable {
+      auto ends = link.pair();
+      own_ = std::move(ends.first);
+      thread_ = std::thread([far = std::move(ends.second), size, cpu = cpus.b]() mutable {
         pin_to(cpu);
-        duplex_echo(far, size);
+        echo(far, size);
       });
     } else {
-      fork_options fo;
-      fo.kind = kind;
-      fo.channel = options;
-      fo.kill_on_parent_death = true;
-      child_ = check(fork_with_channel(
-                         [size, cpu = cpus.b](channel& ch) {
-                           close_all_but({ch.native_handle()});
-                           pin_to(cpu);
-                           duplex_echo(ch, size);
-                           return 0;
-                         },
-                         fo),
-                     "fork_with_channel");
+      process_.emplace(link, size, cpus.b);
+      near_ = &process_->near();
     }
   }
-  ~duplex_rtt() override {
-    ch().close();
+  ~channel_rtt() override {
+    near_->close();  // the peer sees the end and returns
     if (thread_.joinable()) thread_.join();
-    if (child_.pid() > 0) static_cast<void>(child_.wait());
+    process_.reset();
   }
 
   double run(std::uint64_t n) override {
-    channel& c = ch();
+    auto& c = *near_;
     const auto start = steady::now();
     for (std::uint64_t i = 0; i < n; ++i) {
       check(c.send(const_buffer(out_.bytes())), "send");
       const auto got = check(c.receive_into(in_.bytes()), "receive");
-      if (got.size != size_) throw failure("the echo came back with another size");
+      if (received_size(got) != size_) throw failure("the echo came back with another size");
     }
     return seconds_between(start, steady::now());
   }
 
  private:
-  channel& ch() { return child_.pid() > 0 ? child_.channel() : near_; }
+  using end = typename Link::end;
 
   std::size_t size_;
   page_buffer out_, in_;
-  channel near_;
+  end own_;  // the near end when the peer is a thread
+  end* near_ = &own_;
   std::thread thread_;
-  child child_;
+  std::optional<typename Link::process> process_;
 };
-
-// Round trips through ring_channel: the peer is a thread, or a forked child that sets up its own
-// end over the socket it inherits.
-class ring_rtt final : public session {
- public:
-  ring_rtt(const ring_options& options, peers who, std::size_t size, const placement& cpus)
-      : size_(size), out_(size), in_(size) {
-    std::memset(out_.data(), 'x', size);
-    const auto echo = [size](ring_channel& ch) {
-      const page_buffer buf(size);
-      for (;;) {
-        auto r = ch.receive_into(buf.bytes());
-        if (!r || !ch.send(const_buffer(buf.data(), *r))) return;
-      }
-    };
-    if (who == peers::threads) {
-      auto pair = check(ring_channel_pair(options), "ring_channel_pair");
-      near_ = std::move(pair.first);
-      thread_ = std::thread([far = std::move(pair.second), echo, cpu = cpus.b]() mutable {
-        pin_to(cpu);
-        echo(far);
-      });
-      return;
-    }
-    auto sockets = check(socket_pair(socket_kind::stream), "socket_pair");
-    const int far_fd = sockets.second.native_handle();
-    child_.emplace(
-        [&sockets, &options, echo, cpu = cpus.b] {
-          pin_to(cpu);
-          auto ch = ring_channel::create(std::move(sockets.second), options);
-          if (ch) echo(*ch);
-        },
-        std::initializer_list<int>{far_fd});
-    sockets.second.close();
-    near_ = check(ring_channel::create(std::move(sockets.first), options), "ring_channel::create");
-  }
-  ~ring_rtt() override {
-    near_.close();
-    if (thread_.joinable()) thread_.join();
-    child_.reset();
-  }
-
-  double run(std::uint64_t n) override {
-    const auto start = steady::now();
-    for (std::uint64_t i = 0; i < n; ++i) {
-      check(near_.send(const_buffer(out_.bytes())), "send");
-      const auto got = check(near_.receive_into(in_.bytes()), "receive");
-      if (got != size_) throw failure("the echo came back with another size");
-    }
-    return seconds_between(start, steady::now());
-  }
-
- private:
-  std::size_t size_;
-  page_buffer out_, in_;
-  ring_channel near_;
-  std::thread thread_;
-  std::optional<raw_child> child_;
-};
-
 // --- throughput ---------------------------------------------------------------------------------
 
 // A producer (the calling thread) and a consumer thread started for each run; the time runs from
@@ -614,15 +630,16 @@ class memcpy_throughput final : public session {
   std::uint64_t next_ = 0;
 };
 
-// Whole messages through a channel pair: one send per message, receive_into a reused buffer.
-class duplex_throughput : public producer_consumer {
+// Whole messages through a duplex channel or ring (see the links above): memset() fills each in
+// the producer's own buffer, one send() per message; the consumer receive_into()s a reused buffer.
+template <typename Link>
+class channel_throughput : public producer_consumer {
  public:
-  duplex_throughput(socket_kind kind, const channel_options& options, std::size_t size,
-                    const placement& cpus)
+  channel_throughput(const Link& link, std::size_t size, const placement& cpus)
       : producer_consumer(size, cpus), src_(size), dst_(size) {
-    auto pair = check(channel_pair(kind, options), "channel_pair");
-    near_ = std::move(pair.first);
-    far_ = std::move(pair.second);
+    auto ends = link.pair();
+    near_ = std::move(ends.first);
+    far_ = std::move(ends.second);
   }
 
  protected:
@@ -636,25 +653,26 @@ class duplex_throughput : public producer_consumer {
     bool ok = true;
     for (std::uint64_t i = 0; i < n; ++i) {
       const auto got = check(far_.receive_into(dst_.bytes()), "receive_into");
-      ok &= message_checker::check(dst_.data(), got.size, size_, first + i);
+      ok &= message_checker::check(dst_.data(), received_size(got), size_, first + i);
     }
     if (!ok) bad_data(first, n);
   }
   void abort_producer() noexcept override { near_.close(); }
   void abort_consumer() noexcept override { far_.close(); }
 
-  channel near_, far_;
+  typename Link::end near_, far_;
 
  private:
   page_buffer src_, dst_;
 };
 
+using duplex_throughput = channel_throughput<channel_link>;
 // Batches of 64 messages, received with receive_batch (seen in place).
 class batch_throughput final : public duplex_throughput {
  public:
   static constexpr std::size_t per_batch = 64;
   batch_throughput(std::size_t size, const placement& cpus)
-      : duplex_throughput(socket_kind::stream, channel_options{}, size, cpus), one_(size) {}
+      : duplex_throughput(channel_link{socket_kind::stream, {}}, size, cpus), one_(size) {}
 
  protected:
   void produce(std::uint64_t n, std::uint64_t first) override {
@@ -690,47 +708,12 @@ class batch_throughput final : public duplex_throughput {
   batch batch_;
 };
 
-// Messages through ring_channel: memset() fills each in the producer's buffer, one send() each;
-// the consumer receive_into()s a reused buffer. Both ends spin before they sleep.
-class ring_throughput final : public producer_consumer {
- public:
-  ring_throughput(std::size_t size, const placement& cpus)
-      : producer_consumer(size, cpus), src_(size), dst_(size) {
-    ring_options o;
-    o.busy_poll = std::chrono::milliseconds(1);
-    auto pair = check(ring_channel_pair(o), "ring_channel_pair");
-    near_ = std::move(pair.first);
-    far_ = std::move(pair.second);
-  }
-
- protected:
-  void produce(std::uint64_t n, std::uint64_t first) override {
-    for (std::uint64_t i = 0; i < n; ++i) {
-      std::memset(src_.data(), value_of(first + i), size_);
-      check(near_.send(const_buffer(src_.bytes())), "send");
-    }
-  }
-  void consume(std::uint64_t n, std::uint64_t first) override {
-    bool ok = true;
-    for (std::uint64_t i = 0; i < n; ++i) {
-      const auto got = check(far_.receive_into(dst_.bytes()), "receive_into");
-      ok &= message_checker::check(dst_.data(), got, size_, first + i);
-    }
-    if (!ok) bad_data(first, n);
-  }
-  void abort_producer() noexcept override { near_.close(); }
-  void abort_consumer() noexcept override { far_.close(); }
-
- private:
-  page_buffer src_, dst_;
-  ring_channel near_, far_;
-};
-
 // Large payloads through the shared pool: allocate, fill in place, send(std::move(buffer)).
 class shm_throughput final : public duplex_throughput {
  public:
   shm_throughput(shared_receive mode, std::size_t size, const placement& cpus)
-      : duplex_throughput(socket_kind::stream, options_for(mode), size, cpus), mode_(mode) {}
+      : duplex_throughput(channel_link{socket_kind::stream, options_for(mode)}, size, cpus),
+        mode_(mode) {}
 
   [[nodiscard]] std::uint64_t warm_bytes() const override {
     return 2 * channel_options{}.shared_memory.pool_size;  // every block of the pool used once
@@ -928,7 +911,7 @@ std::vector<row_spec> all_rows(bool quick) {
       };
       const auto dup = [who, size](socket_kind kind, channel_options o) {
         return [=](const placement& p) -> std::unique_ptr<session> {
-          return std::make_unique<duplex_rtt>(kind, o, who, size, p);
+          return std::make_unique<channel_rtt<channel_link>>(channel_link{kind, o}, who, size, p);
         };
       };
       add(pattern::rtt, who, "raw-stream", size, false, raw(raw_kind::stream, false));
@@ -942,13 +925,13 @@ std::vector<row_spec> all_rows(bool quick) {
       add(pattern::rtt, who, "duplex-stream-busypoll", size, true, dup(socket_kind::stream, spin));
       add(pattern::rtt, who, "duplex-ring", size, false,
           [=](const placement& p) -> std::unique_ptr<session> {
-            return std::make_unique<ring_rtt>(ring_options{}, who, size, p);
+            return std::make_unique<channel_rtt<ring_link>>(ring_link{}, who, size, p);
           });
       add(pattern::rtt, who, "duplex-ring-busypoll", size, true,
           [=](const placement& p) -> std::unique_ptr<session> {
             ring_options o;
             o.busy_poll = std::chrono::seconds(1);
-            return std::make_unique<ring_rtt>(o, who, size, p);
+            return std::make_unique<channel_rtt<ring_link>>(ring_link{o}, who, size, p);
           });
     }
   }
@@ -966,7 +949,7 @@ std::vector<row_spec> all_rows(bool quick) {
     };
     const auto dup = [size](socket_kind kind) {
       return [=](const placement& p) -> std::unique_ptr<session> {
-        return std::make_unique<duplex_throughput>(kind, channel_options{}, size, p);
+        return std::make_unique<duplex_throughput>(channel_link{kind, {}}, size, p);
       };
     };
     const auto shm = [size](shared_receive mode) {
@@ -997,7 +980,9 @@ std::vector<row_spec> all_rows(bool quick) {
     if (size <= 65536) {
       add(pattern::throughput, who, "duplex-ring", size, false,
           [size](const placement& p) -> std::unique_ptr<session> {
-            return std::make_unique<ring_throughput>(size, p);
+            ring_options o;
+            o.busy_poll = std::chrono::milliseconds(1);  // both ends spin before they sleep
+            return std::make_unique<channel_throughput<ring_link>>(ring_link{o}, size, p);
           });
     }
     if (size >= (std::size_t{1} << 20)) {
