@@ -13,6 +13,7 @@
 #include <sys/syscall.h>
 #include <sys/utsname.h>
 #include <unistd.h>
+#include <nlohmann/json.hpp>
 
 #include <array>
 #include <cerrno>
@@ -28,7 +29,6 @@
 
 #include "commands.hpp"
 #include "duplex/duplex.hpp"
-#include "json.hpp"
 #include "report.hpp"
 
 namespace duplex::cli {
@@ -476,92 +476,66 @@ std::string text_of(const facts& f) {
   return out;
 }
 
-void put(json_writer& j, std::string_view key, const measured<std::optional<std::int64_t>>& v) {
-  j.key(key);
-  if (v && *v) {
-    j.value(**v);
-  } else {
-    j.null();
-  }
+using json = nlohmann::ordered_json;  // members in the order they are set
+
+json json_of(const measured<std::optional<std::int64_t>>& v) {
+  return v && *v ? json(**v) : json(nullptr);
 }
 
-void put(json_writer& j, std::string_view key, const measured<std::size_t>& v) {
-  j.key(key);
-  if (v) {
-    j.value(static_cast<std::uint64_t>(*v));
-  } else {
-    j.null();
-  }
-}
+json json_of(const measured<std::size_t>& v) { return v ? json(*v) : json(nullptr); }
 
-void put(json_writer& j, std::string_view key, const feature& f) {
-  j.key(key).begin_object().key("works");
+json json_of(const feature& f) {
+  json o;
   if (f.works) {
-    j.value(*f.works);
-    if (!*f.works) j.key("reason").value(f.why);
+    o["works"] = *f.works;
+    if (!*f.works) o["reason"] = f.why;
   } else {
-    j.null().key("reason").value(not_measured_text(f.works.error()));
+    o["works"] = nullptr;
+    o["reason"] = not_measured_text(f.works.error());
   }
-  j.end_object();
+  return o;
 }
 
-void put(json_writer& j, std::string_view key, const packet_limit& p) {
-  j.key(key).begin_object();
-  put(j, "default_buffers", p.default_buffers);
-  put(j, "raised_buffers", p.raised_buffers);
-  put(j, "raised_sndbuf", p.raised_sndbuf);
-  j.end_object();
+json json_of(const packet_limit& p) {
+  return {{"default_buffers", json_of(p.default_buffers)},
+          {"raised_buffers", json_of(p.raised_buffers)},
+          {"raised_sndbuf", json_of(p.raised_sndbuf)}};
 }
 
 std::string json_of(const facts& f) {
-  json_writer j;
-  j.begin_object();
-  j.key("duplex_version").value(library_version());
-  j.key("kernel").begin_object();
-  j.key("release").value(f.kernel_release).key("version").value(f.kernel_version);
-  j.key("machine").value(f.machine).key("cores").value(static_cast<std::uint64_t>(f.cores));
-  j.end_object();
-  j.key("socket_buffers").begin_object();
-  put(j, "wmem_default", f.wmem_default);
-  put(j, "wmem_max", f.wmem_max);
-  put(j, "rmem_default", f.rmem_default);
-  put(j, "rmem_max", f.rmem_max);
-  put(j, "stream_sndbuf", f.stream_sndbuf);
-  put(j, "stream_rcvbuf", f.stream_rcvbuf);
-  j.end_object();
-  j.key("max_payload").begin_object();
-  put(j, "datagram", f.datagram);
-  put(j, "seqpacket", f.seqpacket);
-  j.end_object();
-  j.key("fds_per_message");
-  if (f.fds_per_message) {
-    j.value(static_cast<std::uint64_t>(f.fds_per_message->count));
-  } else {
-    j.null();
-  }
-  j.key("fds_receive_limited_by_rlimit")
-      .value(f.fds_per_message.has_value() && f.fds_per_message->receive_cut);
-  put(j, "optmem_max", f.optmem_max);
-  put(j, "max_dgram_qlen", f.max_dgram_qlen);
-  j.key("rlimit_nofile")
-      .begin_object()
-      .key("soft")
-      .value(f.nofile_soft)
-      .key("hard")
-      .value(f.nofile_hard)
-      .end_object();
-  j.key("features").begin_object();
-  put(j, "memfd_seals", f.memfd_seals);
-  put(j, "pidfd", f.pidfd);
-  put(j, "so_peerpidfd", f.so_peerpidfd);
-  put(j, "io_uring", f.io_uring);
-  j.end_object();
-  j.key("not_measured").begin_object();
+  json missing = json::object();
   for (const auto& [name, why] : unmeasured(f))
-    j.key(name).value(why);
-  j.end_object();
-  j.end_object();
-  return j.str() + "\n";
+    missing[name] = why;
+  const json j = {
+      {"duplex_version", library_version()},
+      {"kernel",
+       {{"release", f.kernel_release},
+        {"version", f.kernel_version},
+        {"machine", f.machine},
+        {"cores", f.cores}}},
+      {"socket_buffers",
+       {{"wmem_default", json_of(f.wmem_default)},
+        {"wmem_max", json_of(f.wmem_max)},
+        {"rmem_default", json_of(f.rmem_default)},
+        {"rmem_max", json_of(f.rmem_max)},
+        {"stream_sndbuf", json_of(f.stream_sndbuf)},
+        {"stream_rcvbuf", json_of(f.stream_rcvbuf)}}},
+      {"max_payload", {{"datagram", json_of(f.datagram)}, {"seqpacket", json_of(f.seqpacket)}}},
+      {"fds_per_message", f.fds_per_message ? json(f.fds_per_message->count) : json(nullptr)},
+      {"fds_receive_limited_by_rlimit",
+       f.fds_per_message.has_value() && f.fds_per_message->receive_cut},
+      {"optmem_max", json_of(f.optmem_max)},
+      {"max_dgram_qlen", json_of(f.max_dgram_qlen)},
+      {"rlimit_nofile", {{"soft", f.nofile_soft}, {"hard", f.nofile_hard}}},
+      {"features",
+       {{"memfd_seals", json_of(f.memfd_seals)},
+        {"pidfd", json_of(f.pidfd)},
+        {"so_peerpidfd", json_of(f.so_peerpidfd)},
+        {"io_uring", json_of(f.io_uring)}}},
+      {"not_measured", std::move(missing)},
+  };
+  // Bytes that are not UTF-8 (a kernel or machine string) become U+FFFD, never invalid JSON.
+  return j.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
-// duplex bench: the report as a table (stdout), JSON and an SVG chart (plain string formatting).
+// duplex bench: the report as a table (stdout), JSON and an SVG chart.
 #include <fmt/core.h>
+#include <nlohmann/json.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -9,7 +10,6 @@
 
 #include "bench.hpp"
 #include "duplex/version.hpp"
-#include "json.hpp"
 
 namespace duplex::cli::bench {
 
@@ -141,88 +141,63 @@ std::string format_table(const report& r) {
 }
 
 std::string format_json(const report& r) {
-  json_writer j;
-  j.begin_object();
-  j.key("duplex_version").value(DUPLEX_VERSION_STRING);
-  j.key("machine").begin_object();
-  j.key("kernel").value(r.machine.kernel);
-  j.key("cpu").value(r.machine.cpu);
-  j.key("cores").value(static_cast<std::uint64_t>(r.machine.cores));
-  j.key("date").value(r.machine.date);
-  j.key("load_average").value(r.machine.load);
-  j.end_object();
-  j.key("quick").value(r.quick);
-  j.key("repetitions").value(static_cast<std::uint64_t>(r.repetitions));
-  j.key("seconds").value(r.seconds);
-  j.key("pinned_cpus");
-  if (r.cpus.a < 0) {
-    j.null();
-  } else {
-    j.begin_array().value(r.cpus.a).value(r.cpus.b).end_array();
-  }
-  j.key("method").value(method_summary);
-  j.key("results").begin_array();
+  using json = nlohmann::ordered_json;  // members in the order they are set
+  const auto optional = [](const auto& v) { return v ? json(*v) : json(nullptr); };
+  json results = json::array();
   for (const auto& row : r.rows) {
     const row_spec& s = *row.spec;
-    j.begin_object();
-    j.key("name").value(s.name);
-    j.key("transport").value(s.transport);
-    j.key("pattern").value(to_string(s.pat));
-    j.key("peers").value(to_string(s.who));
-    j.key("size").value(static_cast<std::uint64_t>(s.size));
+    json o = {{"name", s.name},
+              {"transport", s.transport},
+              {"pattern", to_string(s.pat)},
+              {"peers", to_string(s.who)},
+              {"size", s.size}};
     if (s.pat == pattern::rtt) {
-      j.key("ns_per_op").value(row.ns_per_op);
+      o["ns_per_op"] = row.ns_per_op;
     } else {
-      j.key("bytes_per_s").value(row.bytes_per_s);
-      j.key("msgs_per_s").value(row.msgs_per_s);
+      o["bytes_per_s"] = row.bytes_per_s;
+      o["msgs_per_s"] = row.msgs_per_s;
     }
     if (!s.baseline.empty()) {
-      j.key("baseline").value(s.baseline);
-      j.key("ratio");
-      if (row.ratio) {
-        j.value(*row.ratio);
-      } else {
-        j.null();
-      }
+      o["baseline"] = s.baseline;
+      o["ratio"] = optional(row.ratio);
     }
     if (row.ratio_to_blocking) {
-      j.key("blocking_baseline").value(s.blocking_baseline);
-      j.key("ratio_to_blocking").value(*row.ratio_to_blocking);
+      o["blocking_baseline"] = s.blocking_baseline;
+      o["ratio_to_blocking"] = *row.ratio_to_blocking;
     }
-    j.key("iterations").value(row.iterations);
-    j.key("samples").begin_array();
-    for (const double v : row.samples)
-      j.value(v);
-    j.end_array();
-    j.key("samples_unit").value(s.pat == pattern::rtt ? "ns_per_op" : "bytes_per_s");
-    j.key("method").value(s.method);
-    if (!row.notes.empty()) j.key("notes").value(row.notes);
-    j.end_object();
+    o["iterations"] = row.iterations;
+    o["samples"] = row.samples;
+    o["samples_unit"] = s.pat == pattern::rtt ? "ns_per_op" : "bytes_per_s";
+    o["method"] = s.method;
+    if (!row.notes.empty()) o["notes"] = row.notes;
+    results.push_back(std::move(o));
   }
-  j.end_array();
-  j.key("goals").begin_array();
+  json goals = json::array();
   for (const auto& g : r.goals) {
-    j.begin_object();
-    j.key("name").value(g.name);
-    j.key("value");
-    if (g.value) {
-      j.value(*g.value);
-    } else {
-      j.null();
-    }
-    j.key("target").value(g.target);
-    j.key("comparison").value(g.at_most ? "<=" : ">=");
-    j.key("pass");
-    if (const auto p = g.pass()) {
-      j.value(*p);
-    } else {
-      j.null();
-    }
-    j.end_object();
+    goals.push_back({{"name", g.name},
+                     {"value", optional(g.value)},
+                     {"target", g.target},
+                     {"comparison", g.at_most ? "<=" : ">="},
+                     {"pass", optional(g.pass())}});
   }
-  j.end_array();
-  j.end_object();
-  return j.str();
+  const json j = {
+      {"duplex_version", DUPLEX_VERSION_STRING},
+      {"machine",
+       {{"kernel", r.machine.kernel},
+        {"cpu", r.machine.cpu},
+        {"cores", r.machine.cores},
+        {"date", r.machine.date},
+        {"load_average", r.machine.load}}},
+      {"quick", r.quick},
+      {"repetitions", r.repetitions},
+      {"seconds", r.seconds},
+      {"pinned_cpus", r.cpus.a < 0 ? json(nullptr) : json::array({r.cpus.a, r.cpus.b})},
+      {"method", method_summary},
+      {"results", std::move(results)},
+      {"goals", std::move(goals)},
+  };
+  // Bytes that are not UTF-8 (a CPU's name) become U+FFFD, never invalid JSON; NaN is null.
+  return j.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
 // --- the SVG chart ------------------------------------------------------------------------------
