@@ -135,8 +135,9 @@ class stream_checker {
 };
 
 // A page-aligned buffer. Two std::vectors of 4 KiB lie 4112 bytes apart, and on some CPUs
-// (AMD family 25 here) glibc's memcpy between buffers that far apart runs 25 times slower than
-// between page-aligned ones: every row's buffers are page-aligned, so none of them pays that.
+// glibc's memcpy between buffers that far apart runs many times slower than between page-aligned
+// ones: every row's buffers are page-aligned, so that no row measures where its allocator put
+// them.
 class page_buffer {
  public:
   explicit page_buffer(std::size_t size)
