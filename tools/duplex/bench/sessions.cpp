@@ -1,4 +1,4 @@
-// duplex bench: every transport as a session, and the list of rows.
+// duplex bench: every transport as a session (see sessions.hpp).
 //
 // Raw baselines use the system calls directly (socketpair, pipe2, send, recv, read, write, fork),
 // duplex rows the library's public interface only. Peers are a thread or a forked child; the
@@ -27,27 +27,12 @@
 #include <utility>
 #include <vector>
 
+#include "sessions.hpp"
+
 #include "bench.hpp"
 #include "duplex/duplex.hpp"
 
 namespace duplex::cli::bench {
-
-const char* to_string(pattern p) noexcept { return p == pattern::rtt ? "rtt" : "throughput"; }
-const char* to_string(peers p) noexcept { return p == peers::threads ? "threads" : "processes"; }
-
-std::string size_label(std::size_t bytes) {
-  if (bytes >= (std::size_t{1} << 20) && bytes % (std::size_t{1} << 20) == 0) {
-    return fmt::format("{}MiB", bytes >> 20);
-  }
-  if (bytes >= 1024 && bytes % 1024 == 0) return fmt::format("{}KiB", bytes >> 10);
-  return fmt::format("{}B", bytes);
-}
-
-std::string size_words(std::size_t bytes) {
-  const std::string s = size_label(bytes);
-  const std::size_t digits = s.find_first_not_of("0123456789");
-  return s.substr(0, digits) + " " + s.substr(digits);
-}
 
 void pin_to(int cpu) noexcept {
   if (cpu < 0) return;
@@ -178,8 +163,6 @@ void close_all_but(std::initializer_list<int> keep) noexcept {
 }
 
 // --- raw ends ---------------------------------------------------------------------------------
-
-enum class raw_kind { stream, seqpacket, pipe };
 
 // One side of a raw link: where it reads and writes.
 struct raw_end {
@@ -763,235 +746,49 @@ class shm_throughput final : public duplex_throughput {
   std::uint64_t fallbacks_ = 0, not_views_ = 0, sent_ = 0;
 };
 
-// --- the rows -----------------------------------------------------------------------------------
-
-std::string rtt_method(const std::string& transport) {
-  const std::string common =
-      "; one round trip = one message each way; the peer (a thread or a forked child) echoes";
-  if (transport == "raw-stream") {
-    return "raw socketpair(AF_UNIX, SOCK_STREAM): send(), then recv() until the whole message is "
-           "back; blocking" +
-           common;
-  }
-  if (transport == "raw-seqpacket") {
-    return "raw socketpair(AF_UNIX, SOCK_SEQPACKET): one send() and one recv() per message; "
-           "blocking" +
-           common;
-  }
-  if (transport == "pipe") return "two pipes, write() and read() each way; blocking" + common;
-  if (transport == "raw-stream-busypoll") {
-    return "as raw-stream, but both ends wait by spinning on recv(MSG_DONTWAIT)" + common;
-  }
-  if (transport == "duplex-stream") {
-    return "duplex::channel on a stream pair (native framing): send(), then receive_into() a "
-           "reused buffer; blocking" +
-           common;
-  }
-  if (transport == "duplex-seqpacket") {
-    return "duplex::channel on a seqpacket pair: send(), then receive_into() a reused buffer; "
-           "blocking" +
-           common;
-  }
-  if (transport == "duplex-python") {
-    return "duplex::channel on a stream pair with framing::python (multiprocessing.connection's "
-           "length prefix): send(), then receive_into(); blocking" +
-           common;
-  }
-  if (transport == "duplex-ring") {
-    return "duplex::ring_channel (shared-memory rings, set up over a stream pair): send(), then "
-           "receive_into() a reused buffer; busy_poll 0, so a waiting end sleeps at once on a "
-           "wake socket of its own" +
-           common;
-  }
-  if (transport == "duplex-ring-busypoll") {
-    return "as duplex-ring, with ring_options::busy_poll = 1 s on both ends (they spin on the "
-           "ring in shared memory, no system call while they wait)" +
-           common;
-  }
-  return "as duplex-stream, with channel_options::busy_poll = 1 s on both ends (they spin, never "
-         "block)" +
-         common;
-}
-
-std::string throughput_method(const std::string& transport) {
-  const std::string common =
-      "; the consumer (another thread) reads and checks the first byte of every message and one "
-      "byte per 4 KiB page of it";
-  if (transport == "raw-stream" || transport == "pipe") {
-    const char* how = transport == "pipe" ? "a pipe: write()" : "a raw stream socketpair: send()";
-    return fmt::format(
-               "{} of each message whole (one call per message, more only for partial writes), "
-               "after memset() fills it in the producer's own buffer; the consumer receives in "
-               "bulk into a 256 KiB buffer",
-               how) +
-           common;
-  }
-  if (transport == "raw-seqpacket") {
-    return "a raw seqpacket socketpair: one send() per message after memset() fills it; the "
-           "consumer recv()s each packet into a 256 KiB buffer" +
-           common;
-  }
-  if (transport == "memcpy") {
-    return "one thread: memset() fills the message in a source buffer and memcpy() copies it to a "
-           "destination buffer, which is then read by the same rule as the consumers' (the "
-           "ceiling of a transport that copies once)";
-  }
-  if (transport == "duplex-stream" || transport == "duplex-seqpacket") {
-    return fmt::format(
-               "duplex::channel on a {} pair: memset() fills each message in the producer's own "
-               "buffer, one send() per message; the consumer receive_into()s a reused buffer",
-               transport == "duplex-stream" ? "stream" : "seqpacket") +
-           common;
-  }
-  if (transport == "duplex-stream-batch") {
-    return "duplex::channel on a stream pair: memset() fills each message in the producer's own "
-           "buffer, batch::add() copies it into a duplex::batch, channel::send(batch) every 64 "
-           "messages; the consumer receive_batch()es them, seen in place" +
-           common;
-  }
-  if (transport == "duplex-ring") {
-    return "duplex::ring_channel (1 MiB shared-memory rings): memset() fills each message in the "
-           "producer's own buffer, one send() per message; the consumer receive_into()s a reused "
-           "buffer; both spin up to 1 ms before they sleep" +
-           common;
-  }
-  const bool view = transport == "duplex-shm";
-  return fmt::format(
-             "duplex::channel with shared_memory enabled (64 MiB pool), receive mode {}: the "
-             "producer allocate()s each message in the pool, memset() fills it in place, "
-             "send(std::move(buffer)); the consumer receive()s it {}",
-             view ? "view" : "copy",
-             view ? "as a read-only view of the pool (no copy)"
-                  : "copied out of the pool into a new message") +
-         common;
-}
-
-std::string baseline_of(const std::string& transport) {
-  if (transport == "duplex-seqpacket") return "raw-seqpacket";
-  if (transport.starts_with("duplex-") && transport.ends_with("-busypoll")) {
-    return "raw-stream-busypoll";
-  }
-  if (transport.starts_with("duplex-")) return "raw-stream";
-  return {};
-}
-
 }  // namespace
 
-std::vector<row_spec> all_rows(bool quick) {
-  std::vector<row_spec> rows;
-  const auto add = [&rows](pattern pat, peers who, const std::string& transport, std::size_t size,
-                           bool solo, auto open) {
-    row_spec r;
-    r.pat = pat;
-    r.who = who;
-    r.transport = transport;
-    r.size = size;
-    r.name =
-        fmt::format("{}/{}/{}/{}", to_string(pat), to_string(who), transport, size_label(size));
-    r.group =
-        solo ? r.name : fmt::format("{}/{}/{}", to_string(pat), to_string(who), size_label(size));
-    r.baseline = baseline_of(transport);
-    if (transport.ends_with("-busypoll")) r.blocking_baseline = "raw-stream";
-    r.method = pat == pattern::rtt ? rtt_method(transport) : throughput_method(transport);
-    r.open = std::move(open);
-    rows.push_back(std::move(r));
-  };
+std::unique_ptr<session> open_raw_rtt(raw_kind kind, peers who, std::size_t size, bool spin,
+                                      const placement& cpus) {
+  return std::make_unique<raw_rtt>(kind, who, size, spin, cpus);
+}
 
-  const std::vector<std::size_t> rtt_sizes =
-      quick ? std::vector<std::size_t>{8} : std::vector<std::size_t>{8, 256, 4096};
-  channel_options python;
-  python.format = framing::python;
-  channel_options spin;
-  spin.busy_poll = std::chrono::seconds(1);
-  for (const peers who : {peers::threads, peers::processes}) {
-    for (const std::size_t size : rtt_sizes) {
-      const auto raw = [who, size](raw_kind kind, bool busy) {
-        return [=](const placement& p) -> std::unique_ptr<session> {
-          return std::make_unique<raw_rtt>(kind, who, size, busy, p);
-        };
-      };
-      const auto dup = [who, size](socket_kind kind, channel_options o) {
-        return [=](const placement& p) -> std::unique_ptr<session> {
-          return std::make_unique<channel_rtt<channel_link>>(channel_link{kind, o}, who, size, p);
-        };
-      };
-      add(pattern::rtt, who, "raw-stream", size, false, raw(raw_kind::stream, false));
-      add(pattern::rtt, who, "raw-seqpacket", size, false, raw(raw_kind::seqpacket, false));
-      add(pattern::rtt, who, "pipe", size, false, raw(raw_kind::pipe, false));
-      add(pattern::rtt, who, "duplex-stream", size, false, dup(socket_kind::stream, {}));
-      add(pattern::rtt, who, "duplex-seqpacket", size, false, dup(socket_kind::seqpacket, {}));
-      add(pattern::rtt, who, "duplex-python", size, false, dup(socket_kind::stream, python));
-      // Spinning peers are measured alone: an idle spinner would take a CPU from the others.
-      add(pattern::rtt, who, "raw-stream-busypoll", size, true, raw(raw_kind::stream, true));
-      add(pattern::rtt, who, "duplex-stream-busypoll", size, true, dup(socket_kind::stream, spin));
-      add(pattern::rtt, who, "duplex-ring", size, false,
-          [=](const placement& p) -> std::unique_ptr<session> {
-            return std::make_unique<channel_rtt<ring_link>>(ring_link{}, who, size, p);
-          });
-      add(pattern::rtt, who, "duplex-ring-busypoll", size, true,
-          [=](const placement& p) -> std::unique_ptr<session> {
-            ring_options o;
-            o.busy_poll = std::chrono::seconds(1);
-            return std::make_unique<channel_rtt<ring_link>>(ring_link{o}, who, size, p);
-          });
-    }
-  }
+std::unique_ptr<session> open_channel_rtt(socket_kind kind, const channel_options& options,
+                                          peers who, std::size_t size, const placement& cpus) {
+  return std::make_unique<channel_rtt<channel_link>>(channel_link{kind, options}, who, size, cpus);
+}
 
-  const std::vector<std::size_t> throughput_sizes =
-      quick
-          ? std::vector<std::size_t>{64, std::size_t{16} << 20}
-          : std::vector<std::size_t>{64, 4096, 65536, std::size_t{1} << 20, std::size_t{16} << 20};
-  const peers who = peers::threads;
-  for (const std::size_t size : throughput_sizes) {
-    const auto raw = [size](raw_kind kind) {
-      return [=](const placement& p) -> std::unique_ptr<session> {
-        return std::make_unique<raw_throughput>(kind, size, p);
-      };
-    };
-    const auto dup = [size](socket_kind kind) {
-      return [=](const placement& p) -> std::unique_ptr<session> {
-        return std::make_unique<duplex_throughput>(channel_link{kind, {}}, size, p);
-      };
-    };
-    const auto shm = [size](shared_receive mode) {
-      return [=](const placement& p) -> std::unique_ptr<session> {
-        return std::make_unique<shm_throughput>(mode, size, p);
-      };
-    };
-    const bool fits_packet = size <= 65536;  // with the default socket buffers
-    add(pattern::throughput, who, "raw-stream", size, false, raw(raw_kind::stream));
-    if (fits_packet) {
-      add(pattern::throughput, who, "raw-seqpacket", size, false, raw(raw_kind::seqpacket));
-    }
-    add(pattern::throughput, who, "pipe", size, false, raw(raw_kind::pipe));
-    add(pattern::throughput, who, "memcpy", size, false,
-        [size](const placement&) -> std::unique_ptr<session> {
-          return std::make_unique<memcpy_throughput>(size);
-        });
-    add(pattern::throughput, who, "duplex-stream", size, false, dup(socket_kind::stream));
-    if (fits_packet) {
-      add(pattern::throughput, who, "duplex-seqpacket", size, false, dup(socket_kind::seqpacket));
-    }
-    if (size <= 4096) {
-      add(pattern::throughput, who, "duplex-stream-batch", size, false,
-          [size](const placement& p) -> std::unique_ptr<session> {
-            return std::make_unique<batch_throughput>(size, p);
-          });
-    }
-    if (size <= 65536) {
-      add(pattern::throughput, who, "duplex-ring", size, false,
-          [size](const placement& p) -> std::unique_ptr<session> {
-            ring_options o;
-            o.busy_poll = std::chrono::milliseconds(1);  // both ends spin before they sleep
-            return std::make_unique<channel_throughput<ring_link>>(ring_link{o}, size, p);
-          });
-    }
-    if (size >= (std::size_t{1} << 20)) {
-      add(pattern::throughput, who, "duplex-shm", size, false, shm(shared_receive::view));
-      add(pattern::throughput, who, "duplex-shm-copy", size, false, shm(shared_receive::copy));
-    }
-  }
-  return rows;
+std::unique_ptr<session> open_ring_rtt(const ring_options& options, peers who, std::size_t size,
+                                       const placement& cpus) {
+  return std::make_unique<channel_rtt<ring_link>>(ring_link{options}, who, size, cpus);
+}
+
+std::unique_ptr<session> open_raw_throughput(raw_kind kind, std::size_t size,
+                                             const placement& cpus) {
+  return std::make_unique<raw_throughput>(kind, size, cpus);
+}
+
+std::unique_ptr<session> open_memcpy_throughput(std::size_t size) {
+  return std::make_unique<memcpy_throughput>(size);
+}
+
+std::unique_ptr<session> open_channel_throughput(socket_kind kind, std::size_t size,
+                                                 const placement& cpus) {
+  return std::make_unique<duplex_throughput>(channel_link{kind, {}}, size, cpus);
+}
+
+std::unique_ptr<session> open_batch_throughput(std::size_t size, const placement& cpus) {
+  return std::make_unique<batch_throughput>(size, cpus);
+}
+
+std::unique_ptr<session> open_ring_throughput(const ring_options& options, std::size_t size,
+                                              const placement& cpus) {
+  return std::make_unique<channel_throughput<ring_link>>(ring_link{options}, size, cpus);
+}
+
+std::unique_ptr<session> open_shm_throughput(shared_receive mode, std::size_t size,
+                                             const placement& cpus) {
+  return std::make_unique<shm_throughput>(mode, size, cpus);
 }
 
 }  // namespace duplex::cli::bench
