@@ -72,6 +72,7 @@
 
 #include "duplex/buffer.hpp"
 #include "duplex/channel.hpp"
+#include "duplex/error.hpp"
 #include "duplex/message.hpp"
 
 namespace duplex::asio {
@@ -96,16 +97,18 @@ class basic_channel {
 
   // Takes ownership of ch; its operations run on ex. A closed (or empty) channel is accepted: its
   // operations complete with errc::closed. Throws std::system_error if the fd cannot be
-  // duplicated (EMFILE) or registered with the reactor.
+  // duplicated (EMFILE), put in O_NONBLOCK mode or registered with the reactor (ch is then
+  // closed).
   basic_channel(const executor_type& ex, duplex::channel ch) : s_(make_state(ex, std::move(ch))) {}
 
-  // Takes ownership of ch; its operations run on ctx's executor.
+  // Takes ownership of ch; its operations run on ctx's executor. Throws as the constructor above.
   template <detail::execution_context ExecutionContext>
   basic_channel(ExecutionContext& ctx, duplex::channel ch)
       : basic_channel(executor_type(ctx.get_executor()), std::move(ch)) {}
 
   // Takes over a channel of another executor type (no operation may be outstanding on it), as
-  // Asio's I/O objects convert.
+  // Asio's I/O objects convert. Throws std::system_error if the fd cannot be registered with
+  // this executor's reactor (the channel is then closed).
   template <detail::other_executor_of<Executor> OtherExecutor>
   basic_channel(basic_channel<OtherExecutor>&& other) : s_(take_over(std::move(other))) {}
 
@@ -135,33 +138,12 @@ class basic_channel {
   // asio::error::operation_aborted (one that already has its outcome completes with it: a
   // message received is never dropped). A message partly received stays buffered in the
   // channel; see async_send for a message partly sent.
-  void cancel() {
-#if DUPLEX_ASIO_REACTOR
-    s_->cancels.fetch_add(1);
-    s_->watch.cancel();
-#else
-    s_->cancels.fetch_add(1);
-    std::error_code ignored;
-    s_->descriptor.cancel(ignored);
-#endif
-    s_->timer.cancel();
-  }
+  void cancel() { s_->cancel(); }
 
   // Cancels every outstanding operation (asio::error::operation_aborted) and closes the channel
   // (duplex::channel::close: unsent queued bytes are dropped; the peer sees the end). Later
   // operations complete with errc::closed.
-  void close() {
-#if DUPLEX_ASIO_REACTOR
-    s_->cancels.fetch_add(1);
-    s_->watch.close();
-#else
-    s_->cancels.fetch_add(1);
-    std::error_code ignored;
-    s_->descriptor.close(ignored);
-#endif
-    s_->timer.cancel();
-    s_->ch.close();
-  }
+  void close() { s_->close(); }
 
   // Receives the next whole message, with its fds. Completion: void(std::error_code, message);
   // on error the message is empty. Errors: those of channel::receive (errc::peer_closed once
@@ -270,11 +252,7 @@ class basic_channel {
   template <typename OtherExecutor>
   static std::unique_ptr<state> take_over(basic_channel<OtherExecutor>&& other) {
     auto& from = *other.s_;
-#if DUPLEX_ASIO_REACTOR
-    const int fd = from.watch.release();
-#else
-    const int fd = from.descriptor.is_open() ? from.descriptor.release() : -1;
-#endif
+    const int fd = from.release_fd();
     return std::make_unique<state>(std::move(from.ch), executor_type(from.ex), fd);
   }
 

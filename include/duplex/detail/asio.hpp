@@ -424,6 +424,23 @@ struct channel_state {
         ex(e),
         watch(::asio::query(e, ::asio::execution::context), fd, ch.kind() == socket_kind::stream) {}
 
+  // basic_channel::cancel: aborts the queued operations and the pause of a send; an operation
+  // between two steps sees cancels changed.
+  void cancel() {
+    cancels.fetch_add(1);
+    watch.cancel();
+    timer.cancel();
+  }
+  // basic_channel::close: cancel(), then the duplicate fd and the channel are closed.
+  void close() {
+    cancels.fetch_add(1);
+    watch.close();
+    timer.cancel();
+    ch.close();
+  }
+  // Unregisters the duplicate fd and gives it up (-1 if none), for another state to take.
+  int release_fd() noexcept { return watch.release(); }
+
   duplex::channel ch;
   Executor ex;
   reactor_watch watch;
@@ -692,6 +709,25 @@ struct channel_state {
     descriptor.non_blocking(true, ec);
     if (ec) throw std::system_error(ec, "duplex::asio::channel: O_NONBLOCK");
   }
+
+  // basic_channel::cancel: aborts the waits and the pause of a send; an operation between two
+  // waits sees cancels changed.
+  void cancel() {
+    cancels.fetch_add(1);
+    std::error_code ignored;
+    descriptor.cancel(ignored);
+    timer.cancel();
+  }
+  // basic_channel::close: cancel(), then the duplicate fd and the channel are closed.
+  void close() {
+    cancels.fetch_add(1);
+    std::error_code ignored;
+    descriptor.close(ignored);
+    timer.cancel();
+    ch.close();
+  }
+  // Gives up the duplicate fd (-1 if none), for another state to take.
+  int release_fd() noexcept { return descriptor.is_open() ? descriptor.release() : -1; }
 
   duplex::channel ch;
   Executor ex;
