@@ -60,14 +60,6 @@ result<message_info> channel::impl::deliver(message m, destination dest) {
   return info;
 }
 
-result<message> channel::impl::receive_message(const wait_spec& w) {
-  // Received straight into the result, the one object returned: no move of the message on the
-  // way out.
-  result<message> out(std::in_place);
-  if (auto r = receive(w, destination{&*out, {}, {}}); !r) out = std::unexpected(r.error());
-  return out;
-}
-
 result<void> channel::impl::wait(const wait_spec& w, short events) const {
   if (w.kind == wait_kind::try_once) return fail(errc::would_block);
   auto r = detail::wait_for(sock.native_handle(), events, w.until.remaining());

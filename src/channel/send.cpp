@@ -5,6 +5,7 @@
 #include <sys/socket.h>
 
 #include <array>
+#include <cassert>
 #include <cstring>
 #include <new>
 
@@ -33,20 +34,12 @@ struct channel::impl::frame {
   }
 };
 
-result<channel::impl::frame> channel::impl::make_frame(std::span<const const_buffer> parts,
-                                                       std::span<const int> fds,
-                                                       std::uint8_t flags) const {
-  if (fds.size() > max_fds_per_message) return fail(errc::too_many_fds);
-  if (options.format == framing::python && !fds.empty()) return fail(errc::not_supported);
-  if (parts.size() + 1 > IOV_MAX) return fail_errno(EMSGSIZE);
-  std::uint64_t payload = 0;
-  for (const auto& p : parts)
-    payload += p.size();
-  if (payload > options.max_message_size) return fail(errc::message_too_large);
+channel::impl::frame channel::impl::make_frame(std::uint64_t payload, std::size_t fd_count,
+                                               std::uint8_t flags) const noexcept {
   static_assert(wire::native_header_size >= wire::python_max_header_size);
   frame f;
   if (options.format == framing::native) {
-    f.head_storage = wire::encode_native({payload, static_cast<std::uint16_t>(fds.size()), flags});
+    f.head_storage = wire::encode_native({payload, static_cast<std::uint16_t>(fd_count), flags});
     f.head_size = wire::native_header_size;
   } else {
     const auto python_head = std::span(f.head_storage).first<wire::python_max_header_size>();
@@ -152,26 +145,28 @@ result<void> channel::impl::enqueue(detail::iovec_array& iov, std::span<const in
   return {};
 }
 
-result<void> channel::impl::put(std::span<const const_buffer> parts, std::span<const int> fds,
-                                std::uint8_t flags, bool blocking) {
-  auto f = make_frame(parts, fds, flags);
-  if (!f) return std::unexpected(f.error());
-  std::optional<detail::iovec_array> framed(std::in_place, parts, f->head());
-  if (sock.kind() == socket_kind::seqpacket && f->total >= staging_from &&
-      f->total <= staging_size && detail::packet_copy_would_crawl(framed->data(), framed->size())) {
+result<void> channel::impl::put(std::span<const const_buffer> parts, std::uint64_t payload,
+                                std::span<const int> fds, std::uint8_t flags, bool blocking) {
+  // check_message() passed this message (or it is one of duplex's own descriptor frames).
+  assert(fds.size() <= max_fds_per_message && parts.size() < IOV_MAX);
+  assert(options.format == framing::native || (fds.empty() && flags == 0));
+  const frame f = make_frame(payload, fds.size(), flags);
+  std::optional<detail::iovec_array> framed(std::in_place, parts, f.head());
+  if (sock.kind() == socket_kind::seqpacket && f.total >= staging_from && f.total <= staging_size &&
+      detail::packet_copy_would_crawl(framed->data(), framed->size())) {
     // Copied once here, at a distance the copy runs at full speed, so that the kernel's copy
     // into the packet does too: from a page-aligned buffer into a page-aligned packet.
     if (!staging) staging.reset(static_cast<std::byte*>(std::aligned_alloc(4096, staging_size)));
     if (staging) {
       detail::gather_in_steps(framed->data(), framed->size(), staging.get());
-      const std::array<const_buffer, 1> whole{const_buffer(staging.get(), f->total)};
+      const std::array<const_buffer, 1> whole{const_buffer(staging.get(), f.total)};
       framed.emplace(std::span<const const_buffer>(whole));
     }
   }
-  return put_framed(*framed, fds, f->total, blocking);
+  return put_framed(*framed, fds, f.total, blocking);
 }
 
-result<void> channel::impl::put_small(std::span<const const_buffer> parts, std::size_t payload,
+result<void> channel::impl::put_small(std::span<const const_buffer> parts, std::uint64_t payload,
                                       bool blocking) {
   // Written before it is read: header, then payload.
   std::array<std::byte, wire::native_header_size + small_payload> bytes;  // NOLINT
@@ -227,20 +222,16 @@ result<void> channel::impl::enqueue_rest(detail::iovec_array& iov) {
   return q;
 }
 
-result<void> channel::impl::send_payload(std::span<const const_buffer> parts,
+result<void> channel::impl::send_payload(std::span<const const_buffer> parts, std::uint64_t payload,
                                          std::span<const int> fds, bool blocking) {
-  std::uint64_t payload = 0;
-  for (const auto& p : parts)
-    payload += p.size();
-  if (payload > options.max_message_size) return fail(errc::message_too_large);
   const auto& shm = options.shared_memory;
   const bool can_share = shm.enabled && options.format == framing::native;
   if (payload <= small_payload && fds.empty() && options.format == framing::native &&
       sock.kind() == socket_kind::stream && (!can_share || payload < shm.threshold)) {
-    return put_small(parts, static_cast<std::size_t>(payload), blocking);
+    return put_small(parts, payload, blocking);
   }
   if (!can_share || payload < shm.threshold) {
-    auto r = put(parts, fds, 0, blocking);
+    auto r = put(parts, payload, fds, 0, blocking);
     // A packet the kernel refuses as too large (seqpacket, below the threshold but above what
     // one packet holds) still goes, through shared memory, when this channel has it.
     if (r || r.error() != errc::message_too_large || !can_share) return r;
@@ -262,33 +253,34 @@ result<void> channel::impl::send_payload(std::span<const const_buffer> parts,
       return put_memfd(std::move(*memfd), payload, fds, blocking);
     }
   }
-  return put(parts, fds, 0, blocking);  // no shared memory to be had: inline, as usual
+  return put(parts, payload, fds, 0, blocking);  // no shared memory to be had: inline, as usual
 }
 
 result<void> channel::impl::send(std::span<const const_buffer> parts, std::span<const int> fds) {
   const call c(*this);
   if (auto u = usable(c); !u) return u;
-  if (fds.size() > max_fds_per_message) return fail(errc::too_many_fds);
+  const auto payload = check_message(parts, fds);
+  if (!payload) return std::unexpected(payload.error());
   const std::lock_guard lock(tx);
   if (auto u = usable(c); !u) return u;
   // What try_send queued goes first: messages leave in the order they were given.
   if (auto flushed = flush_queue(true); !flushed) return std::unexpected(flushed.error());
-  return send_payload(parts, fds, true);
+  return send_payload(parts, *payload, fds, true);
 }
 
 result<void> channel::impl::try_send(std::span<const const_buffer> parts,
                                      std::span<const int> fds) {
   const call c(*this);
   if (auto u = usable(c); !u) return u;
-  if (fds.size() > max_fds_per_message) return fail(errc::too_many_fds);
-  if (options.format == framing::python && !fds.empty()) return fail(errc::not_supported);
+  const auto payload = check_message(parts, fds);
+  if (!payload) return std::unexpected(payload.error());
   const std::unique_lock lock(tx, std::try_to_lock);
   if (!lock.owns_lock()) return fail(errc::would_block);  // another thread is sending
   if (auto u = usable(c); !u) return u;
   if (!queue.empty()) {
     if (auto flushed = flush_queue(false); !flushed) return std::unexpected(flushed.error());
   }
-  return send_payload(parts, fds, false);
+  return send_payload(parts, *payload, fds, false);
 }
 
 result<void> channel::impl::send_frames(std::span<const std::byte> wire, std::uint64_t largest,

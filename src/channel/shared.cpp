@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cassert>
 #include <cstring>
 #include <new>
 
@@ -106,12 +107,12 @@ result<void> channel::impl::put_shared(const detail::pool_tx::block& b, std::spa
     const auto announce = wire::encode(pool_out->announce());
     const std::array<const_buffer, 1> parts{const_buffer(announce)};
     const std::array<int, 1> pool_fd{pool_out->fd()};
-    if (auto r = put(parts, pool_fd, wire::flag_pool, blocking); !r) return r;
+    if (auto r = put(parts, announce.size(), pool_fd, wire::flag_pool, blocking); !r) return r;
     pool_announced = true;
   }
   const auto ref = wire::encode(wire::shared_ref{b.slot, b.offset, b.length});
   const std::array<const_buffer, 1> parts{const_buffer(ref)};
-  return put(parts, fds, wire::flag_shared, blocking);
+  return put(parts, ref.size(), fds, wire::flag_shared, blocking);
 }
 
 result<void> channel::impl::memfd_room(std::uint64_t length, bool blocking) {
@@ -145,14 +146,15 @@ result<void> channel::impl::memfd_room(std::uint64_t length, bool blocking) {
 result<void> channel::impl::put_memfd(unique_fd memfd, std::uint64_t length,
                                       std::span<const int> fds, bool blocking) {
   // The memfd and the caller's fds, on the stack: callers pass fewer than max_fds_per_message.
-  if (fds.size() >= max_fds_per_message) return fail(errc::too_many_fds);
+  assert(fds.size() < max_fds_per_message);
   std::array<int, max_fds_per_message> all;  // NOLINT: only the first fds.size() + 1 are read
   all[0] = memfd.get();
   std::copy(fds.begin(), fds.end(), all.begin() + 1);
   const auto ref = wire::encode(wire::memfd_ref{length});
   const std::array<const_buffer, 1> parts{const_buffer(ref)};
   // Our copy of the memfd closes on return.
-  auto r = put(parts, std::span<const int>(all.data(), fds.size() + 1), wire::flag_memfd, blocking);
+  auto r = put(parts, ref.size(), std::span<const int>(all.data(), fds.size() + 1),
+               wire::flag_memfd, blocking);
   if (r) memfd_in_flight += length;
   return r;
 }

@@ -5,6 +5,8 @@
 // receive_batch.cpp, lifetime.cpp (close and the socket's own questions). Not installed.
 #pragma once
 
+#include <limits.h>
+
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -145,18 +147,37 @@ struct channel::impl {
                            std::span<const detail::batch_fd_frame> fd_frames,
                            std::span<const int> fds);
   result<bool> flush();
+  // The public sends' checks of a message, made once, before anything else (every later step
+  // trusts them); returns its payload size. Errors: errc::too_many_fds (over 253 fds),
+  // errc::not_supported (fds with framing::python), EMSGSIZE (more parts than IOV_MAX - 1),
+  // errc::message_too_large (over max_message_size).
+  result<std::uint64_t> check_message(std::span<const const_buffer> parts,
+                                      std::span<const int> fds) const {
+    if (fds.size() > max_fds_per_message) return fail(errc::too_many_fds);
+    if (options.format == framing::python && !fds.empty()) return fail(errc::not_supported);
+    if (parts.size() + 1 > IOV_MAX) return fail_errno(EMSGSIZE);
+    std::uint64_t payload = 0;
+    for (const auto& p : parts)
+      payload += p.size();
+    if (payload > options.max_message_size) return fail(errc::message_too_large);
+    return payload;
+  }
   struct frame;
-  result<frame> make_frame(std::span<const const_buffer> parts, std::span<const int> fds,
-                           std::uint8_t flags = 0) const;
-  // A message, through shared memory if it is large and that is enabled.
-  result<void> send_payload(std::span<const const_buffer> parts, std::span<const int> fds,
-                            bool blocking);
-  // One frame out, blocking, or else written as far as the kernel takes and queued.
-  result<void> put(std::span<const const_buffer> parts, std::span<const int> fds,
-                   std::uint8_t flags, bool blocking);
+  // The header of a frame of this payload size, fd count and flags, in this channel's framing.
+  frame make_frame(std::uint64_t payload, std::size_t fd_count, std::uint8_t flags) const noexcept;
+  // A checked message (payload bytes in parts), through shared memory if it is large and that is
+  // enabled.
+  result<void> send_payload(std::span<const const_buffer> parts, std::uint64_t payload,
+                            std::span<const int> fds, bool blocking);
+  // One frame out (a checked message, or a descriptor frame with these flags), blocking, or else
+  // written as far as the kernel takes and queued.
+  result<void> put(std::span<const const_buffer> parts, std::uint64_t payload,
+                   std::span<const int> fds, std::uint8_t flags, bool blocking);
   // A plain native stream frame of at most small_payload bytes without fds, laid out on the
-  // stack and sent with one send(); whatever that send leaves goes the way of any frame.
-  result<void> put_small(std::span<const const_buffer> parts, std::size_t payload, bool blocking);
+  // stack and sent with one send(), past the general path's bookkeeping (the most common frame:
+  // that path costs it about a tenth more user-space instructions per message); whatever that
+  // send leaves goes the way of any frame (put_framed).
+  result<void> put_small(std::span<const const_buffer> parts, std::uint64_t payload, bool blocking);
   static constexpr std::size_t small_payload = 240;
   // put's second half. The frame (total bytes, of which `sent` are already out; the rest in iov)
   // is written, or else written as far as the kernel takes and queued.
@@ -221,15 +242,22 @@ struct channel::impl {
 
   // receive.cpp: the public receives and the stream and seqpacket receive loops.
   result<message_info> receive(const wait_spec& w, destination dest);
-  // receive() into a new message.
-  result<message> receive_message(const wait_spec& w);
+  // receive() into a new message, received straight into the result, the one object returned:
+  // no move of the message on the way out. Inline, so the public receives build it in place.
+  result<message> receive_message(const wait_spec& w) {
+    result<message> out(std::in_place);
+    if (auto r = receive(w, destination{&*out, {}, {}}); !r) out = std::unexpected(r.error());
+    return out;
+  }
   result<void> wait_readable(std::chrono::nanoseconds timeout);
   [[nodiscard]] std::size_t buffered_bytes() noexcept;
   [[nodiscard]] bool is_drained() noexcept;
   // Hands a whole message to its destination; if a caller's buffer is too small, the message is
   // kept (stash) for the next call, so nothing is lost.
   result<message_info> deliver(message m, destination dest);
-  result<message_info> receive_stream(const wait_spec& w, destination dest);
+  // Inlined into receive(), its one caller: the common receive stays one call deep.
+  [[gnu::always_inline]] inline result<message_info> receive_stream(const wait_spec& w,
+                                                                    destination dest);
   result<message_info> receive_packet(const wait_spec& w, destination dest);
   result<void> read_more(const wait_spec& w, spinner& spin);
   // After a receive that failed with e (made with these recv flags): success to try again (a

@@ -110,9 +110,11 @@ inline std::size_t copy_parts(std::span<const const_buffer> parts, std::byte* to
 [[nodiscard]] result<std::size_t> recv_bytes(int fd, void* data, std::size_t size,
                                              int flags) noexcept;
 
-// One send (no fds, and a single piece or pieces of at most 1 KiB in all, gathered) or one
-// sendmsg with the fds attached, with MSG_NOSIGNAL | flags; EINTR retried.
-// Errors: errc::too_many_fds (over 253), errc::would_block, the errno otherwise.
+// One send (no fds, and a single piece or pieces of at most 1 KiB in all, gathered on the
+// stack: the one place a small frame's header and payload are joined) or one sendmsg with the fds
+// attached, with MSG_NOSIGNAL | flags; EINTR retried. At most max_fds_per_message fds: the
+// caller checked that (socket::send_msg, channel::impl::check_message) and this trusts it.
+// Errors: errc::would_block, the errno otherwise.
 [[nodiscard]] result<std::size_t> send_with_fds(int fd, iovec* iov, std::size_t iovlen,
                                                 std::span<const int> fds, int flags) noexcept;
 
