@@ -148,8 +148,9 @@ result<void> channel::impl::enqueue(detail::iovec_array& iov, std::span<const in
 result<void> channel::impl::put(std::span<const const_buffer> parts, std::uint64_t payload,
                                 std::span<const int> fds, std::uint8_t flags, bool blocking) {
   // check_message() passed this message (or it is one of duplex's own descriptor frames).
-  assert(fds.size() <= max_fds_per_message && parts.size() < IOV_MAX);
+  assert(fds.size() <= max_fds_per_message);
   assert(options.format == framing::native || (fds.empty() && flags == 0));
+  if (parts.size() + 1 > IOV_MAX) return fail_errno(EMSGSIZE);
   const frame f = make_frame(payload, fds.size(), flags);
   std::optional<detail::iovec_array> framed(std::in_place, parts, f.head());
   if (sock.kind() == socket_kind::seqpacket && f.total >= staging_from && f.total <= staging_size &&

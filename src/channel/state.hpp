@@ -5,8 +5,6 @@
 // receive_batch.cpp, lifetime.cpp (close and the socket's own questions). Not installed.
 #pragma once
 
-#include <limits.h>
-
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
@@ -149,13 +147,12 @@ struct channel::impl {
   result<bool> flush();
   // The public sends' checks of a message, made once, before anything else (every later step
   // trusts them); returns its payload size. Errors: errc::too_many_fds (over 253 fds),
-  // errc::not_supported (fds with framing::python), EMSGSIZE (more parts than IOV_MAX - 1),
-  // errc::message_too_large (over max_message_size).
+  // errc::not_supported (fds with framing::python), errc::message_too_large (over
+  // max_message_size).
   result<std::uint64_t> check_message(std::span<const const_buffer> parts,
                                       std::span<const int> fds) const {
     if (fds.size() > max_fds_per_message) return fail(errc::too_many_fds);
     if (options.format == framing::python && !fds.empty()) return fail(errc::not_supported);
-    if (parts.size() + 1 > IOV_MAX) return fail_errno(EMSGSIZE);
     std::uint64_t payload = 0;
     for (const auto& p : parts)
       payload += p.size();
@@ -170,7 +167,8 @@ struct channel::impl {
   result<void> send_payload(std::span<const const_buffer> parts, std::uint64_t payload,
                             std::span<const int> fds, bool blocking);
   // One frame out (a checked message, or a descriptor frame with these flags), blocking, or else
-  // written as far as the kernel takes and queued.
+  // written as far as the kernel takes and queued. Errors: EMSGSIZE for more parts than one
+  // sendmsg takes (IOV_MAX, the header included), and those of the write.
   result<void> put(std::span<const const_buffer> parts, std::uint64_t payload,
                    std::span<const int> fds, std::uint8_t flags, bool blocking);
   // A plain native stream frame of at most small_payload bytes without fds, laid out on the
