@@ -18,6 +18,7 @@ namespace {
 
 void drain(stream_decoder& d, std::uint8_t how) {
   std::vector<std::byte> into(256);
+  std::span<duplex::unique_fd> in_place_fds;
   for (int guard = 0; guard < 100000; ++guard) {
     switch (d.poll()) {
       case stream_decoder::event::need_more:
@@ -36,8 +37,7 @@ void drain(stream_decoder& d, std::uint8_t how) {
         }
         continue;
       case stream_decoder::event::header_ready:
-        if ((how & 2) && d.payload_buffered()) {
-          (void)d.buffered_payload();
+        if (duplex::const_buffer bytes; (how & 2) && d.in_place(bytes, in_place_fds)) {
           d.finish_view();
         } else if ((how & 1) && d.pending_size() <= into.size()) {
           d.accept_into(into);

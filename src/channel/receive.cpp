@@ -13,6 +13,7 @@
 #include <string>
 
 #include "channel/state.hpp"
+#include "framing/frame_check.hpp"
 #include "framing/native_header.hpp"
 
 namespace duplex {
@@ -114,8 +115,8 @@ result<void> channel::impl::read_more(const wait_spec& w, spinner& spin) {
     const int flags = w.kind == wait_kind::block && !spin.active() ? 0 : MSG_DONTWAIT;
     mutable_buffer target;
     try {
-      target = decoder.read_target();  // the receive buffer is allocated on the first read
-      decoder.reserve_for_commit();    // so the fds of this read can be kept without allocating
+      // The receive buffer is allocated on the first read, and room to keep this read's fds.
+      target = decoder.read_target();
     } catch (const std::bad_alloc&) {
       return fail_errno(ENOMEM);  // nothing was read: a later call can try again
     }
@@ -131,7 +132,7 @@ result<void> channel::impl::read_more(const wait_spec& w, spinner& spin) {
         try {
           decoder.commit(r->bytes, arrived.taken(), r->ctrunc);
         } catch (const std::bad_alloc&) {
-          // Not after reserve_for_commit() above. Were it to happen, the read's bytes and fds
+          // Not after read_target() above. Were it to happen, the read's bytes and fds
           // (closed here) would be in no decoder: the stream cannot go on.
           arrived.clear();
           set_detail("no memory to keep the fds that arrived with a read");
@@ -297,28 +298,22 @@ result<message_info> channel::impl::receive_packet(const wait_spec& w, destinati
     if (size == 0 && arrived.count == 0 && detail::seqpacket_at_end(fd)) {
       return fail(errc::peer_closed);
     }
-    // A packet that breaks the protocol breaks the channel; its fds are closed.
-    const auto broken_by = [this](std::string why) {
+    // Every check of the frame (detail::check_native_frame, check_frame_fds), and the one of a
+    // packet cut short by the kernel. A frame that breaks the protocol breaks the channel; one
+    // refused is skipped whole. Either way its fds are closed.
+    std::string why;  // what the peer broke, if it did
+    const auto refuse = [&](detail::frame_verdict v) {
       arrived.clear();
-      return break_with(errc::protocol_error, std::move(why));
+      if (v.what == detail::frame_verdict::outcome::fatal) {
+        set_detail(std::move(why));
+        broken.store(true);
+      }
+      return std::unexpected(v.error);
     };
-    if (size < head.size()) {
-      return broken_by("a packet of " + std::to_string(size) +
-                       " bytes is shorter than a frame header");
-    }
-    const std::span<const std::byte, wire::native_header_size> head_bytes(head);
-    auto h = wire::decode_native(head_bytes);
-    if (!h) return broken_by(wire::explain_native(head_bytes));
-    if (h->length != size - head.size()) {
-      return broken_by("a header says " + std::to_string(h->length) +
-                       " bytes and its packet holds " + std::to_string(size - head.size()));
-    }
-    if (auto why = detail::check_descriptor_frame(h->flags, h->length, h->fd_count); !why.empty()) {
-      return broken_by(std::move(why));
-    }
-    if (h->length > options.max_message_size) {
-      arrived.clear();  // a packet is skipped whole: the channel carries on
-      return fail(errc::message_too_large);
+    wire::native_header h;
+    if (auto v = detail::check_native_frame(head, size, options.max_message_size, h, why);
+        !v.accepted()) {
+      return refuse(v);
     }
     if (r->trunc) {
       // Only a sender with CAP_NET_ADMIN (SO_SNDBUFFORCE) makes a packet this large.
@@ -328,27 +323,21 @@ result<message_info> channel::impl::receive_packet(const wait_spec& w, destinati
                  ", the most this end reads (twice net.core.wmem_max)");
       return fail(errc::message_too_large);
     }
-    if (r->ctrunc) {
-      arrived.clear();
-      return lose_pool(h->flags, make_error_code(errc::fds_truncated));
+    if (auto v = detail::check_frame_fds(h, arrived.count, r->ctrunc, options.max_fds, why);
+        !v.accepted()) {
+      // A pool announce skipped takes its pool with it.
+      if (v.what == detail::frame_verdict::outcome::skip) {
+        static_cast<void>(lose_pool(h.flags, v.error));
+      }
+      return refuse(v);
     }
-    if (arrived.count != h->fd_count) {
-      return broken_by("a frame announced " + std::to_string(h->fd_count) + " fds and " +
-                       std::to_string(arrived.count) + " arrived");
-    }
-    // The memfd of a pool or memfd frame is duplex's, not the caller's.
-    const std::size_t own_fds = h->flags == wire::flag_pool || h->flags == wire::flag_memfd ? 1 : 0;
-    if (h->fd_count - own_fds > options.max_fds) {
-      arrived.clear();
-      return fail(errc::too_many_fds);
-    }
-    const auto length = static_cast<std::size_t>(h->length);
+    const auto length = static_cast<std::size_t>(h.length);
     const std::size_t in_first = std::min(length, first.size());
     const std::size_t spilled = length - in_first;
     auto got = arrived.taken();
     const message_info info{length, got.size()};
     // Straight into the caller's buffer and fds: no copy.
-    if (h->flags == 0 && dest.owned == nullptr && spilled == 0 && got.size() <= dest.fds.size()) {
+    if (h.flags == 0 && dest.owned == nullptr && spilled == 0 && got.size() <= dest.fds.size()) {
       for (std::size_t i = 0; i < got.size(); ++i)
         dest.fds[i] = std::move(got[i]);
       arrived.clear();
@@ -362,7 +351,7 @@ result<message_info> channel::impl::receive_packet(const wait_spec& w, destinati
         m = message::with_size(length);
       } catch (const std::bad_alloc&) {
         arrived.clear();
-        return lose_pool(h->flags, std::error_code(ENOMEM, std::system_category()));
+        return lose_pool(h.flags, std::error_code(ENOMEM, std::system_category()));
       }
       auto out = m.bytes();
       if (in_first > 0) std::memcpy(out.data(), first.data(), in_first);
@@ -375,8 +364,8 @@ result<message_info> channel::impl::receive_packet(const wait_spec& w, destinati
     for (auto& f : got)
       m.fds().push_back(std::move(f));
     arrived.clear();
-    if (h->flags != 0) {
-      auto resolved = resolve(h->flags, std::as_const(m).bytes(), m.take_fds());
+    if (h.flags != 0) {
+      auto resolved = resolve(h.flags, std::as_const(m).bytes(), m.take_fds());
       if (!resolved) return std::unexpected(resolved.error());
       if (!*resolved) continue;  // a pool announce: nothing to deliver
       return deliver(std::move(**resolved), dest);

@@ -82,10 +82,10 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
       continue;
     }
     switch (decoder.next_event()) {
-      case detail::stream_decoder::event::header_ready:
-        if (decoder.payload_buffered() && decoder.pending_flags() == 0) {
-          // In place: the bytes stay in the receive buffer, nothing is allocated.
-          message_view view{decoder.buffered_payload(), decoder.pending_fd_span()};
+      case detail::stream_decoder::event::header_ready: {
+        // In place: the bytes stay in the receive buffer, nothing is allocated.
+        message_view view;
+        if (decoder.in_place(view.bytes, view.fds)) {
           const struct finish_on_exit {
             detail::stream_decoder& d;
             ~finish_on_exit() { d.finish_view(); }  // closes the fds the callback did not take
@@ -96,6 +96,7 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
           decoder.accept_owned();
         }
         continue;
+      }
       case detail::stream_decoder::event::complete: {
         const std::uint8_t flags = decoder.pending_flags();
         message m = decoder.take_message();

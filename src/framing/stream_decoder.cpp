@@ -6,6 +6,7 @@
 #include <new>
 #include <tuple>
 
+#include "framing/frame_check.hpp"
 #include "socket/io.hpp"
 
 namespace duplex::detail {
@@ -27,6 +28,9 @@ stream_decoder::stream_decoder(framing format, std::size_t max_message_size, std
       capacity_(std::max<std::size_t>(buffer_size, 64)) {}
 
 mutable_buffer stream_decoder::read_target() {
+  // Room to keep the fds of the read that follows, so that commit() allocates nothing.
+  if (batches_.capacity() < max_pending_batches) batches_.reserve(max_pending_batches);
+  if (spare_fds_.capacity() < max_fds_per_read) spare_fds_.reserve(max_fds_per_read);
   direct_ = false;
   if (state_ == state::payload && begin_ == end_) {
     const std::uint64_t remaining = length_ - filled_;
@@ -49,17 +53,12 @@ mutable_buffer stream_decoder::read_target() {
   return {buf_.get() + end_, capacity_ - end_};
 }
 
-void stream_decoder::reserve_for_commit() {
-  if (batches_.capacity() < max_pending_batches) batches_.reserve(max_pending_batches);
-  if (spare_fds_.capacity() < max_fds_per_read) spare_fds_.reserve(max_fds_per_read);
-}
-
 void stream_decoder::commit(std::size_t n, std::span<unique_fd> fds, bool ctrunc) {
   const bool control = !fds.empty() || ctrunc;
   const bool keep = !direct_ && control && state_ != state::failed && format_ != framing::python &&
                     batches_.size() < max_pending_batches;
-  // What keeping the fds needs is had before anything changes, from what reserve_for_commit()
-  // set aside: if it still must be allocated and cannot be, bad_alloc leaves the decoder as it
+  // What keeping the fds needs is had before anything changes, from what read_target() set
+  // aside: if it still must be allocated and cannot be, bad_alloc leaves the decoder as it
   // was and the fds with the caller.
   std::vector<unique_fd> kept;
   if (keep) {
@@ -125,8 +124,7 @@ void stream_decoder::drop_stray_batches_before(std::uint64_t offset) {
   }
 }
 
-void stream_decoder::start_frame(std::uint64_t length, std::uint16_t /*fd_count*/,
-                                 std::size_t header_size) {
+void stream_decoder::start_frame(std::uint64_t length, std::size_t header_size) {
   begin_ += header_size;
   parse_offset_ += header_size;
   length_ = length;
@@ -135,63 +133,34 @@ void stream_decoder::start_frame(std::uint64_t length, std::uint16_t /*fd_count*
   owned_.reset();
 }
 
-std::string check_descriptor_frame(std::uint8_t flags, std::uint64_t length, std::uint16_t fds) {
-  switch (flags) {
-    case 0: return {};
-    case wire::flag_pool:
-      if (length != wire::pool_announce_size) return "a pool frame's payload is not 16 bytes";
-      if (fds != 1) return "a pool frame does not carry exactly one fd";
-      return {};
-    case wire::flag_shared:
-      if (length != wire::shared_ref_size) return "a shared-memory frame's payload is not 24 bytes";
-      return {};
-    case wire::flag_memfd:
-      if (length != wire::memfd_ref_size) return "a memfd frame's payload is not 8 bytes";
-      if (fds < 1) return "a memfd frame carries no fd";
-      return {};
-    default: return "unknown frame flags";
-  }
-}
-
 stream_decoder::event stream_decoder::parse_header() {
   const std::size_t avail = end_ - begin_;
   const std::span<const std::byte> bytes(buf_.get() + begin_, avail);
-  std::uint64_t length = 0;
-  std::uint16_t fd_count = 0;
-  std::uint8_t flags = 0;
+  wire::native_header h;
+  std::string why;  // what the peer broke, if it did
   std::size_t header_size = 0;
   if (format_ == framing::native) {
     if (avail < wire::native_header_size) return event::need_more;
-    auto h = wire::decode_native(bytes.first<wire::native_header_size>());
-    if (!h) {
-      return fail_for_ever(h.error(),
-                           wire::explain_native(bytes.first<wire::native_header_size>()));
+    if (auto v = check_native_frame(bytes, std::nullopt, max_message_, h, why); !v.accepted()) {
+      return fail_for_ever(v.error, std::move(why));
     }
-    length = h->length;
-    fd_count = h->fd_count;
-    flags = h->flags;
     header_size = wire::native_header_size;
-    if (auto why = check_descriptor_frame(flags, length, fd_count); !why.empty()) {
-      return fail_for_ever(make_error_code(errc::protocol_error), std::move(why));
-    }
   } else {
-    auto h = wire::decode_python(bytes);
-    if (!h) {
+    auto p = wire::decode_python(bytes);
+    if (!p) {
       const auto raw = static_cast<std::int32_t>((std::to_integer<std::uint32_t>(bytes[0]) << 24) |
                                                  (std::to_integer<std::uint32_t>(bytes[1]) << 16) |
                                                  (std::to_integer<std::uint32_t>(bytes[2]) << 8) |
                                                  std::to_integer<std::uint32_t>(bytes[3]));
-      return fail_for_ever(h.error(), "negative message length " + std::to_string(raw));
+      return fail_for_ever(p.error(), "negative message length " + std::to_string(raw));
     }
-    if (!*h) return event::need_more;
-    length = (*h)->length;
-    header_size = (*h)->header_size;
-  }
-  // Checked before anything is allocated; a stream cannot skip a length it cannot trust.
-  if (length > max_message_) {
-    return fail_for_ever(make_error_code(errc::message_too_large),
-                         "message length " + std::to_string(length) + " is over the maximum " +
-                             std::to_string(max_message_));
+    if (!*p) return event::need_more;
+    h.length = (*p)->length;
+    header_size = (*p)->header_size;
+    // Checked before anything is allocated.
+    if (auto v = check_length(h.length, max_message_, false, why); !v.accepted()) {
+      return fail_for_ever(v.error, std::move(why));
+    }
   }
 
   const std::uint64_t at = parse_offset_;
@@ -199,35 +168,24 @@ stream_decoder::event stream_decoder::parse_header() {
   if (stray_)
     return fail_for_ever(make_error_code(errc::protocol_error),
                          "fds arrived that no frame announced");
-  std::error_code refused;
-  if (fd_count > 0) {
-    if (batches_.empty() || batches_.front().start > at) {
-      return fail_for_ever(
-          make_error_code(errc::protocol_error),
-          "a frame announced " + std::to_string(fd_count) + " fds and none arrived");
+  frame_verdict fds;
+  if (h.fd_count > 0) {
+    // The batch whose range holds this header's first byte is this frame's, whatever it holds.
+    const bool claimed = !batches_.empty() && batches_.front().start <= at;
+    batch* b = claimed ? &batches_.front() : nullptr;
+    fds = check_frame_fds(h, b != nullptr ? b->fds.size() : 0, b != nullptr && b->ctrunc, max_fds_,
+                          why);
+    // Without a batch of its own the count disagrees: fatal. So b is set from here on.
+    if (fds.what == frame_verdict::outcome::fatal || b == nullptr) {
+      return fail_for_ever(fds.error, std::move(why));
     }
-    batch& b = batches_.front();
-    if (b.ctrunc) {
-      refused = make_error_code(errc::fds_truncated);
-    } else if (b.fds.size() != fd_count) {
-      return fail_for_ever(make_error_code(errc::protocol_error),
-                           "a frame announced " + std::to_string(fd_count) + " fds and " +
-                               std::to_string(b.fds.size()) + " arrived");
-    } else {
-      fds_ = std::move(b.fds);
-    }
-    batches_.erase(batches_.begin());
+    if (fds.accepted()) fds_ = std::move(b->fds);
+    batches_.erase(batches_.begin());  // closes the fds of a refused frame
   }
-  start_frame(length, fd_count, header_size);
-  flags_ = flags;
-  // The memfd of a pool or memfd frame is duplex's own, not one of the caller's fds.
-  const std::size_t own = flags == wire::flag_pool || flags == wire::flag_memfd ? 1 : 0;
-  if (!refused && fds_.size() - std::min(own, fds_.size()) > max_fds_) {
-    refused = make_error_code(errc::too_many_fds);
-  }
-  if (refused) {
-    fds_.clear();  // closes them
-    frame_error_ = refused;
+  start_frame(h.length, header_size);
+  flags_ = h.flags;
+  if (!fds.accepted()) {
+    frame_error_ = fds.error;
     state_ = state::discard;
     return event::need_more;  // not returned: the caller loops while the state changes
   }
@@ -299,6 +257,13 @@ stream_decoder::event stream_decoder::poll() {
       }
     }
   }
+}
+
+bool stream_decoder::in_place(const_buffer& payload, std::span<unique_fd>& fds) noexcept {
+  if (state_ != state::header_ready || flags_ != 0 || end_ - begin_ < length_) return false;
+  payload = {buf_.get() + begin_, static_cast<std::size_t>(length_)};
+  fds = fds_;
+  return true;
 }
 
 void stream_decoder::finish_view() {

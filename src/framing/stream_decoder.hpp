@@ -1,7 +1,8 @@
 // Internal: cuts a byte stream (with the fds that arrived alongside) into messages, for either
 // framing. It does no I/O: the caller reads into read_target(), reports with commit(), and asks
-// poll() what happened. This keeps every check of peer input in one place, testable and
-// fuzzable without sockets.
+// poll() what happened, so it is testable and fuzzable without sockets. Each frame's header and
+// fds are judged by frame_check.hpp, which the seqpacket receive shares; what is the stream's
+// alone (fds matched to frames by stream offset, stray fds, the end of the stream) is here.
 //
 // fd attribution. A sender attaches a frame's fds to a sendmsg whose first byte is that frame's
 // header, and puts no other frame header in that sendmsg. The kernel hands the fds to the one
@@ -31,11 +32,6 @@
 
 namespace duplex::detail {
 
-// Checks what a frame with descriptor flags must hold (payload size, fd count); returns why it
-// does not, or an empty string. Shared by the stream decoder and the seqpacket path.
-[[nodiscard]] std::string check_descriptor_frame(std::uint8_t flags, std::uint64_t length,
-                                                 std::uint16_t fds);
-
 class stream_decoder {
  public:
   enum class event {
@@ -48,17 +44,14 @@ class stream_decoder {
   stream_decoder(framing format, std::size_t max_message_size, std::size_t max_fds,
                  std::size_t buffer_size);
 
-  // Where the next read should put its bytes; not empty while poll() says need_more.
+  // Where the next read should put its bytes; not empty while poll() says need_more. Also sets
+  // aside what the next commit() needs to keep the fds of one read, so that commit() allocates
+  // nothing. Throws bad_alloc (with nothing changed) if the buffer or that room cannot be had,
+  // before anything is read.
   [[nodiscard]] mutable_buffer read_target();
 
-  // Sets aside what the next commit() needs to keep the fds of one read (room for a batch of
-  // them), so that it allocates nothing: call before each read that may bring fds. Throws
-  // bad_alloc (with nothing changed) if that room cannot be had, before anything is read.
-  void reserve_for_commit();
-
   // n bytes were read into the last read_target(); fds arrived with them (taken over here);
-  // ctrunc if the kernel cut control data short. Allocates nothing after reserve_for_commit();
-  // without it, may throw bad_alloc, with the decoder unchanged and the fds still the caller's.
+  // ctrunc if the kernel cut control data short. Allocates nothing.
   void commit(std::size_t n, std::span<unique_fd> fds, bool ctrunc);
 
   // The peer's end-of-stream was seen: once the buffered bytes are used up, poll() reports
@@ -75,16 +68,11 @@ class stream_decoder {
   [[nodiscard]] std::uint64_t pending_size() const noexcept { return length_; }
   [[nodiscard]] std::size_t pending_fds() const noexcept { return fds_.size(); }
 
-  // After header_ready: true if the whole payload is already in the buffer. Then it can be seen
-  // in place (buffered_payload(), pending_fd_span()) and passed over with finish_view(), with no
-  // copy and no allocation.
-  [[nodiscard]] bool payload_buffered() const noexcept {
-    return state_ == state::header_ready && end_ - begin_ >= length_;
-  }
-  [[nodiscard]] const_buffer buffered_payload() const noexcept {
-    return {buf_.get() + begin_, static_cast<std::size_t>(length_)};
-  }
-  [[nodiscard]] std::span<unique_fd> pending_fd_span() noexcept { return fds_; }
+  // After header_ready: if the frame has no flags and its whole payload is already buffered,
+  // sets payload to its bytes and fds to its fds, seen in place, and returns true; finish_view()
+  // then passes the frame over (closing the fds not taken), with no copy and no allocation.
+  // Otherwise returns false: choose a destination as usual.
+  [[nodiscard]] bool in_place(const_buffer& payload, std::span<unique_fd>& fds) noexcept;
   void finish_view();
 
   // The fast path for runs of small messages: if the next frame is a native one with no flags
@@ -171,7 +159,7 @@ class stream_decoder {
   event parse_header();
   event after_payload_bytes();
   event end_stream(errc first);
-  void start_frame(std::uint64_t length, std::uint16_t fd_count, std::size_t header_size);
+  void start_frame(std::uint64_t length, std::size_t header_size);
   void drop_stray_batches_before(std::uint64_t offset);
 
   framing format_;
@@ -187,7 +175,7 @@ class stream_decoder {
   bool direct_ = false;               // the last read_target() was the payload's destination
   bool stray_ = false;                // a batch of fds no frame claimed was seen (and closed)
   std::vector<batch> batches_;        // in order of arrival; at most max_pending_batches
-  std::vector<unique_fd> spare_fds_;  // reserve_for_commit()'s room for the next batch's fds
+  std::vector<unique_fd> spare_fds_;  // read_target()'s room for the next batch's fds
 
   state state_ = state::idle;
   std::error_code error_;
