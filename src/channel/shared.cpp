@@ -11,6 +11,7 @@
 #include <new>
 
 #include "channel/state.hpp"
+#include "framing/frame_check.hpp"
 
 namespace duplex {
 
@@ -159,19 +160,21 @@ result<void> channel::impl::put_memfd(unique_fd memfd, std::uint64_t length,
   return r;
 }
 
-result<std::optional<message>> channel::impl::resolve(std::uint8_t flags, const_buffer descriptor,
+result<std::optional<message>> channel::impl::resolve(std::uint8_t flags, const_buffer payload,
                                                       std::vector<unique_fd> fds) {
+  // In one direction: the descriptor decoded whole (framing), then checked against this end's
+  // limits, then one call into shm that checks the memory it names and maps it.
   const auto& shm = options.shared_memory;
   if (!shm.accept) return break_with(errc::protocol_error, "shared memory is not accepted here");
-  switch (flags) {
+  std::string why;
+  const auto d = detail::decode_descriptor(flags, payload, why);
+  if (!d) return break_with(errc::protocol_error, std::move(why));
+  switch (d->flags) {
     case wire::flag_pool: {
       if (pool_in || pool_lost) {
         return break_with(errc::protocol_error, "a second pool was announced");
       }
-      auto a = wire::decode_pool_announce(descriptor);
-      if (!a) return break_with(errc::protocol_error, "a malformed pool announce");
-      std::string why;
-      auto mapped = detail::pool_rx::map(std::move(fds.front()), *a, shm.max_peer_pool, why);
+      auto mapped = detail::pool_rx::map(std::move(fds.front()), d->pool, shm.max_peer_pool, why);
       if (!mapped) {
         if (mapped.error() == errc::protocol_error) return break_with(errc::protocol_error, why);
         return lose_pool(flags, mapped.error());  // no room to map it here: a local limit
@@ -180,27 +183,26 @@ result<std::optional<message>> channel::impl::resolve(std::uint8_t flags, const_
       return std::optional<message>{};
     }
     case wire::flag_shared: {
-      auto r = wire::decode_shared_ref(descriptor);
-      if (!r) return break_with(errc::protocol_error, "a malformed shared-memory reference");
+      const wire::shared_ref& r = d->shared;
       if (!pool_in) {
         // The pool was announced but could not be had here: each of its messages is skipped with
         // the local error that lost it, and the channel goes on.
         if (pool_lost) return std::unexpected(pool_lost);
         return break_with(errc::protocol_error, "a shared-memory message came before its pool");
       }
-      const auto bytes = pool_in->locate(*r);
+      const auto bytes = pool_in->locate(r);
       if (!bytes) {
         return break_with(errc::protocol_error,
                           "a shared-memory reference is out of the pool's bounds");
       }
-      if (r->length > options.max_message_size) {
-        pool_in->release(r->slot);  // refused, and the sender gets its memory back
+      if (r.length > options.max_message_size) {
+        pool_in->release(r.slot);  // refused, and the sender gets its memory back
         return fail(errc::message_too_large);
       }
       if (shm.receive == shared_receive::view) {
         // Released when the last copy of the message's keeper goes.
         std::shared_ptr<const void> keeper(
-            pool_in.get(), [pool = pool_in, slot = r->slot](const void*) { pool->release(slot); });
+            pool_in.get(), [pool = pool_in, slot = r.slot](const void*) { pool->release(slot); });
         return std::optional<message>{
             message::view(bytes->data(), bytes->size(), std::move(keeper), std::move(fds))};
       }
@@ -208,20 +210,18 @@ result<std::optional<message>> channel::impl::resolve(std::uint8_t flags, const_
       try {
         m = message::with_size(bytes->size());
       } catch (const std::bad_alloc&) {
-        pool_in->release(r->slot);
+        pool_in->release(r.slot);
         return fail_errno(ENOMEM);
       }
       if (!bytes->empty()) std::memcpy(m.bytes().data(), bytes->data(), bytes->size());
-      pool_in->release(r->slot);
+      pool_in->release(r.slot);
       m.fds() = std::move(fds);
       return std::optional<message>{std::move(m)};
     }
-    case wire::flag_memfd: {
-      auto r = wire::decode_memfd_ref(descriptor);
-      if (!r) return break_with(errc::protocol_error, "a malformed memfd reference");
-      if (r->length > options.max_message_size) return fail(errc::message_too_large);
-      std::string why;
-      auto mapped = detail::map_sealed(fds.front().get(), r->length, why);
+    default: {  // wire::flag_memfd
+      const std::uint64_t length = d->memfd.length;
+      if (length > options.max_message_size) return fail(errc::message_too_large);
+      auto mapped = detail::map_sealed(fds.front().get(), length, why);
       if (!mapped) {
         if (mapped.error() == errc::protocol_error) return break_with(errc::protocol_error, why);
         return std::unexpected(mapped.error());  // a local limit: this message is skipped
@@ -229,10 +229,9 @@ result<std::optional<message>> channel::impl::resolve(std::uint8_t flags, const_
       fds.erase(fds.begin());  // the mapping outlives the memfd's fd
       const std::byte* data = (*mapped)->data();
       // Sealed against writing: safe to show in place, whoever sent it.
-      return std::optional<message>{message::view(data, static_cast<std::size_t>(r->length),
+      return std::optional<message>{message::view(data, static_cast<std::size_t>(length),
                                                   std::move(*mapped), std::move(fds))};
     }
-    default: return break_with(errc::protocol_error, "unknown frame flags");
   }
 }
 

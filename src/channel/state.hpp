@@ -307,7 +307,7 @@ struct channel::impl {
   result<void> memfd_room(std::uint64_t length, bool blocking);
   // shared.cpp: receiving. A frame with descriptor flags, turned into the message it stands for
   // (nullopt for a pool announce, which only sets up the peer's pool).
-  result<std::optional<message>> resolve(std::uint8_t flags, const_buffer descriptor,
+  result<std::optional<message>> resolve(std::uint8_t flags, const_buffer payload,
                                          std::vector<unique_fd> fds);
 };
 

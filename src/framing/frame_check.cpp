@@ -79,4 +79,35 @@ frame_verdict check_frame_fds_in_full(const wire::native_header& h, std::size_t 
   return {};
 }
 
+result<descriptor> decode_descriptor(std::uint8_t flags, std::span<const std::byte> payload,
+                                     std::string& why) {
+  descriptor d;
+  d.flags = flags;
+  switch (flags) {
+    case wire::flag_pool:
+      if (auto a = wire::decode_pool_announce(payload)) {
+        d.pool = *a;
+        return d;
+      }
+      why = "a malformed pool announce";
+      break;
+    case wire::flag_shared:
+      if (auto r = wire::decode_shared_ref(payload)) {
+        d.shared = *r;
+        return d;
+      }
+      why = "a malformed shared-memory reference";
+      break;
+    case wire::flag_memfd:
+      if (auto r = wire::decode_memfd_ref(payload)) {
+        d.memfd = *r;
+        return d;
+      }
+      why = "a malformed memfd reference";
+      break;
+    default: why = "unknown frame flags";
+  }
+  return fail(errc::protocol_error);
+}
+
 }  // namespace duplex::detail

@@ -1,9 +1,10 @@
 // Internal: every check a receiver makes of one native frame from the peer, whether the stream
 // decoder cut it out of a byte stream or it came as one seqpacket packet: its header, its
 // length against the packet that carried it and against this end's maximum, what its flags ask
-// of its length and fds, and the fds that arrived with it. The one place that judges peer
-// frames and words what was wrong; the stream decoder and the channel's packet receive both
-// call it. Not installed.
+// of its length and fds, the fds that arrived with it, and a descriptor frame's payload. The one
+// place that judges peer frames and words what was wrong; the stream decoder and the channel's
+// packet receive both call it, and the channel's resolve() decodes descriptors here. Not
+// installed.
 #pragma once
 
 #include <cstddef>
@@ -83,5 +84,19 @@ struct frame_verdict {
   if (h.fd_count == 0 && arrived == 0 && !ctrunc) return {};  // inline, the common frame
   return check_frame_fds_in_full(h, arrived, ctrunc, max_fds, why);
 }
+
+// A descriptor frame's payload, decoded whole: the one of pool, shared or memfd its flags name.
+struct descriptor {
+  std::uint8_t flags = 0;  // wire::flag_pool, wire::flag_shared or wire::flag_memfd
+  wire::pool_announce pool{};
+  wire::shared_ref shared{};
+  wire::memfd_ref memfd{};
+};
+
+// Decodes the payload of a frame with descriptor flags. Errors: errc::protocol_error (with why
+// said) for a payload its flags do not describe, or flags that name no descriptor.
+[[nodiscard]] result<descriptor> decode_descriptor(std::uint8_t flags,
+                                                   std::span<const std::byte> payload,
+                                                   std::string& why);
 
 }  // namespace duplex::detail
