@@ -60,19 +60,15 @@ void iovec_array::advance(std::size_t n) noexcept {
 }
 
 result<std::size_t> send_bytes(int fd, const void* data, std::size_t size, int flags) noexcept {
-  for (;;) {
-    const ssize_t n = ::send(fd, data, size, flags | MSG_NOSIGNAL);
-    if (n >= 0) return static_cast<std::size_t>(n);
-    if (errno != EINTR) return from_errno(errno);
-  }
+  const ssize_t n = retry_eintr([&] { return ::send(fd, data, size, flags | MSG_NOSIGNAL); });
+  if (n < 0) return from_errno(errno);
+  return static_cast<std::size_t>(n);
 }
 
 result<std::size_t> recv_bytes(int fd, void* data, std::size_t size, int flags) noexcept {
-  for (;;) {
-    const ssize_t n = ::recv(fd, data, size, flags);
-    if (n >= 0) return static_cast<std::size_t>(n);
-    if (errno != EINTR) return from_errno(errno);
-  }
+  const ssize_t n = retry_eintr([&] { return ::recv(fd, data, size, flags); });
+  if (n < 0) return from_errno(errno);
+  return static_cast<std::size_t>(n);
 }
 
 result<std::size_t> send_with_fds(int fd, iovec* iov, std::size_t iovlen, std::span<const int> fds,
@@ -111,11 +107,9 @@ result<std::size_t> send_with_fds(int fd, iovec* iov, std::size_t iovlen, std::s
     cmsg->cmsg_len = CMSG_LEN(payload);
     std::memcpy(CMSG_DATA(cmsg), fds.data(), payload);
   }
-  for (;;) {
-    const ssize_t n = ::sendmsg(fd, &msg, flags | MSG_NOSIGNAL);
-    if (n >= 0) return static_cast<std::size_t>(n);
-    if (errno != EINTR) return from_errno(errno);
-  }
+  const ssize_t n = retry_eintr([&] { return ::sendmsg(fd, &msg, flags | MSG_NOSIGNAL); });
+  if (n < 0) return from_errno(errno);
+  return static_cast<std::size_t>(n);
 }
 
 result<raw_received> recv_with_fds(int fd, iovec* iov, std::size_t iovlen, int flags,
@@ -127,12 +121,8 @@ result<raw_received> recv_with_fds(int fd, iovec* iov, std::size_t iovlen, int f
   msg.msg_iovlen = iovlen;
   msg.msg_control = control.bytes;
   msg.msg_controllen = sizeof(control.bytes);
-  ssize_t n = 0;
-  for (;;) {
-    n = ::recvmsg(fd, &msg, flags | MSG_CMSG_CLOEXEC);
-    if (n >= 0) break;
-    if (errno != EINTR) return from_errno(errno);
-  }
+  const ssize_t n = retry_eintr([&] { return ::recvmsg(fd, &msg, flags | MSG_CMSG_CLOEXEC); });
+  if (n < 0) return from_errno(errno);
   // Own every fd before anything else is decided, so each is handed on or closed.
   for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
     if (c->cmsg_level != SOL_SOCKET) continue;
@@ -220,16 +210,12 @@ void spill_area::trim(std::size_t used) noexcept {
 
 bool seqpacket_at_end(int fd) noexcept {
   pollfd p{fd, POLLRDHUP, 0};
-  int r = 0;
-  do {
-    r = ::poll(&p, 1, 0);
-  } while (r < 0 && errno == EINTR);
+  // A zero timeout: nothing to count down, so a plain retry.
+  const int r = retry_eintr([&] { return ::poll(&p, 1, 0); });
   if (r <= 0 || (p.revents & (POLLRDHUP | POLLHUP)) == 0) return false;
   char probe = 0;
-  ssize_t n = 0;
-  do {
-    n = ::recv(fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT | MSG_TRUNC);
-  } while (n < 0 && errno == EINTR);
+  const ssize_t n =
+      retry_eintr([&] { return ::recv(fd, &probe, 1, MSG_PEEK | MSG_DONTWAIT | MSG_TRUNC); });
   return n <= 0;
 }
 
