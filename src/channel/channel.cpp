@@ -129,9 +129,7 @@ result<void> channel::send(shared_buffer&& buffer, std::span<const int> fds) {
 
 result<void> channel::send(const batch& b) {
   if (!impl_) return fail(errc::closed);
-  if (b.format() != impl_->options.format) return fail_errno(EINVAL);
-  return impl_->send_frames(std::span(b.wire_.data(), b.wire_.size()), b.largest_, b.fd_frames_,
-                            b.fds_);
+  return impl_->send(b);
 }
 
 result<bool> channel::flush() {

@@ -284,6 +284,11 @@ result<void> channel::impl::try_send(std::span<const const_buffer> parts,
   return send_payload(parts, *payload, fds, false);
 }
 
+result<void> channel::impl::send(const batch& b) {
+  if (b.format() != options.format) return fail_errno(EINVAL);
+  return send_frames(std::span(b.wire_.data(), b.wire_.size()), b.largest_, b.fd_frames_, b.fds_);
+}
+
 result<void> channel::impl::send_frames(std::span<const std::byte> wire, std::uint64_t largest,
                                         std::span<const detail::batch_fd_frame> fd_frames,
                                         std::span<const int> fds) {

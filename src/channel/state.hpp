@@ -1,8 +1,9 @@
 // Internal: channel::impl, the state behind a channel, with its fields grouped by the side that
 // owns them (lifetime, send, receive, shared memory) and the members that work on them, declared
-// here and defined by concern: send.cpp (framing, the outgoing queue), shared.cpp (shared memory
-// out, and the descriptors that come in), receive.cpp (the stream and seqpacket receive loops),
-// receive_batch.cpp, lifetime.cpp (close and the socket's own questions). Not installed.
+// here and defined by concern: send.cpp (checks, framing, the outgoing queue), shared.cpp (shared
+// memory out, and the descriptors that come in), receive.cpp (the stream and seqpacket receive
+// loops), receive_batch.cpp, lifetime.cpp (close and the socket's own questions). The fields'
+// comments say which lock guards each. Not installed.
 #pragma once
 
 #include <atomic>
@@ -109,9 +110,8 @@ struct channel::impl {
     return std::unexpected(make_error_code(code));
   }
 
-  // lifetime.cpp: close(), shutdown_send() and the socket's own questions.
+  // lifetime.cpp: close() and the socket's own questions.
   void close() noexcept;
-  result<void> shutdown_send();
   [[nodiscard]] std::string error_detail() const;
   result<credentials> peer_credentials();
   result<unique_fd> peer_pidfd();
@@ -141,10 +141,14 @@ struct channel::impl {
   // send.cpp: the public sends, framing, writing and the outgoing queue.
   result<void> send(std::span<const const_buffer> parts, std::span<const int> fds);
   result<void> try_send(std::span<const const_buffer> parts, std::span<const int> fds);
+  // A batch's frames (errors: EINVAL for a batch of the other framing, and send_frames's).
+  result<void> send(const batch& b);
   result<void> send_frames(std::span<const std::byte> wire, std::uint64_t largest,
                            std::span<const detail::batch_fd_frame> fd_frames,
                            std::span<const int> fds);
   result<bool> flush();
+  // Flushes the queue, then ends this end's sending side (shutdown(SHUT_WR)).
+  result<void> shutdown_send();
   // The public sends' checks of a message, made once, before anything else (every later step
   // trusts them); returns its payload size. Errors: errc::too_many_fds (over 253 fds),
   // errc::not_supported (fds with framing::python), errc::message_too_large (over
