@@ -61,6 +61,17 @@ result<message_info> channel::impl::deliver(message m, destination dest) {
   return info;
 }
 
+std::unexpected<std::error_code> channel::impl::decoder_failed() {
+  if (decoder.fatal()) {
+    set_detail(decoder.detail());
+    broken.store(true);
+    return std::unexpected(decoder.error());
+  }
+  // A frame skipped whole (pending_flags() are still its own): a pool announce among them takes
+  // its pool with it.
+  return lose_pool(decoder.pending_flags(), decoder.error());
+}
+
 result<void> channel::impl::wait(const wait_spec& w, short events) const {
   if (w.kind == wait_kind::try_once) return fail(errc::would_block);
   auto r = detail::wait_for(sock.native_handle(), events, w.until.remaining());
@@ -212,15 +223,7 @@ result<message_info> channel::impl::receive_stream(const wait_spec& w, destinati
           decoder.accept_into(dest.buf);
         }
         continue;
-      case detail::stream_decoder::event::failed:
-        if (decoder.fatal()) {
-          set_detail(decoder.detail());
-          broken.store(true);
-          return std::unexpected(decoder.error());
-        }
-        // A frame skipped whole (pending_flags() are still its own): a pool announce among them
-        // takes its pool with it.
-        return lose_pool(decoder.pending_flags(), decoder.error());
+      case detail::stream_decoder::event::failed: return decoder_failed();
       case detail::stream_decoder::event::need_more:
         if (auto r = read_more(w, spin); !r) {
           // The caller's buffer must not be written to after this call returns.

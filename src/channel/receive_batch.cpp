@@ -116,17 +116,13 @@ result<std::size_t> channel::impl::receive_batch(const wait_spec& w,
         ++count;
         continue;
       }
-      case detail::stream_decoder::event::failed:
-        if (decoder.fatal()) {
-          set_detail(decoder.detail());
-          broken.store(true);
-        } else {
-          static_cast<void>(lose_pool(decoder.pending_flags(), decoder.error()));
-        }
+      case detail::stream_decoder::event::failed: {
+        auto failed = decoder_failed();
         // close() from another thread shuts the socket down to wake this call: it reads as the
         // end of the stream, but what the caller must hear is closed.
         if (is_closed()) return fail(errc::closed);
-        return std::unexpected(decoder.error());
+        return failed;
+      }
       case detail::stream_decoder::event::need_more:
         if (count > 0) return count;  // no more syscalls once something was delivered
         if (auto r = read_more(w, spin); !r) {

@@ -262,6 +262,9 @@ struct channel::impl {
                                                                     destination dest);
   result<message_info> receive_packet(const wait_spec& w, destination dest);
   result<void> read_more(const wait_spec& w, spinner& spin);
+  // After the stream decoder said failed: a fatal failure breaks the channel (in the decoder's
+  // words); a frame skipped whole takes a pool announce's pool with it. Returns the error.
+  std::unexpected<std::error_code> decoder_failed();
   // After a receive that failed with e (made with these recv flags): success to try again (a
   // would-block spun or waited out as w allows, or the one-time ECONNRESET), else the error.
   result<void> retry_after(std::error_code e, const wait_spec& w, spinner& spin, int flags) const;
