@@ -4,8 +4,9 @@
 // cost sixty-four sendmsg calls and sixty-four skbs, but framed into one buffer they cost one.
 // A batch frames messages as they are added (copying their bytes) and channel::send(batch) writes
 // them in one sendmsg on a stream. On seqpacket each message stays one packet, one sendmsg each:
-// the kernel charges per packet, so sendmmsg would save only the syscall entry (about 5% here).
-// The receiving side gets them with channel::receive_batch(), without an allocation per message.
+// the kernel charges per packet, so sendmmsg would save only the syscall entry, a small part of
+// the cost. The receiving side gets them with channel::receive_batch() (each one a message_view,
+// duplex/message.hpp), without an allocation per message.
 //
 //   duplex::batch b;
 //   for (const auto& quote : quotes) b.add(duplex::as_bytes(quote));
@@ -27,6 +28,7 @@
 #include "duplex/error.hpp"
 #include "duplex/fd.hpp"
 #include "duplex/framing.hpp"
+#include "duplex/message.hpp"
 
 namespace duplex {
 
@@ -141,18 +143,6 @@ class batch {
   // on seqpacket each one's place is read back from the headers.
   std::vector<detail::batch_fd_frame> fd_frames_;
   std::vector<int> fds_;
-};
-
-// A received message seen in place (receive_batch): its bytes are valid only during the callback;
-// take the fds (std::move) to keep them, the others are closed after the callback (also when it
-// throws). The callback must not receive on the same channel (errc::reentrant_call): see
-// channel::receive_batch.
-struct message_view {
-  const_buffer bytes;
-  std::span<unique_fd> fds;
-
-  // The bytes seen as characters.
-  [[nodiscard]] std::string_view text() const noexcept { return as_string_view(bytes); }
 };
 
 }  // namespace duplex

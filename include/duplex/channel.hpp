@@ -178,12 +178,6 @@ class shared_buffer {
   std::unique_ptr<state> state_;
 };
 
-// What receive_into delivered.
-struct message_info {
-  std::size_t size = 0;  // bytes stored in the caller's buffer
-  std::size_t fds = 0;   // fds stored in the caller's array (from index 0)
-};
-
 // One end of a message channel. Move-only; the destructor closes the socket.
 class channel {
  public:

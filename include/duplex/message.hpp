@@ -1,4 +1,5 @@
-// duplex/message.hpp - a whole message: bytes plus the fds that travelled with them.
+// duplex/message.hpp - a whole message: bytes plus the fds that travelled with them; and the two
+// lighter forms a receive can give instead (message_view, message_info).
 //
 // A message owns its bytes and its fds (as unique_fd: closed when the message is destroyed unless
 // taken). Up to message::inline_capacity bytes are kept inside the object itself, so a small
@@ -107,6 +108,25 @@ class message {
   const std::byte* view_ = nullptr;                  // the bytes, when a view
   std::shared_ptr<const void> keeper_;               // keeps a view's memory; set only for views
   std::array<std::byte, inline_capacity> inline_{};  // the bytes, when owned and small
+};
+
+// A received message seen in place (channel::receive_batch): its bytes are valid only during the
+// callback; take the fds (std::move) to keep them, the others are closed after the callback (also
+// when it throws). The callback must not receive on the same channel (errc::reentrant_call): see
+// channel::receive_batch.
+struct message_view {
+  const_buffer bytes;
+  std::span<unique_fd> fds;
+
+  // The bytes seen as characters.
+  [[nodiscard]] std::string_view text() const noexcept { return as_string_view(bytes); }
+};
+
+// What a receive_into (channel or ring_channel) delivered. A ring_channel carries no fds: fds is
+// always 0 there.
+struct message_info {
+  std::size_t size = 0;  // bytes stored in the caller's buffer
+  std::size_t fds = 0;   // fds stored in the caller's array (from index 0)
 };
 
 }  // namespace duplex
