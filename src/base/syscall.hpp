@@ -1,5 +1,5 @@
-// Internal helpers shared by the library's sources: errno translation, deadlines, and waiting
-// for readiness with EINTR retried. Not installed.
+// Internal helpers shared by the library's sources: errno translation, the peer-gone test,
+// deadlines, and waiting for readiness with EINTR retried. Not installed.
 #pragma once
 
 #include <poll.h>
@@ -7,6 +7,8 @@
 #include <cerrno>
 #include <chrono>
 #include <ctime>
+#include <span>
+#include <system_error>
 
 #include "duplex/constants.hpp"
 #include "duplex/error.hpp"
@@ -17,6 +19,12 @@ namespace duplex::detail {
 [[nodiscard]] inline std::unexpected<std::error_code> from_errno(int err) noexcept {
   if (err == EAGAIN || err == EWOULDBLOCK) return fail(errc::would_block);
   return fail_errno(err);
+}
+
+// True if a send or receive error on a connected socket means the peer is gone (EPIPE: it shut
+// down or closed its end; ECONNRESET: it closed with data unread).
+[[nodiscard]] inline bool peer_gone(const std::error_code& ec) noexcept {
+  return ec == std::errc::broken_pipe || ec == std::errc::connection_reset;
 }
 
 // A point in steady time after which an operation gives up; "forever" never comes.
@@ -86,6 +94,24 @@ template <class F>
     if (r > 0) {
       if ((p.revents & POLLNVAL) != 0) return fail_errno(EBADF);
       return p.revents;
+    }
+    if (r == 0) return fail(errc::timed_out);
+    if (errno != EINTR) return fail_errno(errno);
+  }
+}
+
+// Waits until any of fds reports its events (or an error/hangup) or the deadline comes, retrying
+// EINTR with the time that remains; each fd's revents are set on return (a negative fd is
+// ignored, as ppoll does). Errors: errc::timed_out, EBADF (an fd not open), ppoll's other errnos.
+[[nodiscard]] inline result<void> wait_for(std::span<pollfd> fds, const deadline& until) noexcept {
+  for (;;) {
+    timespec ts{};
+    const int r = ::ppoll(fds.data(), fds.size(), until.left(ts), nullptr);
+    if (r > 0) {
+      for (const pollfd& p : fds) {
+        if ((p.revents & POLLNVAL) != 0) return fail_errno(EBADF);
+      }
+      return {};
     }
     if (r == 0) return fail(errc::timed_out);
     if (errno != EINTR) return fail_errno(errno);

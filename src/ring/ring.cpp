@@ -1,3 +1,5 @@
+// The ring_channel (duplex/ring.hpp): its rings' mappings, the handshake that sets them up, and
+// the send and receive paths over shared memory with their wake sockets.
 #include "duplex/ring.hpp"
 
 #include <fcntl.h>
@@ -16,6 +18,7 @@
 #include <mutex>
 #include <new>
 
+#include "base/memfd.hpp"
 #include "base/spin.hpp"
 #include "base/syscall.hpp"
 #include "duplex/socket_pair.hpp"
@@ -33,18 +36,18 @@ using detail::relax;
 using spin_budget = detail::spinner<64>;
 
 // A ring mapped into this process.
-class mapping {
+class ring_mapping {
  public:
-  mapping() = default;
-  mapping(std::byte* base, std::size_t capacity) noexcept : base_(base), capacity_(capacity) {}
-  mapping(mapping&& o) noexcept
+  ring_mapping() = default;
+  ring_mapping(std::byte* base, std::size_t capacity) noexcept : base_(base), capacity_(capacity) {}
+  ring_mapping(ring_mapping&& o) noexcept
       : base_(std::exchange(o.base_, nullptr)), capacity_(std::exchange(o.capacity_, 0)) {}
-  mapping& operator=(mapping&& o) noexcept {
+  ring_mapping& operator=(ring_mapping&& o) noexcept {
     std::swap(base_, o.base_);
     std::swap(capacity_, o.capacity_);
     return *this;
   }
-  ~mapping() {
+  ~ring_mapping() {
     if (base_ != nullptr) ::munmap(base_, header_size + capacity_);
   }
 
@@ -91,10 +94,10 @@ class mapping {
   std::size_t capacity_ = 0;
 };
 
-result<mapping> map_ring(int fd, std::size_t capacity) {
+result<ring_mapping> map_ring(int fd, std::size_t capacity) {
   void* p = ::mmap(nullptr, header_size + capacity, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (p == MAP_FAILED) return fail_errno(errno);
-  return mapping(static_cast<std::byte*>(p), capacity);
+  return ring_mapping(static_cast<std::byte*>(p), capacity);
 }
 
 // Wakes the peer sleeping on the other end of bell, one of the wake sockets it sent (a connected
@@ -103,10 +106,8 @@ result<mapping> map_ring(int fd, std::size_t capacity) {
 // means the peer has closed its end, which its stream socket reports.
 void ring_bell(int bell) noexcept {
   const char wake = 1;
-  ssize_t r;
-  do {
-    r = ::send(bell, &wake, 1, MSG_DONTWAIT | MSG_NOSIGNAL);
-  } while (r < 0 && errno == EINTR);
+  static_cast<void>(
+      detail::retry_eintr([&] { return ::send(bell, &wake, 1, MSG_DONTWAIT | MSG_NOSIGNAL); }));
 }
 
 // True if fd is a connected AF_UNIX seqpacket socket: a send with MSG_DONTWAIT on one takes no
@@ -144,8 +145,8 @@ result<void> check_options(const ring_options& o) {
 struct ring_channel::impl {
   socket sock;
   ring_options options;
-  mapping in;   // this end's ring: the peer writes, this end reads
-  mapping out;  // the peer's ring: this end writes
+  ring_mapping in;   // this end's ring: the peer writes, this end reads
+  ring_mapping out;  // the peer's ring: this end writes
   std::size_t out_max = 0;
   unique_fd in_memfd;  // sent in the handshake, then closed
   // Wake sockets (docs/design.md): this end sleeps on the receiving ends it made, and wakes the
@@ -179,20 +180,13 @@ struct ring_channel::impl {
   // Sleeps until bell rings, the peer goes, this end closes, or d passes. Returns ok to look
   // again; errc::peer_closed, errc::closed, errc::timed_out or errc::protocol_error otherwise.
   result<void> sleep(int bell, const deadline& d) {
-    for (;;) {
-      if (closed.load(std::memory_order_relaxed)) return fail(errc::closed);
-      std::array<pollfd, 2> fds{{{bell, POLLIN, 0}, {sock.native_handle(), POLLIN, 0}}};
-      timespec ts{};
-      const int n = ::ppoll(fds.data(), fds.size(), d.left(ts), nullptr);
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        return fail_errno(errno);
-      }
-      if (closed.load(std::memory_order_relaxed)) return fail(errc::closed);
-      if (n == 0) return fail(errc::timed_out);
-      if (fds[0].revents != 0) return take_wake(bell);
-      if (fds[1].revents != 0) return peer_state();
-    }
+    if (closed.load(std::memory_order_relaxed)) return fail(errc::closed);
+    std::array<pollfd, 2> fds{{{bell, POLLIN, 0}, {sock.native_handle(), POLLIN, 0}}};
+    const auto woke = detail::wait_for(fds, d);
+    if (closed.load(std::memory_order_relaxed)) return fail(errc::closed);
+    if (!woke) return woke;
+    if (fds[0].revents != 0) return take_wake(bell);
+    return peer_state();
   }
 
   // Takes one wake from this end's wake socket bell, which only this end reads, never waiting.
@@ -201,10 +195,7 @@ struct ring_channel::impl {
   // the peer is gone: nothing can wake this end any more.
   static result<void> take_wake(int bell) {
     char wake = 0;
-    ssize_t r;
-    do {
-      r = ::recv(bell, &wake, 1, MSG_DONTWAIT);
-    } while (r < 0 && errno == EINTR);
+    const ssize_t r = detail::retry_eintr([&] { return ::recv(bell, &wake, 1, MSG_DONTWAIT); });
     if (r == 0) return fail(errc::peer_closed);
     return {};
   }
@@ -214,7 +205,7 @@ struct ring_channel::impl {
   result<void> peer_state() {
     std::byte b{};
     const ssize_t r = ::recv(sock.native_handle(), &b, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (r == 0 || (r < 0 && (errno == ECONNRESET || errno == EPIPE))) {
+    if (r == 0 || (r < 0 && detail::peer_gone(std::error_code(errno, std::system_category())))) {
       return fail(errc::peer_closed);
     }
     if (r > 0) return break_rings();
@@ -353,11 +344,11 @@ struct ring_channel::impl {
 
   // Makes this end's ring and bells, and sends them.
   result<void> offer(const deadline& d) {
-    const int memfd = ::memfd_create("duplex-ring", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-    if (memfd < 0) return fail_errno(errno);
-    in_memfd.reset(memfd);
-    if (::ftruncate(memfd, static_cast<off_t>(header_size + options.capacity)) != 0 ||
-        ::fcntl(memfd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+    auto made = detail::new_memfd("duplex-ring", header_size + options.capacity);
+    if (!made) return std::unexpected(made.error());
+    in_memfd = std::move(*made);
+    const int memfd = in_memfd.get();
+    if (::fcntl(memfd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
       return fail_errno(errno);
     }
     auto m = map_ring(memfd, options.capacity);
@@ -388,16 +379,12 @@ struct ring_channel::impl {
         return {};
       }
       if (sent.error() != errc::would_block) {
-        if (sent.error() == std::errc::broken_pipe || sent.error() == std::errc::connection_reset) {
-          return fail(errc::peer_closed);
-        }
+        if (detail::peer_gone(sent.error())) return fail(errc::peer_closed);
         return std::unexpected(sent.error());
       }
-      pollfd p{sock.native_handle(), POLLOUT, 0};
-      timespec ts{};
-      const int r = ::ppoll(&p, 1, d.left(ts), nullptr);
-      if (r < 0 && errno != EINTR) return fail_errno(errno);
-      if (r == 0) return fail(errc::timed_out);
+      if (auto ready = detail::wait_for(sock.native_handle(), POLLOUT, d); !ready) {
+        return std::unexpected(ready.error());
+      }
     }
   }
 
@@ -409,21 +396,16 @@ struct ring_channel::impl {
     detail::fd_batch fds;
     bool first = true;
     while (got < sizeof h) {
-      pollfd p{sock.native_handle(), POLLIN, 0};
-      timespec ts{};
-      const int r = ::ppoll(&p, 1, d.left(ts), nullptr);
-      if (r < 0) {
-        if (errno == EINTR) continue;
-        return fail_errno(errno);
+      if (auto ready = detail::wait_for(sock.native_handle(), POLLIN, d); !ready) {
+        return std::unexpected(ready.error());
       }
-      if (r == 0) return fail(errc::timed_out);
       iovec iov{to + got, sizeof h - got};
       detail::fd_batch more;
       auto rr =
           detail::recv_with_fds(sock.native_handle(), &iov, 1, MSG_DONTWAIT, first ? fds : more);
       if (!rr) {
         if (rr.error() == errc::would_block) continue;
-        if (rr.error() == std::errc::connection_reset) return fail(errc::peer_closed);
+        if (detail::peer_gone(rr.error())) return fail(errc::peer_closed);
         return std::unexpected(rr.error());
       }
       if (rr->bytes == 0) return fail(errc::peer_closed);
