@@ -206,6 +206,12 @@ class channel {
   // Owned here.
   [[nodiscard]] int native_handle() const noexcept;
 
+  // True until close(); false for an empty (default-constructed) or moved-from channel, and for
+  // one made over an empty socket. Says nothing about the peer: a channel whose peer has gone
+  // stays open until closed. While it is true, native_handle() is the socket's fd (>= 0); once it
+  // is false, native_handle() is -1 as soon as no call of another thread is inside the channel.
+  [[nodiscard]] bool is_open() const noexcept;
+
   // True once a protocol error has broken the channel (every call then returns errc::broken).
   [[nodiscard]] bool is_broken() const noexcept;
 

@@ -210,4 +210,8 @@ result<connected_channels> channel_pair(socket_kind kind, channel_options option
   return connected_channels{std::move(*first), std::move(*second)};
 }
 
+bool channel::is_open() const noexcept {
+  return impl_ && !impl_->is_closed() && impl_->fd_copy.load() >= 0;
+}
+
 }  // namespace duplex

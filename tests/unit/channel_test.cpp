@@ -159,6 +159,28 @@ TEST_F(channel_test, AnEmptyChannelSaysClosed) {
   EXPECT_THAT(c.receive(), HasError(errc::closed));
   EXPECT_THAT(c.wait_readable(1ms), HasError(errc::closed));
   EXPECT_EQ(c.native_handle(), -1);
+  EXPECT_FALSE(c.is_open());
+}
+
+// is_open() is true from create() until close(), whatever the peer does; false for a moved-from
+// channel and one made over an empty socket. While it is true native_handle() is the fd.
+TEST_F(channel_test, IsOpenUntilCloseAndNotWhenMovedFrom) {
+  auto [a, b] = test::must(channel_pair(socket_kind::stream));
+  EXPECT_TRUE(a.is_open());
+  EXPECT_GE(a.native_handle(), 0);
+  channel moved = std::move(a);
+  EXPECT_TRUE(moved.is_open());
+  EXPECT_FALSE(a.is_open());  // NOLINT(bugprone-use-after-move): testing it
+  EXPECT_EQ(a.native_handle(), -1);
+  b.close();
+  EXPECT_FALSE(b.is_open());
+  EXPECT_EQ(b.native_handle(), -1);
+  EXPECT_THAT(moved.receive(10s), HasError(errc::peer_closed));
+  EXPECT_TRUE(moved.is_open());  // the peer's close does not close this end
+  EXPECT_FALSE(moved.is_broken());
+  auto empty = test::must(channel::create(socket{}));
+  EXPECT_FALSE(empty.is_open());
+  EXPECT_EQ(empty.native_handle(), -1);
 }
 
 // --- transfer --------------------------------------------------------------------------------
