@@ -81,7 +81,7 @@ bool receive_once(duplex::ring_channel& victim, bool into) {
     std::array<std::byte, 64> buf{};
     auto r = victim.receive_into(buf, std::chrono::nanoseconds(0));
     if (r) {
-      if (*r > buf.size()) std::abort();
+      if (r->size > buf.size() || r->fds != 0) std::abort();
       return true;
     }
     e = r.error();

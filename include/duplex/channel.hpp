@@ -70,10 +70,6 @@ inline constexpr std::size_t default_max_message_size = std::size_t{64} << 20;
 // and only risks an allocation that cannot succeed.
 inline constexpr std::size_t max_receive_buffer_size = std::size_t{1} << 30;
 
-// The longest channel_options::busy_poll: one hour (a spin that long is a busy thread, not a
-// latency trade; the bound keeps every deadline computed from it in range).
-inline constexpr std::chrono::nanoseconds max_busy_poll = std::chrono::hours(1);
-
 // The largest shared_memory_options::pool_size (1 TiB) and slots (65536).
 inline constexpr std::size_t max_shared_pool_size = std::size_t{1} << 40;
 inline constexpr std::uint32_t max_shared_pool_slots = 65536;

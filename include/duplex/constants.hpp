@@ -16,4 +16,8 @@ inline constexpr std::size_t max_fds_per_message = 253;
 // Waiting forever: the default timeout of wait and receive calls.
 inline constexpr std::chrono::nanoseconds forever = std::chrono::nanoseconds::max();
 
+// The longest busy_poll of a channel or a ring_channel: one hour (a spin that long is a busy
+// thread, not a latency trade; the bound keeps every deadline computed from it in range).
+inline constexpr std::chrono::nanoseconds max_busy_poll = std::chrono::hours(1);
+
 }  // namespace duplex

@@ -42,6 +42,11 @@
 // receivers) take turns on a lock, and a call's timeout does not count the wait for that lock.
 // close() may be called from any thread at any time.
 //
+// The API mirrors duplex::channel's where the two overlap: timeouts default to `forever`,
+// create() takes its options by value, receive_into() returns a message_info, a pair comes as a
+// named struct (connected_rings, like connected_channels), and is_open() / is_broken() mean the
+// same on both.
+//
 //   auto ends = duplex::ring_channel_pair({.busy_poll = std::chrono::microseconds(100)});
 //   ends->first.send(duplex::as_bytes("ping"));
 //   duplex::result<duplex::message> m = ends->second.receive();
@@ -49,13 +54,11 @@
 
 #include <chrono>
 #include <cstddef>
-#include <cstdint>
 #include <memory>
 #include <span>
-#include <utility>
 
 #include "duplex/buffer.hpp"
-#include "duplex/channel.hpp"
+#include "duplex/constants.hpp"
 #include "duplex/error.hpp"
 #include "duplex/message.hpp"
 #include "duplex/socket.hpp"
@@ -75,19 +78,22 @@ struct ring_options {
   // the smallest ring (less would refuse every peer); above 1 GiB it is the same as 1 GiB.
   std::size_t max_peer_capacity = std::size_t{64} << 20;
   // How long a receive (or a send waiting for room) spins on shared memory before it sleeps:
-  // 0 to max_busy_poll (channel.hpp), never negative. Spinning costs a core for that long; 0
-  // sleeps at once.
+  // 0 to max_busy_poll (duplex/constants.hpp), never negative. Spinning costs a core for that long;
+  // 0 sleeps at once.
   std::chrono::nanoseconds busy_poll{0};
   // How long create() waits for the peer's half of the handshake: never negative; 0 takes only
-  // a handshake already there, and a hundred years or more (nanoseconds::max()) waits without
+  // a handshake already there, and a hundred years or more (such as `forever`) waits without
   // bound.
   std::chrono::nanoseconds handshake_timeout = std::chrono::seconds(10);
 };
 
-// One end of a pair of shared-memory rings (see the top of this file).
+struct connected_rings;
+
+// One end of a pair of shared-memory rings (see the top of this file). Move-only; the
+// destructor closes it.
 class ring_channel {
  public:
-  // No ring: every call returns errc::closed.
+  // No ring: every call returns errc::closed (as on a moved-from end).
   ring_channel() noexcept;
   ~ring_channel();
   ring_channel(ring_channel&&) noexcept;
@@ -101,36 +107,41 @@ class ring_channel {
   // those that arrived are closed), EINVAL (an option out of its range in ring_options, checked
   // first), the errno of memfd_create, socketpair or mmap. On error the socket is closed (as by
   // channel::create).
-  [[nodiscard]] static result<ring_channel> create(socket s, const ring_options& options = {});
+  [[nodiscard]] static result<ring_channel> create(socket s, ring_options options = {});
 
   // Sends one message (its pieces gathered), waiting for room in the peer's ring as long as
   // timeout allows. Errors: errc::message_too_large (over the peer's limit; nothing sent),
   // errc::timed_out, errc::peer_closed, errc::protocol_error / errc::broken (the peer broke its
   // ring's positions), errc::closed.
-  [[nodiscard]] result<void> send(
-      const_buffer payload, std::chrono::nanoseconds timeout = std::chrono::nanoseconds::max());
-  [[nodiscard]] result<void> send(
-      std::span<const const_buffer> pieces,
-      std::chrono::nanoseconds timeout = std::chrono::nanoseconds::max());
+  [[nodiscard]] result<void> send(const_buffer payload, std::chrono::nanoseconds timeout = forever);
+  [[nodiscard]] result<void> send(std::span<const const_buffer> pieces,
+                                  std::chrono::nanoseconds timeout = forever);
   // Sends only if the peer's ring has room now; errc::would_block otherwise.
   [[nodiscard]] result<void> try_send(const_buffer payload);
 
   // The next message, copied out of the ring, waiting as long as timeout allows (spinning first
   // for busy_poll). Errors: errc::timed_out, errc::peer_closed (everything sent was delivered),
   // errc::protocol_error / errc::broken, errc::closed, ENOMEM.
-  [[nodiscard]] result<message> receive(
-      std::chrono::nanoseconds timeout = std::chrono::nanoseconds::max());
+  [[nodiscard]] result<message> receive(std::chrono::nanoseconds timeout = forever);
   // The next message if one is there now; errc::would_block otherwise.
   [[nodiscard]] result<message> try_receive();
-  // The next message copied into buf; returns its size. A message larger than buf stays in the
-  // ring and gives errc::buffer_too_small. Other errors as receive().
-  [[nodiscard]] result<std::size_t> receive_into(
-      mutable_buffer buf, std::chrono::nanoseconds timeout = std::chrono::nanoseconds::max());
+  // The next message copied into buf; returns its size (message_info::size; fds is always 0: a
+  // ring carries none). A message larger than buf stays in the ring and gives
+  // errc::buffer_too_small. Other errors as receive().
+  [[nodiscard]] result<message_info> receive_into(mutable_buffer buf,
+                                                  std::chrono::nanoseconds timeout = forever);
 
   // The peer's limit for one message (0 when closed).
   [[nodiscard]] std::size_t max_send_size() const noexcept;
-  // True until close() (or a default-constructed end).
+  // True until close(); false for a default-constructed or moved-from end. Says nothing about
+  // the peer: an end whose peer has gone stays open until closed.
   [[nodiscard]] bool is_open() const noexcept;
+  // True once this end has found that the peer broke the rings (a position or record in shared
+  // memory that fails its checks, or bytes on the socket after the handshake): the call that
+  // found it returned errc::protocol_error, and every send and receive since returns
+  // errc::broken (errc::closed once closed). It stays true after close(); false for a
+  // default-constructed end and for a peer that only closed or died.
+  [[nodiscard]] bool is_broken() const noexcept;
   // The socket's fd: readable when the peer has gone (it carries nothing after the handshake).
   [[nodiscard]] int native_handle() const noexcept;
 
@@ -139,18 +150,21 @@ class ring_channel {
   // Never waits, whatever the peer has done. The rings stay mapped until destruction.
   void close() noexcept;
 
-  // The shared state of an end; defined in the library.
-  struct impl;
-
  private:
-  friend result<std::pair<ring_channel, ring_channel>> ring_channel_pair(const ring_options&);
+  struct impl;  // the shared state of an end; defined in the library
+  friend result<connected_rings> ring_channel_pair(ring_options);
   explicit ring_channel(std::unique_ptr<impl> p) noexcept;
   std::unique_ptr<impl> impl_;
 };
 
+// Both ends of a new pair of rings.
+struct connected_rings {
+  ring_channel first;
+  ring_channel second;
+};
+
 // Two connected ring_channel ends in this process, both set up with options. Errors as
 // create(); EINVAL (an option out of range) before any socket is made.
-[[nodiscard]] result<std::pair<ring_channel, ring_channel>> ring_channel_pair(
-    const ring_options& options = {});
+[[nodiscard]] result<connected_rings> ring_channel_pair(ring_options options = {});
 
 }  // namespace duplex

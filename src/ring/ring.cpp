@@ -330,14 +330,14 @@ struct ring_channel::impl {
     return m;
   }
 
-  result<std::size_t> receive_into(mutable_buffer buf, const deadline& d) {
+  result<message_info> receive_into(mutable_buffer buf, const deadline& d) {
     const std::lock_guard g(receive_lock);
     auto n = next(d, false);
-    if (!n) return n;
+    if (!n) return std::unexpected(n.error());
     if (*n > buf.size()) return fail(errc::buffer_too_small);
     copy_out(*n, buf.data());
     consume(*n);
-    return *n;
+    return message_info{.size = *n, .fds = 0};
   }
 
   // --- setting up ---------------------------------------------------------------------------
@@ -469,7 +469,7 @@ ring_channel::ring_channel(ring_channel&&) noexcept = default;
 ring_channel& ring_channel::operator=(ring_channel&&) noexcept = default;
 ring_channel::ring_channel(std::unique_ptr<impl> p) noexcept : impl_(std::move(p)) {}
 
-result<ring_channel> ring_channel::create(socket s, const ring_options& options) {
+result<ring_channel> ring_channel::create(socket s, ring_options options) {
   const deadline d(options.handshake_timeout);
   auto p = impl::begin(std::move(s), options, d);
   if (!p) return std::unexpected(p.error());
@@ -477,7 +477,7 @@ result<ring_channel> ring_channel::create(socket s, const ring_options& options)
   return ring_channel(std::move(*p));
 }
 
-result<std::pair<ring_channel, ring_channel>> ring_channel_pair(const ring_options& options) {
+result<connected_rings> ring_channel_pair(ring_options options) {
   if (auto ok = check_options(options); !ok) return std::unexpected(ok.error());
   auto sockets = socket_pair(socket_kind::stream);
   if (!sockets) return std::unexpected(sockets.error());
@@ -489,8 +489,7 @@ result<std::pair<ring_channel, ring_channel>> ring_channel_pair(const ring_optio
   if (!b) return std::unexpected(b.error());
   if (auto ok = (*a)->accept(d); !ok) return std::unexpected(ok.error());
   if (auto ok = (*b)->accept(d); !ok) return std::unexpected(ok.error());
-  return std::pair<ring_channel, ring_channel>(ring_channel(std::move(*a)),
-                                               ring_channel(std::move(*b)));
+  return connected_rings{ring_channel(std::move(*a)), ring_channel(std::move(*b))};
 }
 
 result<void> ring_channel::send(const_buffer payload, std::chrono::nanoseconds timeout) {
@@ -519,8 +518,8 @@ result<message> ring_channel::try_receive() {
   return impl_->receive(deadline(std::chrono::nanoseconds::zero()), true);
 }
 
-result<std::size_t> ring_channel::receive_into(mutable_buffer buf,
-                                               std::chrono::nanoseconds timeout) {
+result<message_info> ring_channel::receive_into(mutable_buffer buf,
+                                                std::chrono::nanoseconds timeout) {
   if (!impl_) return fail(errc::closed);
   return impl_->receive_into(buf, deadline(timeout));
 }
@@ -531,6 +530,10 @@ std::size_t ring_channel::max_send_size() const noexcept {
 
 bool ring_channel::is_open() const noexcept {
   return impl_ && !impl_->closed.load(std::memory_order_relaxed);
+}
+
+bool ring_channel::is_broken() const noexcept {
+  return impl_ && impl_->broken.load(std::memory_order_relaxed);
 }
 
 int ring_channel::native_handle() const noexcept {

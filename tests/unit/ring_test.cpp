@@ -99,7 +99,8 @@ TEST_F(ring_test, SmallRingWrapsAndBothSidesWaitWithoutLosingAnything) {
       const auto expected = numbered(i, (i * 7919) % 2001);
       auto n = b.receive_into(buf, 10s);
       ASSERT_THAT(n, Succeeded()) << i;
-      ASSERT_TRUE(same(std::span(buf).first(*n), expected)) << i;
+      ASSERT_EQ(n->fds, 0U) << i;
+      ASSERT_TRUE(same(std::span(buf).first(n->size), expected)) << i;
     }
     sender.join();
     EXPECT_THAT(b.try_receive(), HasError(errc::would_block));
@@ -151,9 +152,41 @@ TEST_F(ring_test, LimitsAndTimeouts) {
   EXPECT_THAT(a.send(pattern(2048), 20ms), HasError(errc::timed_out));
   // A buffer too small leaves the message where it is.
   EXPECT_THAT(b.receive_into(buf, 10s), HasError(errc::buffer_too_small));
-  std::vector<std::byte> big(2048);
-  ASSERT_THAT(b.receive_into(big, 10s), Succeeded());
-  EXPECT_TRUE(same(big, pattern(2048)));
+  std::vector<std::byte> big(4096);
+  auto info = b.receive_into(big, 10s);
+  ASSERT_THAT(info, Succeeded());
+  EXPECT_EQ(info->size, 2048U);  // the message's size, not the buffer's
+  EXPECT_EQ(info->fds, 0U);
+  EXPECT_TRUE(same(std::span(big).first(2048), pattern(2048)));
+}
+
+// ring_channel_pair gives its ends as a named struct, like channel_pair; both are open and
+// unbroken, and connected to each other.
+TEST_F(ring_test, PairGivesConnectedRingsOpenAndUnbroken) {
+  result<connected_rings> ends = ring_channel_pair(small_ring());
+  ASSERT_THAT(ends, Succeeded());
+  ring_channel& first = ends->first;
+  ring_channel& second = ends->second;
+  for (ring_channel* end : {&first, &second}) {
+    EXPECT_TRUE(end->is_open());
+    EXPECT_FALSE(end->is_broken());
+    EXPECT_GE(end->native_handle(), 0);
+  }
+  ASSERT_THAT(first.send(as_bytes("to second")), Succeeded());
+  EXPECT_EQ(must(second.receive(10s)).text(), "to second");
+  ASSERT_THAT(second.send(as_bytes("to first")), Succeeded());
+  EXPECT_EQ(must(first.receive(10s)).text(), "to first");
+  // A moved-from end is neither open nor broken, and refuses every call with errc::closed.
+  ring_channel moved = std::move(first);
+  EXPECT_TRUE(moved.is_open());
+  EXPECT_FALSE(first.is_open());  // NOLINT(bugprone-use-after-move): testing it
+  EXPECT_FALSE(first.is_broken());
+  EXPECT_THAT(first.send(as_bytes("x")), HasError(errc::closed));
+  // A peer that closes breaks nothing.
+  moved.close();
+  EXPECT_FALSE(moved.is_open());
+  EXPECT_THAT(second.receive(10s), HasError(errc::peer_closed));
+  EXPECT_FALSE(second.is_broken());
 }
 
 TEST_F(ring_test, OptionsOutOfRangeAreRefused) {
@@ -203,6 +236,7 @@ TEST_F(ring_test, OptionsOutOfRangeAreRefused) {
   EXPECT_THAT(none.send(as_bytes("x")), HasError(errc::closed));
   EXPECT_THAT(none.receive(), HasError(errc::closed));
   EXPECT_FALSE(none.is_open());
+  EXPECT_FALSE(none.is_broken());
   EXPECT_EQ(none.native_handle(), -1);
 }
 
@@ -650,15 +684,21 @@ TEST_F(ring_test, BrokenPositionsAndLengthsBreakTheRing) {
     const std::array<std::uint32_t, 2> header{c.length, c.pad};
     peer.write_victim_data(0, header.data(), 8);
     peer.set_victim_tail(c.tail);
+    EXPECT_FALSE(peer.victim().is_broken()) << c.what;
     EXPECT_THAT(peer.victim().receive(10s), HasError(errc::protocol_error)) << c.what;
+    EXPECT_TRUE(peer.victim().is_broken()) << c.what;
     EXPECT_THAT(peer.victim().receive(10s), HasError(errc::broken)) << c.what;
     EXPECT_THAT(peer.victim().send(as_bytes("x")), HasError(errc::broken)) << c.what;
+    peer.victim().close();
+    EXPECT_TRUE(peer.victim().is_broken()) << c.what;  // close() does not unbreak it
   }
   // The head of the ring the victim writes, moved where it cannot be.
   for (const std::uint64_t head : {std::uint64_t{3}, std::uint64_t{8192}}) {
     hand_peer peer;
     peer.set_own_head(head);
+    EXPECT_FALSE(peer.victim().is_broken()) << head;
     EXPECT_THAT(peer.victim().send(as_bytes("x"), 10s), HasError(errc::protocol_error)) << head;
+    EXPECT_TRUE(peer.victim().is_broken()) << head;
     EXPECT_THAT(peer.victim().send(as_bytes("x"), 10s), HasError(errc::broken)) << head;
   }
 }

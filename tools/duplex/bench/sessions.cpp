@@ -285,19 +285,13 @@ class raw_child {
 //   process    a forked child echoing on its own end, built from (link, size, cpu); near() is
 //              this process's end, and its destructor reaps the child once that end is closed.
 
-// The bytes receive_into() stored: the count itself, or the .size of what it reports.
-constexpr std::size_t received_size(std::size_t n) noexcept { return n; }
-template <typename Info>
-requires requires(const Info& info) { info.size; }
-constexpr std::size_t received_size(const Info& info) noexcept { return info.size; }
-
 // The peer of a round trip: sends every message back as it came, until its end closes.
 template <typename End>
 void echo(End& ch, std::size_t size) noexcept {
   const page_buffer buf(size);
   for (;;) {
     auto r = ch.receive_into(buf.bytes());
-    if (!r || !ch.send(const_buffer(buf.data(), received_size(*r)))) return;
+    if (!r || !ch.send(const_buffer(buf.data(), r->size))) return;
   }
 }
 
@@ -454,7 +448,7 @@ class channel_rtt final : public session {
     for (std::uint64_t i = 0; i < n; ++i) {
       check(c.send(const_buffer(out_.bytes())), "send");
       const auto got = check(c.receive_into(in_.bytes()), "receive");
-      if (received_size(got) != size_) throw failure("the echo came back with another size");
+      if (got.size != size_) throw failure("the echo came back with another size");
     }
     return seconds_between(start, steady::now());
   }
@@ -637,7 +631,7 @@ class channel_throughput : public producer_consumer {
     bool ok = true;
     for (std::uint64_t i = 0; i < n; ++i) {
       const auto got = check(far_.receive_into(dst_.bytes()), "receive_into");
-      ok &= message_checker::check(dst_.data(), received_size(got), size_, first + i);
+      ok &= message_checker::check(dst_.data(), got.size, size_, first + i);
     }
     if (!ok) bad_data(first, n);
   }
