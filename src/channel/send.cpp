@@ -9,18 +9,13 @@
 #include <cstring>
 #include <new>
 
+#include "base/syscall.hpp"
 #include "channel/state.hpp"
 #include "framing/native_header.hpp"
 
 namespace duplex {
-namespace {
 
-// The peer is gone, as a send sees it.
-bool peer_gone(const std::error_code& ec) {
-  return ec == std::errc::broken_pipe || ec == std::errc::connection_reset;
-}
-
-}  // namespace
+using detail::peer_gone;
 
 // A frame ready to go out: its header (the payload stays in the caller's buffers). A value: the
 // header is reached through head(), never through a pointer that a copy would leave dangling.
