@@ -330,7 +330,7 @@ result<void> channel::impl::send_frames(std::span<const std::byte> wire, std::ui
   std::size_t next_fd_frame = 0;
   for (std::size_t at = 0; at < wire.size();) {
     const std::size_t end = at + wire::native_header_size +
-                            static_cast<std::size_t>(detail::load_le64(wire.data() + at + 8));
+                            static_cast<std::size_t>(detail::load_le<8>(wire.data() + at + 8));
     std::span<const int> with;
     if (next_fd_frame < fd_frames.size() && fd_frames[next_fd_frame].offset == at) {
       with = fds_of(fd_frames[next_fd_frame++]);

@@ -59,8 +59,8 @@ struct frame_verdict {
                                                       wire::native_header& out, std::string& why) {
   // Inline, the frame of every plain message (no flags, no fds): its first word is one fixed
   // value (native_header.hpp), and only its length is left to check. The rest, in full, below.
-  if (head.size() >= wire::native_header_size && load_le64(head.data()) == plain_native_word0) {
-    const std::uint64_t length = load_le64(head.data() + 8);
+  if (head.size() >= wire::native_header_size && load_le<8>(head.data()) == plain_native_word0) {
+    const std::uint64_t length = load_le<8>(head.data() + 8);
     const bool whole = !packet_size || (*packet_size >= wire::native_header_size &&
                                         length == *packet_size - wire::native_header_size);
     if (whole && length <= max_message) {

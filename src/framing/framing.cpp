@@ -1,43 +1,21 @@
 #include "duplex/framing.hpp"
 
+#include "base/byte_order.hpp"
 #include "duplex/constants.hpp"
 #include "framing/native_header.hpp"
 
 #include <cstdio>
 
 namespace duplex::wire {
-namespace {
-
-void put_le(std::byte* out, std::uint64_t v, int bytes) noexcept {
-  for (int i = 0; i < bytes; ++i)
-    out[i] = static_cast<std::byte>(v >> (8 * i));
-}
-
-std::uint64_t get_le(const std::byte* in, int bytes) noexcept {
-  std::uint64_t v = 0;
-  for (int i = bytes - 1; i >= 0; --i)
-    v = (v << 8) | std::to_integer<std::uint64_t>(in[i]);
-  return v;
-}
-
-void put_be(std::byte* out, std::uint64_t v, int bytes) noexcept {
-  for (int i = 0; i < bytes; ++i)
-    out[i] = static_cast<std::byte>(v >> (8 * (bytes - 1 - i)));
-}
-
-std::uint64_t get_be(const std::byte* in, int bytes) noexcept {
-  std::uint64_t v = 0;
-  for (int i = 0; i < bytes; ++i)
-    v = (v << 8) | std::to_integer<std::uint64_t>(in[i]);
-  return v;
-}
-
-}  // namespace
+using detail::load_be;
+using detail::load_le;
+using detail::store_be;
+using detail::store_le;
 
 result<native_header> decode_native(std::span<const std::byte, native_header_size> b) noexcept {
-  const std::uint64_t word0 = detail::load_le64(b.data());
+  const std::uint64_t word0 = load_le<8>(b.data());
   native_header h;
-  h.length = detail::load_le64(b.data() + 8);
+  h.length = load_le<8>(b.data() + 8);
   if (word0 == detail::plain_native_word0) return h;  // the common case: no flags, no fds
   h.flags = static_cast<std::uint8_t>(word0 >> 24);
   h.fd_count = static_cast<std::uint16_t>(word0 >> 32);
@@ -52,22 +30,22 @@ result<native_header> decode_native(std::span<const std::byte, native_header_siz
 
 std::array<std::byte, pool_announce_size> encode(const pool_announce& p) noexcept {
   std::array<std::byte, pool_announce_size> out{};
-  put_le(&out[0], p.data_size, 8);
-  put_le(&out[8], p.slots, 4);
+  store_le<8>(&out[0], p.data_size);
+  store_le<4>(&out[8], p.slots);
   return out;
 }
 
 std::array<std::byte, shared_ref_size> encode(const shared_ref& r) noexcept {
   std::array<std::byte, shared_ref_size> out{};
-  put_le(&out[0], r.slot, 4);
-  put_le(&out[8], r.offset, 8);
-  put_le(&out[16], r.length, 8);
+  store_le<4>(&out[0], r.slot);
+  store_le<8>(&out[8], r.offset);
+  store_le<8>(&out[16], r.length);
   return out;
 }
 
 std::array<std::byte, memfd_ref_size> encode(const memfd_ref& r) noexcept {
   std::array<std::byte, memfd_ref_size> out{};
-  put_le(&out[0], r.length, 8);
+  store_le<8>(&out[0], r.length);
   return out;
 }
 
@@ -84,18 +62,18 @@ bool zero(std::span<const std::byte> b) noexcept {
 
 result<pool_announce> decode_pool_announce(std::span<const std::byte> b) noexcept {
   if (b.size() != pool_announce_size || !zero(b.subspan(12))) return fail(errc::protocol_error);
-  return pool_announce{get_le(&b[0], 8), static_cast<std::uint32_t>(get_le(&b[8], 4))};
+  return pool_announce{load_le<8>(&b[0]), static_cast<std::uint32_t>(load_le<4>(&b[8]))};
 }
 
 result<shared_ref> decode_shared_ref(std::span<const std::byte> b) noexcept {
   if (b.size() != shared_ref_size || !zero(b.subspan(4, 4))) return fail(errc::protocol_error);
-  return shared_ref{static_cast<std::uint32_t>(get_le(&b[0], 4)), get_le(&b[8], 8),
-                    get_le(&b[16], 8)};
+  return shared_ref{static_cast<std::uint32_t>(load_le<4>(&b[0])), load_le<8>(&b[8]),
+                    load_le<8>(&b[16])};
 }
 
 result<memfd_ref> decode_memfd_ref(std::span<const std::byte> b) noexcept {
   if (b.size() != memfd_ref_size) return fail(errc::protocol_error);
-  return memfd_ref{get_le(&b[0], 8)};
+  return memfd_ref{load_le<8>(&b[0])};
 }
 
 std::string explain_native(std::span<const std::byte, native_header_size> b) {
@@ -115,7 +93,7 @@ std::string explain_native(std::span<const std::byte, native_header_size> b) {
     std::snprintf(text, sizeof text, "unknown frame flags 0x%02x", byte(3));
     return text;
   }
-  const auto fds = static_cast<unsigned>(get_le(&b[4], 2));
+  const auto fds = static_cast<unsigned>(load_le<2>(&b[4]));
   if (fds > max_fds_per_message) {
     std::snprintf(text, sizeof text, "frame announces %u fds (at most %zu)", fds,
                   max_fds_per_message);
@@ -128,23 +106,23 @@ std::string explain_native(std::span<const std::byte, native_header_size> b) {
 std::size_t encode_python(std::uint64_t length,
                           std::span<std::byte, python_max_header_size> out) noexcept {
   if (length <= python_short_limit) {
-    put_be(out.data(), length, 4);
+    store_be<4>(out.data(), length);
     return 4;
   }
-  put_be(out.data(), 0xffffffffU, 4);  // -1 as a 4-byte signed big-endian integer
-  put_be(out.data() + 4, length, 8);
+  store_be<4>(out.data(), 0xffffffffU);  // -1 as a 4-byte signed big-endian integer
+  store_be<8>(out.data() + 4, length);
   return 12;
 }
 
 result<std::optional<python_header>> decode_python(std::span<const std::byte> b) noexcept {
   if (b.size() < 4) return std::optional<python_header>{};
-  const auto raw = static_cast<std::uint32_t>(get_be(b.data(), 4));
+  const auto raw = static_cast<std::uint32_t>(load_be<4>(b.data()));
   const auto size = static_cast<std::int32_t>(raw);
   if (size >= 0)
     return std::optional<python_header>{python_header{4, static_cast<std::uint64_t>(size)}};
   if (size != -1) return fail(errc::protocol_error);
   if (b.size() < 12) return std::optional<python_header>{};
-  return std::optional<python_header>{python_header{12, get_be(b.data() + 4, 8)}};
+  return std::optional<python_header>{python_header{12, load_be<8>(b.data() + 4)}};
 }
 
 }  // namespace duplex::wire

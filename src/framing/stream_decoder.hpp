@@ -86,8 +86,8 @@ class stream_decoder {
     const std::size_t avail = end_ - begin_;
     if (avail < wire::native_header_size) return false;
     const std::byte* at = buf_.get() + begin_;
-    if (load_le64(at) != plain_native_word0) return false;
-    const std::uint64_t length = load_le64(at + 8);
+    if (load_le<8>(at) != plain_native_word0) return false;
+    const std::uint64_t length = load_le<8>(at + 8);
     if (length > avail - wire::native_header_size || length > max_message_) return false;
     payload = {at + wire::native_header_size, static_cast<std::size_t>(length)};
     return true;
