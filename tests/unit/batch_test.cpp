@@ -280,8 +280,8 @@ TEST_F(batch_test, AProtocolErrorComesAfterTheMessagesBeforeIt) {
 }
 
 // Messages delivered before the peer's end are counted in the call that delivered them, and the
-// end comes with the next call, on both kinds (seqpacket used to return peer_closed at once and
-// lose the count). The callback may be a const lvalue.
+// end comes with the next call, on both kinds (a peer_closed at once would lose the count). The
+// callback may be a const lvalue.
 TEST_P(batch_test, TheCountComesBeforeThePeersEnd) {
   auto [a, b] = test::must(channel_pair(GetParam()));
   batch three;

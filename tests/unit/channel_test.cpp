@@ -46,8 +46,8 @@ connected_channels make(socket_kind kind, channel_options options = {}) {
   return test::must(channel_pair(kind, options));
 }
 
-// GCC 12 at -O2 reports false -Warray-bounds and -Wstringop-overread in the vector copies below
-// (and -Wstringop-overflow or -Wnull-dereference in every rewrite tried): silenced here.
+// GCC 12 at -O2 reports false -Warray-bounds, -Wstringop-overread, -Wstringop-overflow and
+// -Wnull-dereference in the vector copies below, however they are written: silenced here.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Warray-bounds"
 #pragma GCC diagnostic ignored "-Wstringop-overread"
