@@ -1,6 +1,7 @@
 // duplex/socket.hpp - one end of an AF_UNIX socket pair, with every syscall made safe.
 //
-// `socket` owns one connected AF_UNIX socket (stream, datagram or seqpacket) and wraps each
+// `socket` owns one connected AF_UNIX socket (stream, datagram or seqpacket), or one connected
+// TCP stream (an endpoint's connection to another host, duplex/endpoint.hpp), and wraps each
 // syscall so that the classic mistakes of hand-written socketpair code cannot happen:
 //   - no SIGPIPE: every send uses MSG_NOSIGNAL, so writing to a dead peer returns EPIPE;
 //   - EINTR is retried inside every call (timeouts keep counting down across retries);
@@ -51,6 +52,15 @@ enum class socket_kind {
 
 // The SOCK_* type constant of a kind (SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET).
 [[nodiscard]] int to_socket_type(socket_kind kind) noexcept;
+
+// Where a socket's peer can be: on this host (AF_UNIX), or on any host (a TCP stream over
+// AF_INET or AF_INET6). What only one kernel can give (fds, credentials, a pidfd, shared memory)
+// crosses only a local socket; on a tcp one every call that asks for it returns
+// errc::not_supported and sends nothing.
+enum class socket_domain {
+  local,  // AF_UNIX
+  tcp,    // AF_INET or AF_INET6, SOCK_STREAM
+};
 
 // Per-call options of send and receive operations; combine with |.
 enum class io_flags : unsigned {
@@ -108,9 +118,16 @@ class socket {
   // Takes ownership of fd, trusting that it is a connected AF_UNIX socket of `kind`.
   socket(unique_fd fd, socket_kind kind) noexcept : fd_(std::move(fd)), kind_(kind) {}
 
-  // Takes ownership of fd after checking (SO_DOMAIN, SO_TYPE) that it is an AF_UNIX socket, and
-  // learns its kind. Errors: EBADF or ENOTSOCK (system); errc::wrong_kind if it is not AF_UNIX or
-  // of another type. On error the fd is closed (it was moved in).
+  // Takes ownership of fd, trusting that it is a connected socket of `kind` in `domain` (a tcp
+  // socket is always socket_kind::stream).
+  socket(unique_fd fd, socket_kind kind, socket_domain domain) noexcept
+      : fd_(std::move(fd)), kind_(kind), domain_(domain) {}
+
+  // Takes ownership of fd after checking (SO_DOMAIN, SO_TYPE) that it is an AF_UNIX socket, or a
+  // connected TCP stream (AF_INET or AF_INET6, SOCK_STREAM, IPPROTO_TCP), and learns its kind and
+  // domain. Errors: EBADF or ENOTSOCK (system); errc::wrong_kind if it is neither (another
+  // family or type, or a TCP socket that is not connected, such as a listening one). On error
+  // the fd is closed (it was moved in).
   [[nodiscard]] static result<socket> from_fd(unique_fd fd) noexcept;
 
   socket(socket&&) noexcept = default;
@@ -124,6 +141,9 @@ class socket {
 
   // The kind this socket was created or adopted as.
   [[nodiscard]] socket_kind kind() const noexcept { return kind_; }
+
+  // The domain this socket was created or adopted as: whether fds and credentials can cross it.
+  [[nodiscard]] socket_domain domain() const noexcept { return domain_; }
 
   // Gives up the fd; this socket becomes empty.
   [[nodiscard]] unique_fd release() noexcept { return std::move(fd_); }
@@ -147,7 +167,8 @@ class socket {
   // Sends buffers and fds (SCM_RIGHTS) with one sendmsg. The fds travel with the first byte
   // sent; if a stream send is partial, the rest must be sent without them (they went once).
   // The caller keeps its fds (the peer receives duplicates). Errors as send, plus:
-  // errc::too_many_fds (more than 253; nothing sent), EINVAL (fds with no data bytes on a
+  // errc::too_many_fds (more than 253; nothing sent), errc::not_supported (fds on a tcp socket,
+  // which cannot carry them; nothing sent), EINVAL (fds with no data bytes on a
   // stream, which the kernel would drop), EBADF (an fd is not open).
   [[nodiscard]] result<std::size_t> send_msg(std::span<const const_buffer> buffers,
                                              std::span<const int> fds,
@@ -237,12 +258,14 @@ class socket {
   // including an end inherited by another process.
   [[nodiscard]] result<void> set_non_blocking(bool on) noexcept;
 
-  // The peer's credentials from SO_PEERCRED: for a socketpair, the creator of the pair.
+  // The peer's credentials from SO_PEERCRED: for a socketpair, the creator of the pair; for a
+  // connection accepted from a unix listener, the process that connected. Errors:
+  // errc::not_supported (a tcp socket: no kernel vouches for a remote peer).
   [[nodiscard]] result<credentials> peer_credentials() const noexcept;
 
   // A pidfd of the peer's process (SO_PEERPIDFD, Linux 6.5+), close-on-exec. As with
   // peer_credentials, on a socketpair this names the creator of the pair.
-  // Errors: errc::not_supported (older kernel), ESRCH (that process has exited).
+  // Errors: errc::not_supported (older kernel, or a tcp socket), ESRCH (that process has exited).
   [[nodiscard]] result<unique_fd> peer_pidfd() const noexcept;
 
  private:
@@ -250,6 +273,7 @@ class socket {
 
   unique_fd fd_;
   socket_kind kind_ = socket_kind::stream;
+  socket_domain domain_ = socket_domain::local;
 };
 
 }  // namespace duplex

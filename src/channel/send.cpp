@@ -46,6 +46,10 @@ channel::impl::frame channel::impl::make_frame(std::uint64_t payload, std::size_
 
 result<std::size_t> channel::impl::write(detail::iovec_array& iov, std::span<const int> fds,
                                          bool blocking, std::size_t sent) {
+  // A TCP stream would carry the frame and silently drop its fds (and a pool's memfd).
+  if (sent == 0 && !fds.empty() && sock.domain() != socket_domain::local) {
+    return fail(errc::not_supported);
+  }
   const int fd = sock.native_handle();
   std::size_t written = sent;
   while (iov.size() > 0) {

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <limits.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -70,9 +71,21 @@ int to_socket_type(socket_kind kind) noexcept {
 result<socket> socket::from_fd(unique_fd fd) noexcept {
   auto domain = get_int_option(fd.get(), SOL_SOCKET, SO_DOMAIN);
   if (!domain) return std::unexpected(domain.error());
-  if (*domain != AF_UNIX) return fail(errc::wrong_kind);
   auto type = get_int_option(fd.get(), SOL_SOCKET, SO_TYPE);
   if (!type) return std::unexpected(type.error());
+  if (*domain == AF_INET || *domain == AF_INET6) {
+    // Only a connected TCP stream is a channel's end: a listening or unconnected one is not.
+    auto protocol = get_int_option(fd.get(), SOL_SOCKET, SO_PROTOCOL);
+    if (!protocol) return std::unexpected(protocol.error());
+    sockaddr_storage peer{};
+    socklen_t len = sizeof(peer);
+    if (*type != SOCK_STREAM || *protocol != IPPROTO_TCP ||
+        ::getpeername(fd.get(), reinterpret_cast<sockaddr*>(&peer), &len) != 0) {
+      return fail(errc::wrong_kind);
+    }
+    return socket(std::move(fd), socket_kind::stream, socket_domain::tcp);
+  }
+  if (*domain != AF_UNIX) return fail(errc::wrong_kind);
   switch (*type) {
     case SOCK_STREAM: return socket(std::move(fd), socket_kind::stream);
     case SOCK_DGRAM: return socket(std::move(fd), socket_kind::datagram);
@@ -92,6 +105,8 @@ result<std::size_t> socket::send(std::span<const const_buffer> buffers, io_flags
 result<std::size_t> socket::send_msg(std::span<const const_buffer> buffers,
                                      std::span<const int> fds, io_flags flags) {
   if (fds.size() > max_fds_per_message) return fail(errc::too_many_fds);
+  // A TCP stream would carry the bytes and silently drop the fds.
+  if (!fds.empty() && domain_ != socket_domain::local) return fail(errc::not_supported);
   if (buffers.size() > IOV_MAX) return fail_errno(EMSGSIZE);
   detail::iovec_array iov(buffers);
   if (!fds.empty() && iov.total() == 0 && kind_ == socket_kind::stream) {
@@ -290,6 +305,8 @@ result<void> socket::set_non_blocking(bool on) noexcept {
 }
 
 result<credentials> socket::peer_credentials() const noexcept {
+  // On TCP the kernel answers with pid 0 and uid -1: nothing it could vouch for.
+  if (domain_ != socket_domain::local) return fail(errc::not_supported);
   ucred cred{};
   socklen_t len = sizeof(cred);
   if (::getsockopt(fd_.get(), SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return fail_errno(errno);
@@ -297,6 +314,7 @@ result<credentials> socket::peer_credentials() const noexcept {
 }
 
 result<unique_fd> socket::peer_pidfd() const noexcept {
+  if (domain_ != socket_domain::local) return fail(errc::not_supported);
   int pidfd = -1;
   socklen_t len = sizeof(pidfd);
   if (::getsockopt(fd_.get(), SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len) != 0) {
