@@ -5,6 +5,7 @@
 #include "duplex/buffer.hpp"
 #include "duplex/channel.hpp"
 #include "duplex/codec.hpp"
+#include "duplex/endpoint.hpp"
 #include "duplex/error.hpp"
 #include "duplex/fd.hpp"
 #include "duplex/framing.hpp"

@@ -67,6 +67,10 @@ enum class errc : int {
   // on the thread running it: it cannot proceed until the callback returns, so it was refused
   // at once (nothing consumed). Receive after the batch instead.
   reentrant_call,
+  // An endpoint's handshake failed: the peer's key is not ours (its answer to our challenge was
+  // wrong, or it refused ours), or it speaks only the legacy HMAC-MD5 form and that is refused
+  // (endpoint_options::allow_legacy_md5). The connection was closed.
+  authentication_failed,
 };
 
 // The category of duplex::errc; its name is "duplex".

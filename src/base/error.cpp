@@ -30,6 +30,7 @@ class category_impl final : public std::error_category {
       case errc::bad_environment: return "DUPLEX_FD is set, but not to an fd number";
       case errc::reentrant_call:
         return "receive called from inside a receive_batch callback of the same channel";
+      case errc::authentication_failed: return "the peer failed authentication, or refused ours";
     }
     return "unknown duplex error " + std::to_string(value);
   }
@@ -71,6 +72,7 @@ std::string_view to_string(errc e) noexcept {
     case errc::queue_full: return "queue_full";
     case errc::bad_environment: return "bad_environment";
     case errc::reentrant_call: return "reentrant_call";
+    case errc::authentication_failed: return "authentication_failed";
   }
   return "unknown";
 }

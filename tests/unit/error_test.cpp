@@ -9,11 +9,24 @@ namespace duplex {
 namespace {
 
 constexpr errc all_codes[] = {
-    errc::peer_closed,    errc::message_too_large, errc::truncated_message, errc::buffer_too_small,
-    errc::fds_truncated,  errc::too_many_fds,      errc::protocol_error,    errc::broken,
-    errc::would_block,    errc::timed_out,         errc::not_supported,     errc::wrong_kind,
-    errc::closed,         errc::not_inherited,     errc::queue_full,        errc::bad_environment,
+    errc::peer_closed,
+    errc::message_too_large,
+    errc::truncated_message,
+    errc::buffer_too_small,
+    errc::fds_truncated,
+    errc::too_many_fds,
+    errc::protocol_error,
+    errc::broken,
+    errc::would_block,
+    errc::timed_out,
+    errc::not_supported,
+    errc::wrong_kind,
+    errc::closed,
+    errc::not_inherited,
+    errc::queue_full,
+    errc::bad_environment,
     errc::reentrant_call,
+    errc::authentication_failed,
 };
 
 TEST(error, CategoryIsNamedDuplex) { EXPECT_STREQ(error_category().name(), "duplex"); }
