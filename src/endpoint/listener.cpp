@@ -119,11 +119,16 @@ void listener::impl::take_connections() {
       if (!took || !reserve.valid()) return;
       continue;
     }
-    if (err == ENOBUFS || err == ENOMEM) {
-      resting_until = clock::now() + rest_when_starved;
-      return;
+    // The connection's own failure (accept(2) passes on a pending connection's network errors):
+    // that connection is gone, take the next.
+    if (err == ECONNABORTED || err == EPROTO || err == EPERM || err == ENETDOWN ||
+        err == ENOPROTOOPT || err == EHOSTDOWN || err == ENONET || err == EHOSTUNREACH ||
+        err == EOPNOTSUPP || err == ENETUNREACH) {
+      continue;
     }
-    // The connection's own failure (ECONNABORTED, EPROTO, EPERM, a network error): take the next.
+    // No memory, or anything else: the listening fd rests rather than spin on it.
+    resting_until = clock::now() + rest_when_starved;
+    return;
   }
 }
 
