@@ -5,6 +5,7 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -21,6 +22,7 @@
 
 #include "duplex/channel.hpp"
 #include "duplex/socket.hpp"
+#include "duplex/waiter.hpp"
 #include "endpoint/handshake.hpp"
 #include "support.hpp"
 
@@ -249,6 +251,65 @@ TEST_F(endpoint_test, AcceptedTcpConnectionNamesThePeerAndRefusesWhatCannotCross
   EXPECT_THAT(c.send(as_bytes("x"), fds), HasError(errc::not_supported));
   EXPECT_THAT(conn.chan.peer_credentials(), HasError(errc::not_supported));
   EXPECT_THAT(conn.chan.receive(50ms), HasError(errc::timed_out));
+}
+
+int int_option(int fd, int level, int name) {
+  int v = -1;
+  socklen_t len = sizeof v;
+  EXPECT_EQ(::getsockopt(fd, level, name, &v, &len), 0);
+  return v;
+}
+
+TEST_F(endpoint_test, TcpNodelayByDefaultAndKeepaliveAsAsked) {
+  listener_options o;
+  o.endpoint.keepalive = {.enabled = true, .idle = 30s, .interval = 5s, .count = 3};
+  auto l = test::must(listener::listen(test::must(address::parse("tcp:127.0.0.1:0")), o));
+  auto c = test::must(connect(l.local_address(), {}, 5s));
+  auto conn = test::must(l.accept(5s));
+  EXPECT_EQ(int_option(c.native_handle(), IPPROTO_TCP, TCP_NODELAY), 1);
+  EXPECT_EQ(int_option(c.native_handle(), SOL_SOCKET, SO_KEEPALIVE), 0);
+  const int s = conn.chan.native_handle();
+  EXPECT_EQ(int_option(s, IPPROTO_TCP, TCP_NODELAY), 1);
+  EXPECT_EQ(int_option(s, SOL_SOCKET, SO_KEEPALIVE), 1);
+  EXPECT_EQ(int_option(s, IPPROTO_TCP, TCP_KEEPIDLE), 30);
+  EXPECT_EQ(int_option(s, IPPROTO_TCP, TCP_KEEPINTVL), 5);
+  EXPECT_EQ(int_option(s, IPPROTO_TCP, TCP_KEEPCNT), 3);
+  endpoint_options off;
+  off.tcp_nodelay = false;
+  auto c2 = test::must(connect(l.local_address(), off, 5s));
+  EXPECT_EQ(int_option(c2.native_handle(), IPPROTO_TCP, TCP_NODELAY), 0);
+  (void)l.accept(1s);
+  o.endpoint.keepalive.count = 0;
+  EXPECT_THAT(listener::listen(test::must(address::parse("tcp:127.0.0.1:0")), o),
+              HasError(test::sys(EINVAL)));
+}
+
+TEST_F(endpoint_test, KeyedClientOfAKeylessListenerTimesOut) {
+  auto l = test::must(listener::listen(test::must(address::unix_abstract(unique_name("nokey")))));
+  endpoint_options keyed;
+  keyed.authkey = key_of("k");
+  const auto start = std::chrono::steady_clock::now();
+  result<channel> c = fail(errc::closed);
+  std::thread t([&] { c = connect(l.local_address(), keyed, 300ms); });
+  auto conn = l.accept(5s);  // no key: the connection is handed out at once, and says nothing
+  t.join();
+  EXPECT_THAT(conn, Succeeded());
+  EXPECT_THAT(c, HasError(errc::timed_out));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 3s);
+}
+
+TEST_F(endpoint_test, ListenerFdWorksInAWaiter) {
+  auto l = test::must(listener::listen(test::must(address::unix_abstract(unique_name("w")))));
+  auto w = test::must(waiter::create());
+  ASSERT_THAT(w.add(l.native_handle(), 7), Succeeded());
+  EXPECT_THAT(w.wait(20ms), HasError(errc::timed_out));  // nothing waiting yet
+  auto c = test::must(connect(l.local_address(), {}, 5s));
+  ASSERT_THAT(w.wait(5s), Succeeded());
+  auto e = w.next();
+  ASSERT_TRUE(e);
+  EXPECT_EQ(e->key, 7U);
+  EXPECT_THAT(l.accept(0ns), Succeeded());
+  ASSERT_THAT(w.remove(l.native_handle()), Succeeded());
 }
 
 TEST_F(endpoint_test, UnixConnectionCarriesTheConnectingProcessCredentialsAndPidfd) {
