@@ -166,7 +166,9 @@ struct listener_options {
   // byte is read or written; empty: any uid.
   std::vector<uid_t> allowed_uids;
   // Called (on the accepting thread, inside accept) for each connection that failed before it
-  // became a channel. Optional; failures() counts them either way. Must not call accept.
+  // became a channel (that connection is closed once the call returns). Optional; failures()
+  // counts them either way. Must not call accept or close on this listener; an exception it
+  // throws leaves accept (the listener stays usable).
   std::function<void(const accept_failure&)> on_failure;
 };
 

@@ -68,9 +68,16 @@ struct listener::impl {
   std::atomic<std::uint64_t> failure_count{0};
   std::optional<accept_failure> last;
 
+  // Counts a failed connection, and keeps and passes on its description when there is memory
+  // for it (the count is kept even when there is not).
   void report(const std::string& peer, std::error_code ec, std::string why) {
-    accept_failure f{peer, ec, why.empty() ? ec.message() : std::move(why)};
     failure_count.fetch_add(1, std::memory_order_relaxed);
+    accept_failure f;
+    try {
+      f = {peer, ec, why.empty() ? ec.message() : std::move(why)};
+    } catch (const std::bad_alloc&) {
+      return;
+    }
     if (options.on_failure) options.on_failure(f);
     const std::lock_guard lock(failure_mutex);
     last = std::move(f);
@@ -180,8 +187,8 @@ void listener::impl::admit(unique_fd conn, const sockaddr_storage& from, socklen
   }
 }
 
-// Moves a handshake on; a finished one goes to ready, a failed one is reported. The caller
-// removes both from handshaking (events 0 marks them).
+// Moves a handshake on; a finished one goes to ready, a failed one is reported and closed. Either
+// way its fd here is left empty, which is how the caller knows to remove it from handshaking.
 void listener::impl::step(pending& p) {
   auto events = detail::pump(p.fd.get(), options.endpoint.kind, *p.hs);
   if (events && *events != 0) {
