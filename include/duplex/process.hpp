@@ -215,14 +215,17 @@ struct inherited_options {
 };
 
 // In a child started by spawn (or any parent keeping the DUPLEX_FD contract): takes the end named
-// by DUPLEX_FD, checks that it is an AF_UNIX stream or seqpacket socket (of the expected kind),
-// marks it close-on-exec so that programs this child starts do not inherit it, and returns it as a
-// channel. The environment is left as it is. Call it once: the channel owns the fd.
+// by DUPLEX_FD, checks that it is an AF_UNIX stream or seqpacket socket, or a connected TCP
+// stream (an endpoint's connection handed to a worker, which makes a tcp channel:
+// docs/endpoints.md), of the expected kind, marks it close-on-exec so that programs this child
+// starts do not inherit it, and returns it as a channel. The environment is left as it is. Call
+// it once: the channel owns the fd.
 // Errors: errc::not_inherited (DUPLEX_FD is not set), errc::bad_environment (DUPLEX_FD is set but
 // is not an fd number: not digits alone, or beyond int), EBADF (no such fd is open), ENOTSOCK
-// (the fd is not a socket), errc::wrong_kind (not AF_UNIX, a datagram socket, not the kind asked
-// for, or a seqpacket socket with framing::python), EINVAL (options.channel out of range, as
-// channel::create refuses them), EBUSY (already taken by an earlier call in this process).
+// (the fd is not a socket), errc::wrong_kind (neither AF_UNIX nor a connected TCP stream, a
+// datagram socket, not the kind asked for, or a seqpacket socket with framing::python), EINVAL
+// (options.channel out of range, as channel::create refuses them), EBUSY (already taken by an
+// earlier call in this process).
 // Every check comes before the fd is taken: on any error the fd is left open and untaken, so a
 // call with corrected options can still take it.
 [[nodiscard]] result<channel> inherited_channel(const inherited_options& options = {});

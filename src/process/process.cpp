@@ -28,6 +28,7 @@
 #include "channel/channel_check.hpp"
 #include "duplex/socket_pair.hpp"
 #include "process/spawn_child.hpp"
+#include "socket/classify.hpp"
 
 #ifndef CLONE_PIDFD
 #define CLONE_PIDFD 0x00001000
@@ -461,21 +462,10 @@ result<channel> inherited_channel(const inherited_options& options) {
   // Check before owning: an fd that is not ours to take must not be closed on the way out, and
   // options channel::create refuses must not cost the caller its end.
   if (::fcntl(fd, F_GETFD) < 0) return fail_errno(errno);
-  int domain = 0;
-  int type = 0;
-  socklen_t len = sizeof(int);
-  if (::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) != 0) return fail_errno(errno);
-  len = sizeof(int);
-  if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0) return fail_errno(errno);
-  socket_kind kind{};
-  if (domain != AF_UNIX) return fail(errc::wrong_kind);
-  if (type == SOCK_STREAM) {
-    kind = socket_kind::stream;
-  } else if (type == SOCK_SEQPACKET) {
-    kind = socket_kind::seqpacket;
-  } else {
-    return fail(errc::wrong_kind);
-  }
+  auto shape = detail::classify_socket(fd);
+  if (!shape) return std::unexpected(shape.error());
+  const socket_kind kind = shape->kind;
+  if (kind == socket_kind::datagram) return fail(errc::wrong_kind);
   if (options.kind && *options.kind != kind) return fail(errc::wrong_kind);
   if (auto ok = detail::check_channel(kind, options.channel); !ok) {
     return std::unexpected(ok.error());
@@ -486,7 +476,7 @@ result<channel> inherited_channel(const inherited_options& options) {
     taken.store(false);
     return fail_errno(errno);
   }
-  return channel::create(socket(unique_fd(fd), kind), options.channel);
+  return channel::create(socket(unique_fd(fd), kind, shape->domain), options.channel);
 }
 
 std::string describe_inherited_error(const std::error_code& ec) {
@@ -501,7 +491,9 @@ std::string describe_inherited_error(const std::error_code& ec) {
     return named + ", which is not a socket";
   }
   if (ec == errc::wrong_kind) {
-    return named + ", which is not an AF_UNIX stream or seqpacket socket of the kind asked for";
+    return named +
+           ", which is not an AF_UNIX stream or seqpacket socket (or a connected TCP "
+           "stream) of the kind asked for";
   }
   if (ec == std::error_code(EINVAL, std::system_category())) {
     return named + ", but the channel options are out of range (the end was not taken)";

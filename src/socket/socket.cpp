@@ -12,6 +12,7 @@
 #include <cerrno>
 
 #include "base/syscall.hpp"
+#include "socket/classify.hpp"
 #include "socket/io.hpp"
 
 #ifndef SO_PEERPIDFD
@@ -68,30 +69,36 @@ int to_socket_type(socket_kind kind) noexcept {
   return -1;
 }
 
-result<socket> socket::from_fd(unique_fd fd) noexcept {
-  auto domain = get_int_option(fd.get(), SOL_SOCKET, SO_DOMAIN);
+result<detail::socket_shape> detail::classify_socket(int fd) noexcept {
+  auto domain = get_int_option(fd, SOL_SOCKET, SO_DOMAIN);
   if (!domain) return std::unexpected(domain.error());
-  auto type = get_int_option(fd.get(), SOL_SOCKET, SO_TYPE);
+  auto type = get_int_option(fd, SOL_SOCKET, SO_TYPE);
   if (!type) return std::unexpected(type.error());
   if (*domain == AF_INET || *domain == AF_INET6) {
     // Only a connected TCP stream is a channel's end: a listening or unconnected one is not.
-    auto protocol = get_int_option(fd.get(), SOL_SOCKET, SO_PROTOCOL);
+    auto protocol = get_int_option(fd, SOL_SOCKET, SO_PROTOCOL);
     if (!protocol) return std::unexpected(protocol.error());
     sockaddr_storage peer{};
     socklen_t len = sizeof(peer);
     if (*type != SOCK_STREAM || *protocol != IPPROTO_TCP ||
-        ::getpeername(fd.get(), reinterpret_cast<sockaddr*>(&peer), &len) != 0) {
+        ::getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &len) != 0) {
       return fail(errc::wrong_kind);
     }
-    return socket(std::move(fd), socket_kind::stream, socket_domain::tcp);
+    return socket_shape{socket_kind::stream, socket_domain::tcp};
   }
   if (*domain != AF_UNIX) return fail(errc::wrong_kind);
   switch (*type) {
-    case SOCK_STREAM: return socket(std::move(fd), socket_kind::stream);
-    case SOCK_DGRAM: return socket(std::move(fd), socket_kind::datagram);
-    case SOCK_SEQPACKET: return socket(std::move(fd), socket_kind::seqpacket);
+    case SOCK_STREAM: return socket_shape{socket_kind::stream, socket_domain::local};
+    case SOCK_DGRAM: return socket_shape{socket_kind::datagram, socket_domain::local};
+    case SOCK_SEQPACKET: return socket_shape{socket_kind::seqpacket, socket_domain::local};
     default: return fail(errc::wrong_kind);
   }
+}
+
+result<socket> socket::from_fd(unique_fd fd) noexcept {
+  auto shape = detail::classify_socket(fd.get());
+  if (!shape) return std::unexpected(shape.error());
+  return socket(std::move(fd), shape->kind, shape->domain);
 }
 
 result<std::size_t> socket::send(const_buffer data, io_flags flags) noexcept {

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "duplex/channel.hpp"
+#include "duplex/process.hpp"
 #include "duplex/socket.hpp"
 #include "duplex/waiter.hpp"
 #include "endpoint/handshake.hpp"
@@ -94,6 +95,26 @@ TEST_F(endpoint_test, TcpChannelRefusesFdsAndSharedMemorySendingNothing) {
   auto m = b.receive(1s);
   ASSERT_THAT(m, Succeeded());
   EXPECT_EQ(m->text(), "after");
+}
+
+TEST_F(endpoint_test, InheritedChannelTakesAConnectedTcpStream) {
+  // What a server does for a worker: the connection at an fd named by DUPLEX_FD.
+  auto [c, s] = raw_tcp_pair();
+  const int status = test::run_in_child([&, fd = s.get()] {
+    if (::setenv("DUPLEX_FD", std::to_string(fd).c_str(), 1) != 0) return 1;
+    auto ch = inherited_channel();
+    if (!ch) return 2;
+    if (ch->kind() != socket_kind::stream) return 3;
+    const std::array<int, 1> fds{0};
+    if (ch->send(as_bytes("x"), fds).error() != errc::not_supported) return 4;
+    return ch->send(as_bytes("from the worker")) ? 0 : 5;
+  });
+  EXPECT_EQ(status, 0);
+  s.reset();
+  auto a = test::must(channel::create(test::must(socket::from_fd(std::move(c)))));
+  auto m = a.receive(5s);
+  ASSERT_THAT(m, Succeeded());
+  EXPECT_EQ(m->text(), "from the worker");
 }
 
 // --- addresses --------------------------------------------------------------------------------
