@@ -37,8 +37,8 @@ std::string python_of(generation g) {
 }
 
 std::string name_of(generation g) {
-  return g == generation::modern ? "a CPython 3.12 or later (DUPLEX_PYTHON_MODERN)"
-                                 : "a CPython 3.11 or earlier (DUPLEX_PYTHON_LEGACY)";
+  return g == generation::modern ? "CPython 3.12 or later (DUPLEX_PYTHON_MODERN)"
+                                 : "CPython 3.11 or earlier (DUPLEX_PYTHON_LEGACY)";
 }
 
 // A Python process running endpoint_peer.py, its stdout read line by line.
