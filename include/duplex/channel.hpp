@@ -220,17 +220,17 @@ class channel {
   // own). Blocks until the whole message is written. Errors: errc::message_too_large (over
   // max_message_size, or over the kernel's packet limit on seqpacket; nothing sent),
   // errc::too_many_fds (over 253; nothing sent), errc::not_supported (fds with
-  // framing::python), errc::peer_closed (EPIPE/ECONNRESET), errc::broken, errc::closed,
-  // EBADF (an fd is not open); and local limits, which change nothing (the message is not sent,
-  // the channel goes on, what try_send queued stays queued): ETOOMANYREFS (this user's fds in
-  // flight, sent on any socket and not yet received, are over its RLIMIT_NOFILE; root is exempt),
-  // ENOBUFS or ENOMEM (no kernel memory). A local error after the frame's first byte (and its
-  // fds) went out is not returned: the rest waits in the outgoing queue (wants_write()) and goes
-  // first with the next send or flush, which reports the error if it persists; the message is
-  // accepted, do not send it again; only if no memory can be had for that rest is ENOMEM
-  // returned, with the channel broken (errc::broken after: the stream cannot go on mid-frame).
-  // With shared memory, a send past shared_memory.max_in_flight waits for the peer to read
-  // (errc::closed if close() ends the wait).
+  // framing::python, or on a tcp channel: no fd crosses a host; nothing sent), errc::peer_closed
+  // (EPIPE/ECONNRESET), errc::broken, errc::closed, EBADF (an fd is not open); and local limits,
+  // which change nothing (the message is not sent, the channel goes on, what try_send queued stays
+  // queued): ETOOMANYREFS (this user's fds in flight, sent on any socket and not yet received, are
+  // over its RLIMIT_NOFILE; root is exempt), ENOBUFS or ENOMEM (no kernel memory). A local error
+  // after the frame's first byte (and its fds) went out is not returned: the rest waits in the
+  // outgoing queue (wants_write()) and goes first with the next send or flush, which reports the
+  // error if it persists; the message is accepted, do not send it again; only if no memory can be
+  // had for that rest is ENOMEM returned, with the channel broken (errc::broken after: the stream
+  // cannot go on mid-frame). With shared memory, a send past shared_memory.max_in_flight waits for
+  // the peer to read (errc::closed if close() ends the wait).
   [[nodiscard]] result<void> send(std::span<const const_buffer> parts, std::span<const int> fds);
 
   // Sends bytes as one message.
@@ -297,7 +297,8 @@ class channel {
   // whatever shared_memory.enabled says), or in a memfd of its own when the pool has no room (a
   // memfd's buffer is not mapped in a child forked meanwhile: fill it in this process). Errors:
   // errc::closed, errc::broken, errc::message_too_large (over max_message_size),
-  // errc::not_supported (framing::python), ENOMEM / EMFILE (memfd_create, mmap).
+  // errc::not_supported (framing::python), ENOMEM / EMFILE (memfd_create, mmap). On a tcp
+  // channel the buffer cannot travel: sending it gives errc::not_supported, nothing sent.
   [[nodiscard]] result<shared_buffer> allocate(std::size_t size);
 
   // Sends a buffer from allocate() as one message, with fds, without copying it (blocking, as
@@ -428,10 +429,12 @@ class channel {
   void close() noexcept;
 
   // The peer's credentials (SO_PEERCRED): for a socketpair, the process that created the pair,
-  // not a child that inherited the other end.
+  // not a child that inherited the other end; for a unix endpoint, the process that connected
+  // or listened. Errors: errc::not_supported (a tcp channel: no kernel vouches for a remote peer).
   [[nodiscard]] result<credentials> peer_credentials() const;
 
-  // A pidfd of the process that created the pair (SO_PEERPIDFD). Errors: errc::not_supported.
+  // A pidfd of the peer process named by peer_credentials() (SO_PEERPIDFD). Errors:
+  // errc::not_supported (an older kernel, or a tcp channel).
   [[nodiscard]] result<unique_fd> peer_pidfd() const;
 
  private:
