@@ -164,6 +164,7 @@ class child {
 
  private:
   friend result<child> spawn(std::span<const std::string>, const spawn_options&);
+  friend result<child> spawn(std::span<const std::string>, unique_fd, const spawn_options&);
   friend result<child> fork_with_channel(const std::function<int(duplex::channel&)>&,
                                          const struct fork_options&);
   void reap_on_destruction() noexcept;
@@ -182,6 +183,15 @@ class child {
 // working directory that does not exist), errors of socket_pair and channel::create, and
 // EAGAIN/ENOMEM from clone. On error no child is left running and nothing leaks.
 [[nodiscard]] result<child> spawn(std::span<const std::string> argv,
+                                  const spawn_options& options = {});
+
+// spawn, handing the child an end the caller already has instead of a new pair's: `end` (a
+// connected socket, such as an accepted connection's, or any fd) is placed at child_fd with
+// DUPLEX_FD naming it, exactly as a pair's end would be, and closed in this process once the
+// child holds it (also on error). options.kind and options.channel are not used, and the
+// returned child's channel() is empty: the conversation is the child's and its peer's. Errors:
+// EBADF (end is empty), and those of spawn but socket_pair's and channel::create's.
+[[nodiscard]] result<child> spawn(std::span<const std::string> argv, unique_fd end,
                                   const spawn_options& options = {});
 
 // spawn with argv given as a list: spawn({"worker", "--flag"}).

@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -312,6 +313,19 @@ result<void> child::kill(int signal) {
 }
 
 result<child> spawn(std::span<const std::string> argv, const spawn_options& options) {
+  auto pair = socket_pair(options.kind);  // close-on-exec; the child moves its end into place
+  if (!pair) return std::unexpected(pair.error());
+  auto parent_end = channel::create(std::move(pair->first), options.channel);
+  if (!parent_end) return std::unexpected(parent_end.error());
+  auto c = spawn(argv, pair->second.release(), options);  // closes the child's end here
+  if (!c) return c;
+  c->channel_ = std::move(*parent_end);
+  return c;
+}
+
+result<child> spawn(std::span<const std::string> argv, unique_fd end,
+                    const spawn_options& options) {
+  if (!end.valid()) return fail_errno(EBADF);
   if (argv.empty() || options.child_fd < 3) return fail_errno(EINVAL);
   // The child inherits this process's fd limit, and no fd at or above it can exist there (dup2
   // itself says EBADF for such a number). Refused here, before anything starts.
@@ -325,11 +339,6 @@ result<child> spawn(std::span<const std::string> argv, const spawn_options& opti
   if (!env) return std::unexpected(env.error());
   auto path = find_program(argv[0], *env);
   if (!path) return std::unexpected(path.error());
-
-  auto pair = socket_pair(options.kind);  // close-on-exec; the child moves its end into place
-  if (!pair) return std::unexpected(pair.error());
-  auto parent_end = channel::create(std::move(pair->first), options.channel);
-  if (!parent_end) return std::unexpected(parent_end.error());
 
   std::vector<const char*> c_argv;
   c_argv.reserve(argv.size() + 1);
@@ -345,7 +354,7 @@ result<child> spawn(std::span<const std::string> argv, const spawn_options& opti
   plan.argv = const_cast<char* const*>(c_argv.data());
   plan.envp = const_cast<char* const*>(env->data());
   plan.cwd = options.working_directory.empty() ? nullptr : options.working_directory.c_str();
-  plan.end_fd = pair->second.native_handle();
+  plan.end_fd = end.get();
   plan.child_fd = options.child_fd;
   plan.null_stdin = options.stdin_mode == stdio_mode::null;
   plan.null_stdout = options.stdout_mode == stdio_mode::null;
@@ -372,9 +381,7 @@ result<child> spawn(std::span<const std::string> argv, const spawn_options& opti
     static_cast<void>(c.wait());  // reap the failed child: no zombie
     return fail_errno(plan.error);
   }
-  pair->second.close();  // the child's copy is its own now
-  c.channel_ = std::move(*parent_end);
-  return c;
+  return c;  // end is closed on the way out: the child's copy is its own now
 }
 
 result<child> fork_with_channel(const std::function<int(duplex::channel&)>& fn,

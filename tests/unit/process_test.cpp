@@ -31,6 +31,7 @@
 #include <thread>
 #include <vector>
 
+#include "duplex/endpoint.hpp"
 #include "duplex/socket_pair.hpp"
 #include "duplex/waiter.hpp"
 #include "support.hpp"
@@ -109,6 +110,66 @@ std::string run_with_env(const std::vector<std::string>& argv, std::vector<std::
   test::reap(pid);
   if (!out.empty() && out.back() == '\n') out.pop_back();
   return out;
+}
+
+// --- spawn with an end the caller has --------------------------------------------------------
+
+TEST_P(process_kind_test, ASpawnedChildTalksOverAnEndItWasGiven) {
+  auto pair = test::must(socket_pair(GetParam()));
+  const int given = pair.second.native_handle();
+  auto c = spawn(std::vector<std::string>{test_child, "echo"}, pair.second.release());
+  ASSERT_THAT(c, Succeeded());
+  EXPECT_FALSE(c->channel().is_open());    // the conversation is the child's
+  EXPECT_EQ(::fcntl(given, F_GETFD), -1);  // closed here once the child held it
+  auto mine = test::must(channel::create(std::move(pair.first)));
+  ASSERT_THAT(mine.send(as_bytes("given")), Succeeded());
+  auto m = mine.receive(30s);
+  ASSERT_THAT(m, Succeeded());
+  EXPECT_EQ(m->text(), "given");
+  ASSERT_THAT(mine.shutdown_send(), Succeeded());
+  auto status = c->wait();
+  ASSERT_THAT(status, Succeeded());
+  EXPECT_TRUE(status->success()) << status->describe();
+}
+
+TEST_F(process_test, AnEndThatCannotBeGivenIsRefusedAndClosed) {
+  EXPECT_THAT(spawn(std::vector<std::string>{test_child, "echo"}, unique_fd()),
+              HasError(sys(EBADF)));
+  auto pair = test::must(socket_pair(socket_kind::stream));
+  const int given = pair.second.native_handle();
+  EXPECT_THAT(spawn(std::vector<std::string>{"/nonexistent/program"}, pair.second.release()),
+              HasError(sys(ENOENT)));
+  EXPECT_EQ(::fcntl(given, F_GETFD), -1);  // closed on error too
+}
+
+TEST_F(process_test, AChildInheritsAConnectedTcpStreamAsItsChannel) {
+  auto l = test::must(listener::listen(test::must(address::parse("tcp:127.0.0.1:0"))));
+  auto client = test::must(connect(l.local_address(), {}, 30s));
+  auto conn = test::must(l.accept(30s));
+  unique_fd end(::fcntl(conn.chan.native_handle(), F_DUPFD_CLOEXEC, 3));
+  ASSERT_TRUE(end.valid());
+  conn.chan.close();
+  auto c = spawn(std::vector<std::string>{test_child, "echo"}, std::move(end));
+  ASSERT_THAT(c, Succeeded());
+  ASSERT_THAT(client.send(as_bytes("over tcp")), Succeeded());
+  auto m = client.receive(30s);
+  ASSERT_THAT(m, Succeeded());
+  EXPECT_EQ(m->text(), "over tcp");
+  ASSERT_THAT(client.shutdown_send(), Succeeded());
+  auto status = c->wait();
+  ASSERT_THAT(status, Succeeded());
+  EXPECT_TRUE(status->success()) << status->describe();
+  // A listening TCP socket is no channel's end: the child's inherited_channel refuses it (the
+  // test child exits 100 then).
+  unique_fd listening(::fcntl(l.native_handle(), F_DUPFD_CLOEXEC, 3));
+  ASSERT_TRUE(listening.valid());
+  spawn_options quiet;
+  quiet.stderr_mode = stdio_mode::null;
+  auto refused = spawn(std::vector<std::string>{test_child, "echo"}, std::move(listening), quiet);
+  ASSERT_THAT(refused, Succeeded());
+  auto refused_status = refused->wait();
+  ASSERT_THAT(refused_status, Succeeded());
+  EXPECT_EQ(refused_status->code(), 100);
 }
 
 // --- spawn and the channel -------------------------------------------------------------------
