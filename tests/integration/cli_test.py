@@ -1,14 +1,19 @@
-"""End-to-end tests of the duplex command line: exit statuses, help, demo, info, run and bench.
+"""End-to-end tests of the duplex command line: exit statuses, help, demo, info, run, connect,
+serve and bench.
 
 Usage: python3 cli_test.py PATH_TO_DUPLEX
 """
+import glob
 import json
 import os
 import pty
 import re
 import resource
 import select
+import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -33,11 +38,11 @@ class Usage(unittest.TestCase):
     def test_help_lists_every_command(self):
         r = run("--help")
         self.assertEqual(r.returncode, 0, r.stderr)
-        for command in ("demo", "info", "run"):
+        for command in ("demo", "info", "run", "connect", "serve", "bench"):
             self.assertIn(command, r.stdout)
 
     def test_each_command_has_help(self):
-        for command in ("demo", "info", "run"):
+        for command in ("demo", "info", "run", "connect", "serve", "bench"):
             r = run(command, "--help")
             self.assertEqual(r.returncode, 0, r.stderr)
             self.assertIn("Usage:", r.stdout)
@@ -472,6 +477,483 @@ class RunEnds(unittest.TestCase):
             self.fail("the child of a killed duplex run is still running")
 
 
+def find_python(modern):
+    """A CPython of one handshake generation: 3.12 or later (modern: the "{sha256}" challenge) or
+    3.11 and earlier (legacy: HMAC-MD5), searched as the interop tests search (the environment's
+    DUPLEX_PYTHON_MODERN or DUPLEX_PYTHON_LEGACY, this interpreter, python3.N in PATH, pyenv's
+    versions); None if the machine has none."""
+    names = ["python3.14", "python3.13", "python3.12"] if modern else \
+        ["python3.11", "python3.10", "python3.9"]
+    candidates = [os.environ.get("DUPLEX_PYTHON_MODERN" if modern else "DUPLEX_PYTHON_LEGACY"),
+                  sys.executable, "/usr/bin/python3"]
+    candidates += [shutil.which(n) for n in names]
+    root = os.environ.get("PYENV_ROOT", os.path.expanduser("~/.pyenv"))
+    candidates += sorted(glob.glob(os.path.join(root, "versions", "3.*", "bin", "python3")),
+                         reverse=True)
+    test = ("import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)" if modern else
+            "import sys; sys.exit(0 if (3, 6) <= sys.version_info < (3, 12) else 1)")
+    for c in candidates:
+        if not c or not os.path.exists(c):
+            continue
+        try:
+            if subprocess.run([c, "-c", test], timeout=20, capture_output=True).returncode == 0:
+                return c
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return None
+
+
+PYTHONS = {}
+
+
+def python_of(generation):
+    if generation not in PYTHONS:
+        PYTHONS[generation] = find_python(generation == "modern")
+    return PYTHONS[generation]
+
+
+# CPython's side of an endpoint test, run under a chosen interpreter: its own Client or Listener,
+# the authkey read from a file (or none with "-").
+PY_CLIENT = """
+import sys
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Client
+family, where, keyfile = sys.argv[1], sys.argv[2], sys.argv[3]
+address = where if family == "AF_UNIX" else (where.rpartition(":")[0], int(where.rpartition(":")[2]))
+key = None if keyfile == "-" else open(keyfile, "rb").read()
+try:
+    with Client(address, family, authkey=key) as c:
+        for text in sys.argv[4:]:
+            c.send_bytes(text.encode())
+            print(c.recv_bytes().decode(), flush=True)
+except AuthenticationError as e:
+    print("AuthenticationError:", e, file=sys.stderr)
+    sys.exit(3)
+"""
+
+PY_LISTENER = """
+import sys
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import Listener
+keyfile = sys.argv[1]
+key = None if keyfile == "-" else open(keyfile, "rb").read()
+with Listener(("127.0.0.1", 0), "AF_INET", authkey=key) as l:
+    print(l.address[1], flush=True)
+    try:
+        c = l.accept()
+    except AuthenticationError:
+        print("AuthenticationError", flush=True)
+        sys.exit(3)
+    with c:
+        while True:
+            try:
+                m = c.recv_bytes()
+            except EOFError:
+                sys.exit(0)
+            c.send_bytes(m[::-1])
+"""
+
+
+def free_tcp_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Endpoints(unittest.TestCase):
+    """duplex serve and duplex connect: with each other and with CPython's own Client and
+    Listener (both handshake generations), keys from files, and every way they end."""
+
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.key = self.keyfile("key", b"the shared secret\n")
+        self.wrong = self.keyfile("wrong", b"not the secret")
+        self.pidfile = os.path.join(self.tmp.name, "child.pid")
+        self.env = dict(os.environ, RUN_PEER_PIDFILE=self.pidfile)
+        self.procs = []
+
+    def tearDown(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            for f in (p.stdin, p.stdout, p.stderr):
+                if f is not None:
+                    try:
+                        f.close()
+                    except OSError:
+                        pass
+        self.tmp.cleanup()
+
+    def keyfile(self, name, data):
+        path = os.path.join(self.tmp.name, name)
+        with open(path, "wb") as f:
+            f.write(data)
+        return path
+
+    def path(self, name="s.sock"):
+        return os.path.join(self.tmp.name, name)
+
+    def serve(self, address, *peer, extra=(), command=None):
+        p = subprocess.Popen(
+            [DUPLEX, "serve", "--framing", "python", *extra, address, "--",
+             *(command or (sys.executable, PEER, *peer))],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=self.env, preexec_fn=default_signals)
+        self.procs.append(p)
+        return p
+
+    def wait_listening(self, address, within=30):
+        """Until something listens at address, as the kernel's tables say (a probing connect
+        would be a client of its own)."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if address.startswith("tcp:"):
+                port = "%04X" % int(address.rpartition(":")[2])
+                with open("/proc/net/tcp") as f:
+                    # local_address is HEXIP:PORT; state 0A is LISTEN
+                    if any(line.split()[1].endswith(":" + port) and line.split()[3] == "0A"
+                           for line in f.readlines()[1:]):
+                        return
+            else:
+                name = address[len("unix:"):]
+                with open("/proc/net/unix") as f:
+                    # Flags 00010000: a listening socket; the last column is its name
+                    if any(line.split()[-1] == name and line.split()[3] == "00010000"
+                           for line in f.readlines()[1:] if len(line.split()) == 8):
+                        return
+            time.sleep(0.05)
+        self.fail("nothing listens at " + address)
+
+    def connect(self, address, input, *extra, timeout=60):
+        return subprocess.run([DUPLEX, "connect", "--framing", "python", *extra, address],
+                              input=input, capture_output=True, timeout=timeout,
+                              preexec_fn=default_signals)
+
+    def python_client(self, generation, family, where, keyfile, *texts):
+        python = python_of(generation)
+        if python is None:
+            self.skipTest(f"no {generation} CPython on this machine")
+        return subprocess.run([python, "-c", PY_CLIENT, family, where, keyfile, *texts],
+                              capture_output=True, text=True, timeout=60)
+
+    def finish(self, p, timeout=30):
+        out, err = p.communicate(timeout=timeout)
+        return p.returncode, (out or b"").decode(), (err or b"").decode()
+
+    def assert_one_line(self, err, prefix):
+        self.assertEqual(len(err.splitlines()), 1, err)
+        self.assertTrue(err.startswith(prefix), err)
+
+    # Together.
+
+    def test_serve_once_and_connect_over_a_unix_path(self):
+        address = "unix:" + self.path()
+        server = self.serve(address, "upper", "5", extra=("--once", "--authkey-file", self.key))
+        self.wait_listening(address)
+        r = self.connect(address, b"one\ntwo\n", "--authkey-file", self.key)
+        self.assertEqual((r.returncode, r.stdout, r.stderr), (0, b"ONE\nTWO\n", b""))
+        self.assertEqual(self.finish(server), (5, "", ""))  # CMD's status
+        self.assertFalse(os.path.exists(self.path()))  # the listener's file is gone
+
+    def test_serve_and_connect_over_tcp_and_an_abstract_name(self):
+        for address in (f"tcp:127.0.0.1:{free_tcp_port()}", f"unix:@duplex-cli-{os.getpid()}"):
+            with self.subTest(address=address):
+                server = self.serve(address, "upper", extra=("--once",))
+                self.wait_listening(address)
+                r = self.connect(address, b"over\n", "--timeout", "30")
+                self.assertEqual((r.returncode, r.stdout, r.stderr), (0, b"OVER\n", b""))
+                self.assertEqual(self.finish(server), (0, "", ""))
+
+    def test_the_child_holds_only_stdio_and_the_connection(self):
+        address = "unix:" + self.path()
+        server = self.serve(address, "fds", extra=("--once",))
+        self.wait_listening(address)
+        r = self.connect(address, b"")
+        self.assertEqual((r.returncode, r.stdout), (0, b"0 1 2 3\n"), r.stderr)
+        self.assertEqual(self.finish(server)[0], 0)
+
+    # CPython's Client against duplex serve, and duplex connect against CPython's Listener.
+
+    def test_python_clients_of_both_generations_against_serve(self):
+        port = free_tcp_port()
+        server = self.serve(f"tcp:127.0.0.1:{port}", "upper",
+                            extra=("--authkey-file", self.key))
+        self.wait_listening(f"tcp:127.0.0.1:{port}")
+        ran = 0
+        for generation in ("legacy", "modern"):
+            if python_of(generation) is None:
+                print(f"\nskipped: no {generation} CPython", file=sys.stderr)
+                continue
+            ran += 1
+            with self.subTest(generation=generation):
+                r = self.python_client(generation, "AF_INET", f"127.0.0.1:{port}", self.key,
+                                       "hello", "again")
+                self.assertEqual((r.returncode, r.stdout), (0, "HELLO\nAGAIN\n"), r.stderr)
+                # A wrong key: refused on both sides, and the next client is served.
+                r = self.python_client(generation, "AF_INET", f"127.0.0.1:{port}", self.wrong,
+                                       "x")
+                self.assertEqual(r.returncode, 3, r.stderr)
+                self.assertIn("AuthenticationError", r.stderr)
+        self.assertGreater(ran, 0, "no CPython of either generation")
+        os.kill(server.pid, signal.SIGTERM)
+        code, out, err = self.finish(server)
+        self.assertEqual((code, out), (0, ""), err)
+        lines = err.splitlines()
+        self.assertEqual(len(lines), ran, err)  # one line per refused client
+        for line in lines:
+            self.assertRegex(line, r"^duplex: serve: tcp:127\.0\.0\.1:\d+: .*key")
+
+    def test_a_python_client_over_a_unix_path(self):
+        address = "unix:" + self.path()
+        server = self.serve(address, "upper", extra=("--once", "--authkey-file", self.key))
+        self.wait_listening(address)
+        r = self.python_client("legacy", "AF_UNIX", self.path(), self.key, "unix")
+        self.assertEqual((r.returncode, r.stdout), (0, "UNIX\n"), r.stderr)
+        self.assertEqual(self.finish(server), (0, "", ""))
+
+    def python_listener(self, generation, keyfile):
+        python = python_of(generation)
+        if python is None:
+            self.skipTest(f"no {generation} CPython on this machine")
+        p = subprocess.Popen([python, "-c", PY_LISTENER, keyfile], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        self.procs.append(p)
+        return p, int(p.stdout.readline())
+
+    def test_connect_against_python_listeners_of_both_generations(self):
+        for generation in ("legacy", "modern"):
+            with self.subTest(generation=generation):
+                listener, port = self.python_listener(generation, self.key)
+                r = self.connect(f"tcp:127.0.0.1:{port}", b"abc\nxyz\n",
+                                 "--authkey-file", self.key, "--timeout", "30")
+                self.assertEqual((r.returncode, r.stdout, r.stderr), (0, b"cba\nzyx\n", b""))
+                self.assertEqual(listener.wait(timeout=30), 0)
+
+    def test_a_wrong_key_is_one_line_and_status_1(self):
+        for generation in ("legacy", "modern"):
+            with self.subTest(generation=generation):
+                listener, port = self.python_listener(generation, self.key)
+                r = self.connect(f"tcp:127.0.0.1:{port}", b"abc\n",
+                                 "--authkey-file", self.wrong, "--timeout", "30")
+                self.assertEqual((r.returncode, r.stdout), (1, b""), r.stderr)
+                self.assert_one_line(r.stderr.decode(), f"duplex: connect: handshake with "
+                                     f"tcp:127.0.0.1:{port} failed: ")
+                self.assertIn("key", r.stderr.decode())
+                self.assertEqual(listener.wait(timeout=30), 3)
+
+    # How connect fails.
+
+    def test_a_refused_connection_is_one_line_and_status_1(self):
+        port = free_tcp_port()
+        r = self.connect(f"tcp:127.0.0.1:{port}", b"x\n")
+        self.assertEqual((r.returncode, r.stdout), (1, b""))
+        self.assertEqual(r.stderr.decode(), f"duplex: connect: cannot connect to "
+                         f"tcp:127.0.0.1:{port}: Connection refused\n")
+        r = self.connect("unix:" + self.path("none.sock"), b"x\n")
+        self.assertEqual(r.returncode, 1)
+        self.assert_one_line(r.stderr.decode(), "duplex: connect: cannot connect to unix:")
+        self.assertIn("No such file or directory", r.stderr.decode())
+
+    def test_a_silent_listener_is_a_timeout(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            port = s.getsockname()[1]
+            started = time.monotonic()
+            r = self.connect(f"tcp:127.0.0.1:{port}", b"x\n", "--authkey-file", self.key,
+                             "--timeout", "0.5")
+            self.assertLess(time.monotonic() - started, 20)
+        self.assertEqual((r.returncode, r.stdout), (1, b""), r.stderr)
+        self.assert_one_line(r.stderr.decode(), "duplex: connect: handshake with ")
+        self.assertIn("timed out", r.stderr.decode())
+
+    def test_a_protocol_break_is_one_line_and_status_1(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            port = s.getsockname()[1]
+            p = subprocess.Popen([DUPLEX, "connect", "--framing", "python",
+                                  f"tcp:127.0.0.1:{port}"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 preexec_fn=default_signals)
+            self.procs.append(p)
+            conn, _ = s.accept()
+            with conn:
+                conn.sendall(struct.pack("!i", 4) + b"good" + struct.pack("!i", -7))
+                code, out, err = self.finish(p)
+        self.assertEqual((code, out), (1, "good\n"), err)
+        self.assert_one_line(err, f"duplex: connect: tcp:127.0.0.1:{port} broke the protocol: ")
+
+    def test_bad_usage(self):
+        for args in (["connect"], ["connect", "tcp:nowhere"], ["connect", "udp:x:1"],
+                     ["connect", "--kind", "seqpacket", "tcp:127.0.0.1:1"],
+                     ["connect", "--framing", "python", "--kind", "seqpacket", "unix:/x"],
+                     ["connect", "--timeout", "-1", "unix:/x"],
+                     ["serve", "unix:/x"], ["serve", "tcp:[::1]", "--", "true"],
+                     ["serve", "--max-clients", "0", "unix:/x", "--", "true"]):
+            with self.subTest(args=args):
+                r = run(*args)
+                self.assertEqual((r.returncode, r.stdout), (2, ""), r.stderr)
+                self.assert_one_line(r.stderr, "duplex: ")
+
+    def test_an_unreadable_key_file_is_one_line_and_status_1(self):
+        missing = self.path("no-key")
+        r = self.connect("unix:" + self.path(), b"", "--authkey-file", missing)
+        self.assertEqual(r.stderr.decode(), f"duplex: connect: cannot read the authkey file "
+                         f"'{missing}': No such file or directory\n")
+        self.assertEqual(r.returncode, 1)
+        r = run("serve", "--authkey-file", missing, "unix:" + self.path(), "--", "true")
+        self.assertEqual(r.stderr, f"duplex: serve: cannot read the authkey file "
+                         f"'{missing}': No such file or directory\n")
+        self.assertEqual(r.returncode, 1)
+
+    # How serve ends.
+
+    def test_a_command_that_cannot_start_is_one_line_and_status_1(self):
+        address = "unix:" + self.path()
+        server = self.serve(address, command=["/nonexistent/worker"])
+        self.wait_listening(address)
+        r = self.connect(address, b"x\n")
+        self.assertEqual((r.returncode, r.stdout), (0, b""), r.stderr)  # closed at once
+        code, out, err = self.finish(server)
+        self.assertEqual((code, out), (1, ""))
+        self.assertEqual(err, "duplex: serve: cannot start '/nonexistent/worker': "
+                         "No such file or directory\n")
+
+    def test_max_clients_bounds_the_children_and_the_rest_wait(self):
+        address = "unix:" + self.path()
+        server = self.serve(address, "upper", extra=("--max-clients", "1"))
+        self.wait_listening(address)
+        first = subprocess.Popen([DUPLEX, "connect", "--framing", "python", address],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, preexec_fn=default_signals)
+        second = subprocess.Popen([DUPLEX, "connect", "--framing", "python", address],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, preexec_fn=default_signals)
+        self.procs += [first, second]
+        first.stdin.write(b"first\n")
+        first.stdin.flush()
+        self.assertEqual(first.stdout.readline(), b"FIRST\n")
+        second.stdin.write(b"second\n")
+        second.stdin.flush()
+        ready, _, _ = select.select([second.stdout], [], [], 1.5)
+        self.assertEqual(ready, [], "a second child ran beside the first")
+        first.stdin.close()  # the first child ends: the second client is served
+        self.assertEqual(first.wait(timeout=30), 0)
+        self.assertEqual(second.stdout.readline(), b"SECOND\n")
+        second.stdin.close()
+        self.assertEqual(second.wait(timeout=30), 0)
+        os.kill(server.pid, signal.SIGTERM)
+        self.assertEqual(self.finish(server), (0, "", ""))
+
+    def children_of(self, pid):
+        try:
+            with open(f"/proc/{pid}/task/{pid}/children") as f:
+                return [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            return []
+
+    def test_sigterm_stops_accepting_lets_the_child_finish_and_exits_0(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=sig):
+                address = "unix:" + self.path()
+                server = self.serve(address, "upper")
+                self.wait_listening(address)
+                client = subprocess.Popen([DUPLEX, "connect", "--framing", "python", address],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, preexec_fn=default_signals)
+                self.procs.append(client)
+                client.stdin.write(b"before\n")
+                client.stdin.flush()
+                self.assertEqual(client.stdout.readline(), b"BEFORE\n")
+                os.kill(server.pid, sig)
+                deadline = time.monotonic() + 10
+                while os.path.exists(self.path()):  # no new connection
+                    self.assertLess(time.monotonic(), deadline, "still listening")
+                    time.sleep(0.02)
+                time.sleep(0.2)
+                self.assertIsNone(server.poll(), "serve did not wait for its child")
+                client.stdin.write(b"after\n")  # the running child still answers
+                client.stdin.flush()
+                self.assertEqual(client.stdout.readline(), b"AFTER\n")
+                client.stdin.close()
+                self.assertEqual(client.wait(timeout=30), 0)
+                self.assertEqual(self.finish(server), (0, "", ""))
+
+    def test_children_are_reaped_as_they_end(self):
+        address = "unix:" + self.path()
+        server = self.serve(address, "upper")
+        self.wait_listening(address)
+        for i in range(3):
+            r = self.connect(address, b"x\n")
+            self.assertEqual((r.returncode, r.stdout), (0, b"X\n"), r.stderr)
+        deadline = time.monotonic() + 10
+        while self.children_of(server.pid):  # no zombie left behind
+            self.assertLess(time.monotonic(), deadline, "a child was not reaped")
+            time.sleep(0.05)
+        os.kill(server.pid, signal.SIGTERM)
+        self.assertEqual(self.finish(server), (0, "", ""))
+
+    # The relay's endings, as duplex run's.
+
+    def started_connect(self, peer, **popen):
+        address = "unix:" + self.path()
+        self.serve(address, peer, extra=("--once",))
+        self.wait_listening(address)
+        popen.setdefault("stdin", subprocess.PIPE)
+        popen.setdefault("stdout", subprocess.PIPE)
+        p = subprocess.Popen([DUPLEX, "connect", "--framing", "python", address],
+                             stderr=subprocess.PIPE, preexec_fn=popen.pop("preexec", default_signals),
+                             **popen)
+        self.procs.append(p)
+        return p
+
+    def test_a_full_stdout_is_a_write_error(self):
+        with open("/dev/full", "wb") as full:
+            p = self.started_connect("spew", stdin=subprocess.DEVNULL, stdout=full)
+            code, _, err = self.finish(p)
+        self.assertEqual((code, err), (1, "duplex: connect: write error: No space left on device\n"))
+
+    def test_a_closed_stdout_pipe_dies_of_sigpipe_silently(self):
+        # duplex connect ... | head -1
+        p = self.started_connect("spew", stdin=subprocess.DEVNULL)
+        self.assertTrue(p.stdout.readline().startswith(b"spew "))
+        p.stdout.close()
+        p.wait(timeout=30)
+        self.assertEqual((p.returncode, p.stderr.read()), (-signal.SIGPIPE, b""))
+
+    def test_closed_stdio(self):
+        def closed_stdin():
+            default_signals()
+            os.close(0)
+
+        p = self.started_connect("upper", stdin=None, preexec=closed_stdin)
+        code, out, err = self.finish(p)
+        self.assertEqual((code, out, err), (1, "", "duplex: connect: reading stdin: "
+                                                   "Bad file descriptor\n"))
+
+        def closed_stdout():
+            default_signals()
+            os.close(1)
+
+        p = self.started_connect("spew", stdin=subprocess.DEVNULL, stdout=None,
+                                 preexec=closed_stdout)
+        code, _, err = self.finish(p)
+        self.assertEqual((code, err), (1, "duplex: connect: write error: Bad file descriptor\n"))
+
+    def test_a_signal_ends_connect_by_the_signal(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with self.subTest(signal=sig):
+                p = self.started_connect("upper-hold")
+                p.stdin.write(b"x\n")
+                p.stdin.flush()
+                self.assertEqual(p.stdout.readline(), b"X\n")
+                os.kill(p.pid, sig)
+                code, _, err = self.finish(p)
+                self.assertEqual((code, err), (-sig, ""))
+
+
 class Info(unittest.TestCase):
     def test_text(self):
         r = run("info")
@@ -715,7 +1197,8 @@ class OutputErrors(unittest.TestCase):
                 self.assert_write_error("demo", scenario)
 
     def test_help_and_version(self):
-        for args in (["--version"], ["--help"], ["info", "--help"], ["bench", "--help"]):
+        for args in (["--version"], ["--help"], ["info", "--help"], ["bench", "--help"],
+                     ["connect", "--help"], ["serve", "--help"]):
             with self.subTest(args=args):
                 self.assert_write_error(*args)
 

@@ -3,12 +3,16 @@
 // in bench/, is declared in bench/command.hpp, included here.
 #pragma once
 
+#include <chrono>
+#include <cstddef>
+#include <limits>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "bench/command.hpp"
 #include "duplex/channel.hpp"
+#include "duplex/endpoint.hpp"
 
 namespace duplex::cli {
 
@@ -36,5 +40,41 @@ struct run_options {
 // child first; SIGPIPE: stdout's reader left); the child is reaped before. Installs signal
 // handlers for the rest of the process: call it once, from the main thread.
 int run_command(const run_options& options);
+
+// What `duplex connect` and `duplex serve` share: where, how, and the key.
+struct endpoint_command_options {
+  address at;
+  socket_kind kind = socket_kind::stream;  // on unix addresses; tcp is always a stream
+  framing format = framing::native;
+  std::string authkey_file;  // empty: no handshake
+};
+
+// What `duplex connect` was asked to do.
+struct connect_options : endpoint_command_options {
+  std::chrono::nanoseconds timeout = forever;  // for the connection and its handshake
+};
+
+// Connects to an endpoint and relays as `duplex run` does (relay.hpp): stdin lines become
+// messages, messages become stdout lines. Returns 0 once the peer has closed (and every message
+// was printed); 1 with one line on stderr if the authkey file cannot be read, the connection is
+// refused or times out, authentication fails, or the peer breaks the protocol (and on the
+// relay's own failures). Dies of a signal as `duplex run` does. Call it once, from the main
+// thread.
+int connect_command(const connect_options& options);
+
+// What `duplex serve` was asked to do.
+struct serve_options : endpoint_command_options {
+  std::size_t max_clients = std::numeric_limits<std::size_t>::max();  // children at once
+  bool once = false;                 // serve one connection, exit with CMD's status
+  std::vector<std::string> command;  // argv of each child
+};
+
+// Listens, and for each connection that authenticates starts the command holding it as its
+// channel end (fd 3, DUPLEX_FD), at most max_clients at once. Returns, once every child has been
+// reaped: 0 after SIGINT or SIGTERM (which stop the accepting); with once, the child's status
+// (128 + N for signal N); 1 with one line on stderr if the listener cannot be made, the authkey
+// file read, the command started, or accept fails. Each refused client is one line on stderr
+// ("duplex: serve: PEER: WHY") and serving goes on. Call it once, from the main thread.
+int serve_command(const serve_options& options);
 
 }  // namespace duplex::cli

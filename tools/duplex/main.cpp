@@ -1,4 +1,4 @@
-// duplex - the command-line face of the library: demo, info, run, bench.
+// duplex - the command-line face of the library: demo, info, run, connect, serve, bench.
 //
 // Exit status: 0 on success, 2 on bad usage, 1 on failure with a one-line error on stderr.
 #include <fmt/core.h>
@@ -82,6 +82,77 @@ int main(int argc, char** argv) {
   run->add_option("command", run_opts.command, "CMD [ARG...], after --")->required();
   run->footer("Example: duplex run --framing python -- python3 worker.py < requests.txt");
 
+  duplex::cli::connect_options connect_opts;
+  std::string connect_address;
+  std::string connect_kind = "stream";
+  std::string connect_format = "native";
+  double connect_timeout = -1;
+  CLI::App* connect = app.add_subcommand(
+      "connect",
+      "Connect to an endpoint (unix:PATH, unix:@NAME, tcp:HOST:PORT), authenticated with a key "
+      "from a file if given, as CPython's multiprocessing.connection.Client does: each line of "
+      "stdin is sent as one message, each message received is printed as one line. Exits 0 once "
+      "stdin has ended and the peer has closed; 1 with one line on stderr if the connection is "
+      "refused or times out, authentication fails, or the peer breaks the protocol. Signals and "
+      "output errors end it as they end 'duplex run'.");
+  connect->add_option("address", connect_address, "ADDRESS: unix:PATH, unix:@NAME or tcp:HOST:PORT")
+      ->required();
+  connect->add_option("--kind", connect_kind, "Socket kind on unix addresses: stream or seqpacket")
+      ->check(CLI::IsMember({"stream", "seqpacket"}));
+  connect
+      ->add_option("--framing", connect_format,
+                   "Wire format: native (duplex's) or python (multiprocessing.connection)")
+      ->check(CLI::IsMember({"native", "python"}));
+  connect
+      ->add_option("--authkey-file", connect_opts.authkey_file,
+                   "Authenticate with the key in FILE (every byte of it; CPython's authkey)")
+      ->type_name("FILE");
+  connect
+      ->add_option("--timeout", connect_timeout,
+                   "Give up connecting and authenticating after SECONDS (default: no limit)")
+      ->type_name("SECONDS")
+      ->check(CLI::Range(0.0, 1e9));
+  connect->footer(
+      "Example: duplex connect --framing python --authkey-file key tcp:127.0.0.1:6000 < "
+      "requests.txt");
+
+  duplex::cli::serve_options serve_opts;
+  std::string serve_address;
+  std::string serve_kind = "stream";
+  std::string serve_format = "native";
+  std::size_t max_clients = 0;
+  CLI::App* serve = app.add_subcommand(
+      "serve",
+      "Listen on an endpoint (unix:PATH, unix:@NAME, tcp:HOST:PORT) and, for each connection "
+      "that authenticates (with a key from a file if given, as CPython's "
+      "multiprocessing.connection.Listener does), start CMD holding it as its channel end (at "
+      "fd 3, named by DUPLEX_FD, as 'duplex run' does). At most --max-clients children run at "
+      "once; other clients wait. A refused client is one line on stderr. SIGINT and SIGTERM "
+      "stop the accepting, let running children finish, and exit 0; --once serves one "
+      "connection and exits with CMD's status.");
+  serve->add_option("address", serve_address, "ADDRESS: unix:PATH, unix:@NAME or tcp:HOST:PORT")
+      ->required();
+  serve->add_option("--kind", serve_kind, "Socket kind on unix addresses: stream or seqpacket")
+      ->check(CLI::IsMember({"stream", "seqpacket"}));
+  serve
+      ->add_option("--framing", serve_format,
+                   "Wire format: native (duplex's) or python (multiprocessing.connection)")
+      ->check(CLI::IsMember({"native", "python"}));
+  serve
+      ->add_option("--authkey-file", serve_opts.authkey_file,
+                   "Authenticate each client with the key in FILE (every byte of it)")
+      ->type_name("FILE");
+  serve
+      ->add_option("--max-clients", max_clients,
+                   "Run at most N children at once (default: no limit)")
+      ->type_name("N")
+      ->check(CLI::Range(1, 1 << 20));
+  serve->add_flag("--once", serve_opts.once, "Serve one connection, then exit with CMD's status");
+  serve->add_option("command", serve_opts.command, "CMD [ARG...], after --")->required();
+  serve->footer(
+      "Example: duplex serve --framing python --authkey-file key unix:/run/app.sock -- python3 "
+      "worker.py");
+
   duplex::cli::bench_options bench_opts;
   CLI::App* bench = app.add_subcommand(
       "bench",
@@ -134,6 +205,42 @@ int main(int argc, char** argv) {
     if (demo->parsed()) return duplex::cli::finish_output(duplex::cli::run_demo(scenario));
     if (info->parsed()) return duplex::cli::finish_output(duplex::cli::run_info(json));
     if (bench->parsed()) return duplex::cli::finish_output(duplex::cli::run_bench(bench_opts));
+    if (connect->parsed() || serve->parsed()) {
+      const bool is_connect = connect->parsed();
+      const std::string verb = is_connect ? "connect" : "serve";
+      const std::string& text = is_connect ? connect_address : serve_address;
+      auto at = duplex::address::parse(text);
+      if (!at) {
+        return duplex::cli::report_usage(
+            fmt::format("{}: '{}' is not an address: {} (see 'duplex {} --help')", verb, text,
+                        duplex::describe_address_error(text), verb));
+      }
+      duplex::cli::endpoint_command_options& e =
+          is_connect ? static_cast<duplex::cli::endpoint_command_options&>(connect_opts)
+                     : static_cast<duplex::cli::endpoint_command_options&>(serve_opts);
+      e.at = *at;
+      const std::string& k = is_connect ? connect_kind : serve_kind;
+      const std::string& f = is_connect ? connect_format : serve_format;
+      e.kind = k == "seqpacket" ? duplex::socket_kind::seqpacket : duplex::socket_kind::stream;
+      e.format = f == "python" ? duplex::framing::python : duplex::framing::native;
+      if (e.kind == duplex::socket_kind::seqpacket && at->kind() == duplex::address_kind::tcp) {
+        return duplex::cli::report_usage(fmt::format(
+            "{}: --kind seqpacket needs a unix address (see 'duplex {} --help')", verb, verb));
+      }
+      if (e.format == duplex::framing::python && e.kind != duplex::socket_kind::stream) {
+        return duplex::cli::report_usage(fmt::format(
+            "{}: --framing python needs --kind stream (see 'duplex {} --help')", verb, verb));
+      }
+      if (is_connect) {
+        if (connect_timeout >= 0) {
+          connect_opts.timeout = std::chrono::duration_cast<std::chrono::nanoseconds>(
+              std::chrono::duration<double>(connect_timeout));
+        }
+        return duplex::cli::finish_output(duplex::cli::connect_command(connect_opts));
+      }
+      if (max_clients != 0) serve_opts.max_clients = max_clients;
+      return duplex::cli::finish_output(duplex::cli::serve_command(serve_opts));
+    }
     if (run->parsed()) {
       run_opts.kind =
           kind == "seqpacket" ? duplex::socket_kind::seqpacket : duplex::socket_kind::stream;
