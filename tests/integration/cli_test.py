@@ -988,13 +988,17 @@ class Bench(unittest.TestCase):
     TRANSPORTS = {"raw-stream", "raw-seqpacket", "raw-stream-busypoll", "pipe", "memcpy",
                   "duplex-stream", "duplex-seqpacket", "duplex-stream-busypoll",
                   "duplex-stream-batch", "duplex-shm", "duplex-shm-copy", "duplex-python",
-                  "duplex-ring", "duplex-ring-busypoll"}
-    # Every transport, and every row the four goals need, in as few rows as that takes; the raw
-    # rows their ratios need come along by themselves.
+                  "duplex-ring", "duplex-ring-busypoll", "raw-unix", "duplex-unix", "raw-tcp",
+                  "duplex-tcp", "raw-unix-connect", "duplex-unix-connect", "raw-tcp-connect",
+                  "duplex-tcp-connect"}
+    # Every transport, and every row the goals need, in as few rows as that takes; the raw rows
+    # their ratios need come along by themselves.
     FILTER = ("^rtt/threads/(pipe|duplex-seqpacket|duplex-python)/8B$"
               "|^rtt/processes/duplex-(stream|ring)(-busypoll)?/8B$"
               "|^throughput/threads/(memcpy|duplex-stream-batch)/64B$"
-              "|^throughput/threads/duplex-shm(-copy)?/16MiB$")
+              "|^throughput/threads/duplex-shm(-copy)?/16MiB$"
+              "|^rtt/threads/duplex-(unix|tcp)/8B$|^rtt/threads/duplex-(unix|tcp)-connect/8B$"
+              "|^throughput/threads/duplex-(unix|tcp)/1MiB$")
     ROWS = ["rtt/threads/raw-stream/8B", "rtt/threads/raw-seqpacket/8B", "rtt/threads/pipe/8B",
             "rtt/threads/duplex-seqpacket/8B", "rtt/threads/duplex-python/8B",
             "rtt/processes/raw-stream/8B", "rtt/processes/duplex-stream/8B",
@@ -1002,7 +1006,13 @@ class Bench(unittest.TestCase):
             "rtt/processes/duplex-ring/8B", "rtt/processes/duplex-ring-busypoll/8B",
             "throughput/threads/raw-stream/64B", "throughput/threads/memcpy/64B",
             "throughput/threads/duplex-stream-batch/64B", "throughput/threads/raw-stream/16MiB",
-            "throughput/threads/duplex-shm/16MiB", "throughput/threads/duplex-shm-copy/16MiB"]
+            "throughput/threads/duplex-shm/16MiB", "throughput/threads/duplex-shm-copy/16MiB",
+            "rtt/threads/raw-unix/8B", "rtt/threads/duplex-unix/8B", "rtt/threads/raw-tcp/8B",
+            "rtt/threads/duplex-tcp/8B", "rtt/threads/raw-unix-connect/8B",
+            "rtt/threads/duplex-unix-connect/8B", "rtt/threads/raw-tcp-connect/8B",
+            "rtt/threads/duplex-tcp-connect/8B", "throughput/threads/raw-unix/1MiB",
+            "throughput/threads/duplex-unix/1MiB", "throughput/threads/raw-tcp/1MiB",
+            "throughput/threads/duplex-tcp/1MiB"]
 
     @classmethod
     def setUpClass(cls):
@@ -1032,7 +1042,7 @@ class Bench(unittest.TestCase):
         self.assertRegex(out, r"rtt/processes/duplex-stream/8B +[\d.]+ (ns|us|ms) +\d+%  "
                              r"[\d.]+x raw-stream\n")
         goals = re.findall(r"^  (PASS|FAIL)  \((\d)\) ", out, re.M)
-        self.assertEqual([g[1] for g in goals], ["1", "2", "3", "4"], out)
+        self.assertEqual([g[1] for g in goals], ["1", "2", "3", "4", "5", "6", "7", "8"], out)
 
     def test_json_has_every_field(self):
         data = self.results()
@@ -1068,7 +1078,9 @@ class Bench(unittest.TestCase):
                     "duplex-stream-batch": "raw-stream", "duplex-shm": "raw-stream",
                     "duplex-shm-copy": "raw-stream", "duplex-seqpacket": "raw-seqpacket",
                     "duplex-stream-busypoll": "raw-stream-busypoll", "duplex-ring": "raw-stream",
-                    "duplex-ring-busypoll": "raw-stream-busypoll"}
+                    "duplex-ring-busypoll": "raw-stream-busypoll", "duplex-unix": "raw-unix",
+                    "duplex-tcp": "raw-tcp", "duplex-unix-connect": "raw-unix-connect",
+                    "duplex-tcp-connect": "raw-tcp-connect"}
         for r in data["results"]:
             if not r["transport"].startswith("duplex-"):
                 self.assertNotIn("ratio", r, r["name"])
@@ -1086,8 +1098,8 @@ class Bench(unittest.TestCase):
 
     def test_goals(self):
         goals = self.results()["goals"]
-        self.assertEqual(len(goals), 4)
-        self.assertEqual([g["target"] for g in goals], [1.05, 0.10, 20, 2.5])
+        self.assertEqual(len(goals), 8)
+        self.assertEqual([g["target"] for g in goals], [1.05, 0.10, 20, 2.5, 1.05, 1.05, 1, 1])
         for g in goals:
             with self.subTest(goal=g["name"]):
                 self.assertTrue(g["name"])

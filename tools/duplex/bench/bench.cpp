@@ -209,6 +209,11 @@ std::vector<goal> goals_of(const std::vector<row_result>& rows) {
   const auto* batch = find(rows, pattern::throughput, peers::threads, 64, "duplex-stream-batch");
   const auto* shm =
       find(rows, pattern::throughput, peers::threads, std::size_t{16} << 20, "duplex-shm");
+  constexpr std::size_t mib = std::size_t{1} << 20;
+  const auto* unix_rtt = find(rows, pattern::rtt, peers::threads, 8, "duplex-unix");
+  const auto* tcp_rtt = find(rows, pattern::rtt, peers::threads, 8, "duplex-tcp");
+  const auto* unix_bytes = find(rows, pattern::throughput, peers::threads, mib, "duplex-unix");
+  const auto* tcp_bytes = find(rows, pattern::throughput, peers::threads, mib, "duplex-tcp");
   using opt = std::optional<double>;
   return {
       make("duplex-stream rtt vs raw-stream",
@@ -225,6 +230,20 @@ std::vector<goal> goals_of(const std::vector<row_result>& rows) {
       make("shm 16 MiB bytes/s vs raw-stream",
            "duplex-shm 16 MiB bytes per second over raw-stream's (ratio)", 2.5, false,
            shm != nullptr ? opt(shm->ratio) : std::nullopt),
+      make("duplex-unix rtt vs raw-unix",
+           "duplex-unix round trip of 8 B between threads over a raw AF_UNIX path socket's "
+           "(ratio)",
+           1.05, true, unix_rtt != nullptr ? opt(unix_rtt->ratio) : std::nullopt),
+      make("duplex-tcp rtt vs raw-tcp",
+           "duplex-tcp round trip of 8 B between threads over raw TCP loopback's with "
+           "TCP_NODELAY (ratio)",
+           1.05, true, tcp_rtt != nullptr ? opt(tcp_rtt->ratio) : std::nullopt),
+      make("duplex-unix 1 MiB bytes/s vs raw-unix",
+           "duplex-unix 1 MiB bytes per second over a raw AF_UNIX path socket's (ratio)", 1.0,
+           false, unix_bytes != nullptr ? opt(unix_bytes->ratio) : std::nullopt),
+      make("duplex-tcp 1 MiB bytes/s vs raw-tcp",
+           "duplex-tcp 1 MiB bytes per second over raw TCP loopback's (ratio)", 1.0, false,
+           tcp_bytes != nullptr ? opt(tcp_bytes->ratio) : std::nullopt),
   };
 }
 
@@ -262,7 +281,11 @@ std::string bench_help() {
       "throughput/threads/duplex-shm/16MiB. Transports: raw-stream, raw-seqpacket, "
       "raw-stream-busypoll, pipe, memcpy (baselines); duplex-stream, duplex-seqpacket, "
       "duplex-python, duplex-stream-busypoll, duplex-stream-batch, duplex-shm, duplex-shm-copy, "
-      "duplex-ring, duplex-ring-busypoll (shared-memory rings).\n"
+      "duplex-ring, duplex-ring-busypoll (shared-memory rings); endpoints beside raw sockets of "
+      "the same kind: duplex-unix and raw-unix (a unix socket path), duplex-tcp and raw-tcp (tcp "
+      "loopback, TCP_NODELAY), and a connection with one 8 B round trip over it, "
+      "duplex-unix-connect and duplex-tcp-connect (with the authkey handshake) beside "
+      "raw-unix-connect and raw-tcp-connect.\n"
       "\n"
       "How: the rows of a group (same pattern, peers and size) are open together and their "
       "repetitions alternate, so that a noisy machine slows them alike; each row is warmed up "

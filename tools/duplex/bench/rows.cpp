@@ -77,6 +77,37 @@ std::string rtt_method(const std::string& transport) {
            "ring in shared memory, no system call while they wait)" +
            common;
   }
+  if (transport == "raw-unix" || transport == "raw-tcp") {
+    return fmt::format(
+               "raw {}: a client socket connect()ed to a listening one and the connection "
+               "accept4() gave; send(), then recv() until the whole message is back; blocking",
+               transport == "raw-unix" ? "AF_UNIX stream socket on a filesystem path"
+                                       : "TCP on 127.0.0.1 with TCP_NODELAY on both ends") +
+           common;
+  }
+  if (transport == "duplex-unix" || transport == "duplex-tcp") {
+    return fmt::format(
+               "duplex::connect to a duplex::listener ({}; no authkey) and the channel its accept "
+               "gave (native framing): send(), then receive_into() a reused buffer; blocking",
+               transport == "duplex-unix" ? "unix:PATH" : "tcp:127.0.0.1, TCP_NODELAY") +
+           common;
+  }
+  if (transport.ends_with("-connect")) {
+    const bool tcp = transport.find("-tcp-") != std::string::npos;
+    const char* where =
+        tcp ? "TCP on 127.0.0.1 (TCP_NODELAY)" : "an AF_UNIX stream socket on a path";
+    if (transport.starts_with("raw-")) {
+      return fmt::format(
+          "one op = one connection to {}: socket() and connect(), one round trip (send(), "
+          "recv()) echoed by a thread that took the connection with accept4(); then both close",
+          where);
+    }
+    return fmt::format(
+        "one op = one connection to {}: duplex::connect with a 32-byte authkey, which returns "
+        "once CPython's mutual handshake is done, then one round trip (send(), receive_into()) "
+        "echoed by a thread in duplex::listener::accept; then both close",
+        where);
+  }
   return "as duplex-stream, with channel_options::busy_poll = 1 s on both ends (they spin, never "
          "block)" +
          common;
@@ -104,6 +135,22 @@ std::string throughput_method(const std::string& transport) {
     return "one thread: memset() fills the message in a source buffer and memcpy() copies it to a "
            "destination buffer, which is then read by the same rule as the consumers' (the "
            "ceiling of a transport that copies once)";
+  }
+  if (transport == "raw-unix" || transport == "raw-tcp") {
+    return fmt::format(
+               "raw {}, connected and accepted: one send() of each message whole after memset() "
+               "fills it; the consumer recv()s in bulk into a 256 KiB buffer",
+               transport == "raw-unix" ? "AF_UNIX stream socket on a filesystem path"
+                                       : "TCP on 127.0.0.1 with TCP_NODELAY") +
+           common;
+  }
+  if (transport == "duplex-unix" || transport == "duplex-tcp") {
+    return fmt::format(
+               "duplex::channel over a connection ({}): the connect()ed end sends, memset() "
+               "filling each message in the producer's own buffer, one send() per message; the "
+               "accepted end receive_into()s a reused buffer",
+               transport == "duplex-unix" ? "unix:PATH" : "tcp:127.0.0.1") +
+           common;
   }
   if (transport == "duplex-stream" || transport == "duplex-seqpacket") {
     return fmt::format(
@@ -137,6 +184,11 @@ std::string throughput_method(const std::string& transport) {
 
 std::string baseline_of(const std::string& transport) {
   if (transport == "duplex-seqpacket") return "raw-seqpacket";
+  // The endpoint rows: over the raw socket of the same kind.
+  if (transport == "duplex-unix") return "raw-unix";
+  if (transport == "duplex-tcp") return "raw-tcp";
+  if (transport == "duplex-unix-connect") return "raw-unix-connect";
+  if (transport == "duplex-tcp-connect") return "raw-tcp-connect";
   if (transport.starts_with("duplex-") && transport.ends_with("-busypoll")) {
     return "raw-stream-busypoll";
   }
@@ -206,6 +258,32 @@ std::vector<row_spec> all_rows(bool quick) {
     }
   }
 
+  // Endpoints: over a unix path and tcp loopback, beside raw sockets of the same kind, with
+  // threads; and the time to connect (with the handshake) and make one round trip of 8 B.
+  for (const std::size_t size : rtt_sizes) {
+    for (const auto kind : {endpoint_kind::unix_path, endpoint_kind::tcp}) {
+      const std::string name = kind == endpoint_kind::tcp ? "tcp" : "unix";
+      add(pattern::rtt, peers::threads, "raw-" + name, size, false,
+          [=](const placement& p) -> std::unique_ptr<session> {
+            return open_raw_rtt(kind == endpoint_kind::tcp ? raw_kind::tcp : raw_kind::unix_path,
+                                peers::threads, size, false, p);
+          });
+      add(pattern::rtt, peers::threads, "duplex-" + name, size, false,
+          [=](const placement& p) -> std::unique_ptr<session> {
+            return open_endpoint_rtt(kind, peers::threads, size, p);
+          });
+    }
+  }
+  for (const auto kind : {endpoint_kind::unix_path, endpoint_kind::tcp}) {
+    const std::string name = kind == endpoint_kind::tcp ? "tcp" : "unix";
+    for (const bool with_duplex : {false, true}) {
+      add(pattern::rtt, peers::threads, (with_duplex ? "duplex-" : "raw-") + name + "-connect", 8,
+          false, [=](const placement& p) -> std::unique_ptr<session> {
+            return open_connect(kind, with_duplex, p);
+          });
+    }
+  }
+
   const std::vector<std::size_t> throughput_sizes =
       quick
           ? std::vector<std::size_t>{64, std::size_t{16} << 20}
@@ -258,6 +336,20 @@ std::vector<row_spec> all_rows(bool quick) {
     if (size >= (std::size_t{1} << 20)) {
       add(pattern::throughput, who, "duplex-shm", size, false, shm(shared_receive::view));
       add(pattern::throughput, who, "duplex-shm-copy", size, false, shm(shared_receive::copy));
+    }
+  }
+  for (const std::size_t size : {std::size_t{64}, std::size_t{1} << 20}) {
+    for (const auto kind : {endpoint_kind::unix_path, endpoint_kind::tcp}) {
+      const std::string name = kind == endpoint_kind::tcp ? "tcp" : "unix";
+      add(pattern::throughput, who, "raw-" + name, size, false,
+          [=](const placement& p) -> std::unique_ptr<session> {
+            return open_raw_throughput(
+                kind == endpoint_kind::tcp ? raw_kind::tcp : raw_kind::unix_path, size, p);
+          });
+      add(pattern::throughput, who, "duplex-" + name, size, false,
+          [=](const placement& p) -> std::unique_ptr<session> {
+            return open_endpoint_throughput(kind, size, p);
+          });
     }
   }
   return rows;

@@ -5,24 +5,30 @@
 // caller (or producer) and the peer are pinned to two different CPUs when there are two.
 #include <fcntl.h>
 #include <fmt/core.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <bit>
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <initializer_list>
 #include <new>
 #include <optional>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -171,7 +177,89 @@ struct raw_end {
   bool sock = true;
 };
 
-// A pair of sockets, or two pipes, with both sides' fds owned.
+// A unix socket path of its own for each listener this process makes, in $TMPDIR or /tmp.
+std::string bench_socket_path() {
+  static std::atomic<unsigned> count{0};
+  const char* dir = std::getenv("TMPDIR");
+  return fmt::format("{}/duplex-bench-{}-{}.sock", dir != nullptr && *dir != '\0' ? dir : "/tmp",
+                     ::getpid(), count.fetch_add(1));
+}
+
+// A listening socket: AF_UNIX stream on a new path (unlinked when the listener is closed by its
+// owner, see raw_listener), or TCP on 127.0.0.1 and a free port.
+class raw_listener {
+ public:
+  explicit raw_listener(raw_kind kind) : tcp_(kind == raw_kind::tcp) {
+    fd_ = unique_fd(::socket(tcp_ ? AF_INET : AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (!fd_.valid()) sys_failure("socket", errno);
+    if (tcp_) {
+      sockaddr_in in{};
+      in.sin_family = AF_INET;
+      in.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      if (::bind(fd_.get(), reinterpret_cast<sockaddr*>(&in), sizeof in) != 0) {
+        sys_failure("bind", errno);
+      }
+      socklen_t len = sizeof in;
+      ::getsockname(fd_.get(), reinterpret_cast<sockaddr*>(&in), &len);
+      std::memcpy(&addr_, &in, sizeof in);
+      len_ = sizeof in;
+    } else {
+      path_ = bench_socket_path();
+      sockaddr_un un{};
+      un.sun_family = AF_UNIX;
+      std::snprintf(un.sun_path, sizeof un.sun_path, "%s", path_.c_str());
+      ::unlink(path_.c_str());
+      if (::bind(fd_.get(), reinterpret_cast<sockaddr*>(&un), sizeof un) != 0) {
+        sys_failure("bind", errno);
+      }
+      std::memcpy(&addr_, &un, sizeof un);
+      len_ = sizeof un;
+    }
+    if (::listen(fd_.get(), 128) != 0) sys_failure("listen", errno);
+  }
+  raw_listener(const raw_listener&) = delete;
+  raw_listener& operator=(const raw_listener&) = delete;
+  ~raw_listener() {
+    if (!path_.empty()) ::unlink(path_.c_str());
+  }
+
+  // A new connected client socket (TCP_NODELAY on tcp).
+  [[nodiscard]] unique_fd connect() const {
+    unique_fd c(::socket(tcp_ ? AF_INET : AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (!c.valid()) sys_failure("socket", errno);
+    if (::connect(c.get(), reinterpret_cast<const sockaddr*>(&addr_), len_) != 0) {
+      sys_failure("connect", errno);
+    }
+    no_delay(c.get());
+    return c;
+  }
+  // The next connection (TCP_NODELAY on tcp).
+  [[nodiscard]] unique_fd accept() const {
+    unique_fd a(::accept4(fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    if (!a.valid()) sys_failure("accept4", errno);
+    no_delay(a.get());
+    return a;
+  }
+  [[nodiscard]] int fd() const noexcept { return fd_.get(); }
+
+  // TCP_NODELAY on fd, on tcp.
+  void no_delay(int fd) const {
+    const int on = 1;
+    if (tcp_ && ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on) != 0) {
+      sys_failure("setsockopt(TCP_NODELAY)", errno);
+    }
+  }
+
+ private:
+  bool tcp_;
+  unique_fd fd_;
+  std::string path_;
+  sockaddr_storage addr_{};
+  socklen_t len_ = 0;
+};
+
+// A pair of sockets, two pipes, or a connection and its accepted end, with both sides' fds
+// owned.
 struct raw_link {
   raw_end near, far;
   std::vector<unique_fd> near_fds, far_fds;
@@ -188,6 +276,16 @@ struct raw_link {
       far_fds.emplace_back(to_near[1]);
       near = {to_near[0], to_far[1], false};
       far = {to_far[0], to_near[1], false};
+      return;
+    }
+    if (kind == raw_kind::unix_path || kind == raw_kind::tcp) {
+      const raw_listener l(kind);
+      unique_fd client = l.connect();
+      unique_fd server = l.accept();
+      near = {client.get(), client.get(), true};
+      far = {server.get(), server.get(), true};
+      near_fds.push_back(std::move(client));
+      far_fds.push_back(std::move(server));
       return;
     }
     int sv[2];
@@ -332,6 +430,48 @@ struct channel_link {
   };
 };
 
+// A duplex endpoint on kind, without authkey.
+address endpoint_address(endpoint_kind kind) {
+  return check(kind == endpoint_kind::tcp ? address::parse("tcp:127.0.0.1:0")
+                                          : address::unix_path(bench_socket_path()),
+               "address");
+}
+
+// duplex::channel over a connection: the end a listener accepted, and the end connect() made.
+// A forked peer connects to this process's listener and echoes.
+struct endpoint_link {
+  using end = channel;
+  endpoint_kind kind = endpoint_kind::unix_path;
+
+  [[nodiscard]] std::pair<channel, channel> pair() const {
+    auto l = check(listener::listen(endpoint_address(kind)), "listen");
+    auto near = check(connect(l.local_address(), {}, std::chrono::seconds(10)), "connect");
+    auto far = check(l.accept(std::chrono::seconds(10)), "accept");
+    return {std::move(near), std::move(far.chan)};
+  }
+
+  class process {
+   public:
+    process(const endpoint_link& link, std::size_t size, int cpu) {
+      auto l = check(listener::listen(endpoint_address(link.kind)), "listen");
+      const address at = l.local_address();
+      child_.emplace(
+          [at, size, cpu] {
+            pin_to(cpu);
+            auto ch = connect(at, {}, std::chrono::seconds(10));
+            if (ch) echo(*ch, size);
+          },
+          std::initializer_list<int>{});
+      near_ = check(l.accept(std::chrono::seconds(10)), "accept").chan;
+    }
+    [[nodiscard]] channel& near() noexcept { return near_; }
+
+   private:
+    std::optional<raw_child> child_;  // reaped after near_ is gone
+    channel near_;
+  };
+};
+
 // duplex::ring_channel with options; a forked peer sets up its own end over the stream socket it
 // inherits, as two unrelated processes would.
 struct ring_link {
@@ -463,6 +603,104 @@ class channel_rtt final : public session {
   std::thread thread_;
   std::optional<typename Link::process> process_;
 };
+// --- connections ------------------------------------------------------------------------------
+
+// n connections one after the other, accepted by a thread (see open_connect).
+class connect_session final : public session {
+ public:
+  connect_session(endpoint_kind kind, bool with_duplex, const placement& cpus)
+      : duplex_(with_duplex), tcp_(kind == endpoint_kind::tcp) {
+    if (duplex_) {
+      options_.authkey.assign(32, std::byte{0x5a});
+      listener_options lo;
+      lo.endpoint = options_;
+      listener_ = check(listener::listen(endpoint_address(kind), lo), "listen");
+      at_ = listener_.local_address();
+      thread_ = std::thread([this, cpu = cpus.b] {
+        pin_to(cpu);
+        for (;;) {
+          auto c = listener_.accept();
+          if (!c) return;  // closed
+          std::array<std::byte, 8> buf{};
+          auto got = c->chan.receive_into(buf);
+          if (got) static_cast<void>(c->chan.send(const_buffer(buf.data(), got->size)));
+        }
+      });
+    } else {
+      raw_.emplace(kind == endpoint_kind::tcp ? raw_kind::tcp : raw_kind::unix_path);
+      thread_ = std::thread([this, cpu = cpus.b] {
+        pin_to(cpu);
+        for (;;) {
+          const unique_fd a(::accept4(raw_->fd(), nullptr, nullptr, SOCK_CLOEXEC));
+          if (!a.valid() || stop_.load()) return;
+          raw_->no_delay(a.get());
+          const raw_end e{a.get(), a.get(), true};
+          std::array<std::byte, 8> buf{};
+          if (read_message(e, buf.data(), buf.size(), false, false)) {
+            static_cast<void>(write_all(e, buf.data(), buf.size()));
+          }
+        }
+      });
+    }
+  }
+  ~connect_session() override {
+    if (duplex_) {
+      listener_.close();  // the accepting thread returns
+    } else {
+      stop_.store(true);
+      try {
+        static_cast<void>(raw_->connect());  // wakes the accepting thread, which sees stop_
+      } catch (const failure&) {
+        ::shutdown(raw_->fd(), SHUT_RDWR);
+      }
+    }
+    thread_.join();
+  }
+
+  double run(std::uint64_t n) override {
+    const auto start = steady::now();
+    for (std::uint64_t i = 0; i < n; ++i) {
+      if (duplex_) {
+        auto ch = check(connect(at_, options_, std::chrono::seconds(10)), "connect");
+        check(ch.send(const_buffer(out_.data(), out_.size())), "send");
+        const auto got = check(ch.receive_into(in_), "receive");
+        if (got.size != in_.size()) throw failure("the echo came back with another size");
+        abort_on_close(ch.native_handle());
+      } else {
+        const unique_fd c = raw_->connect();
+        const raw_end e{c.get(), c.get(), true};
+        if (const int err = write_all(e, out_.data(), out_.size()); err != 0) {
+          sys_failure("send", err);
+        }
+        if (!read_message(e, in_.data(), in_.size(), false, false)) {
+          throw failure("the accepting thread stopped");
+        }
+        abort_on_close(c.get());
+      }
+    }
+    return seconds_between(start, steady::now());
+  }
+
+ private:
+  // The client's close resets a tcp connection (SO_LINGER 0) rather than leave it in TIME_WAIT:
+  // thousands of connections a second would otherwise run out of loopback's ephemeral ports.
+  // Both rows do the same.
+  void abort_on_close(int fd) const noexcept {
+    const linger now{1, 0};
+    if (tcp_) static_cast<void>(::setsockopt(fd, SOL_SOCKET, SO_LINGER, &now, sizeof now));
+  }
+
+  bool duplex_;
+  bool tcp_;
+  std::array<std::byte, 8> out_{}, in_{};
+  endpoint_options options_;
+  listener listener_;
+  address at_;
+  std::optional<raw_listener> raw_;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+};
+
 // --- throughput ---------------------------------------------------------------------------------
 
 // A producer (the calling thread) and a consumer thread started for each run; the time runs from
@@ -750,6 +988,20 @@ std::unique_ptr<session> open_raw_rtt(raw_kind kind, peers who, std::size_t size
 std::unique_ptr<session> open_channel_rtt(socket_kind kind, const channel_options& options,
                                           peers who, std::size_t size, const placement& cpus) {
   return std::make_unique<channel_rtt<channel_link>>(channel_link{kind, options}, who, size, cpus);
+}
+
+std::unique_ptr<session> open_endpoint_rtt(endpoint_kind kind, peers who, std::size_t size,
+                                           const placement& cpus) {
+  return std::make_unique<channel_rtt<endpoint_link>>(endpoint_link{kind}, who, size, cpus);
+}
+
+std::unique_ptr<session> open_connect(endpoint_kind kind, bool duplex, const placement& cpus) {
+  return std::make_unique<connect_session>(kind, duplex, cpus);
+}
+
+std::unique_ptr<session> open_endpoint_throughput(endpoint_kind kind, std::size_t size,
+                                                  const placement& cpus) {
+  return std::make_unique<channel_throughput<endpoint_link>>(endpoint_link{kind}, size, cpus);
 }
 
 std::unique_ptr<session> open_ring_rtt(const ring_options& options, peers who, std::size_t size,
