@@ -1,4 +1,5 @@
-// duplex/asio.hpp - whole messages, with fds, for Asio (standalone Asio 1.22 or later).
+// duplex/asio.hpp - whole messages, with fds, for Asio (standalone Asio 1.22 or later); and
+// accepting an endpoint's connections (basic_acceptor, at the end).
 //
 // Asio moves bytes; it has no way to pass fds. duplex::asio::channel wraps a duplex::channel and
 // gives Asio programs its messages as asynchronous operations: completion handlers, coroutines
@@ -72,6 +73,7 @@
 
 #include "duplex/buffer.hpp"
 #include "duplex/channel.hpp"
+#include "duplex/endpoint.hpp"
 #include "duplex/error.hpp"
 #include "duplex/message.hpp"
 
@@ -267,5 +269,89 @@ class basic_channel {
 
 // A channel whose operations run on any executor (the usual choice).
 using channel = basic_channel<>;
+
+// The completion signature of async_accept.
+using accept_signature = void(std::error_code, duplex::connection);
+
+// A duplex::listener as an Asio I/O object: async_accept gives the next connection, once
+// accepted and (with an authkey) authenticated, without blocking the executor. Move-only; owns
+// the listener.
+//
+//   duplex::asio::acceptor acc(io, std::move(*duplex::listener::listen(at, options)));
+//   duplex::connection c = co_await acc.async_accept(asio::use_awaitable);
+//   duplex::asio::channel ch(io, std::move(c.chan));
+//
+// How it works: each operation waits for the listening fd (a close-on-exec duplicate of it) to
+// be readable and then calls the listener's accept with a zero timeout, which takes the waiting
+// connections and moves their handshakes on. A connection in the middle of its handshake makes
+// the listening fd no more readable, so after a readiness that gave no connection, the operation
+// also looks again after a pause of 1 ms, doubling to 100 ms (back to 1 ms at the next
+// readiness), for as long as it waits: a client's handshake completes at most that much later
+// than its last byte. The rules of basic_channel hold: at most one async_accept outstanding;
+// handlers never run inside the initiating call; the acceptor must outlive its operations.
+template <typename Executor = ::asio::any_io_executor>
+class basic_acceptor {
+ public:
+  using executor_type = Executor;
+
+  // Takes ownership of l; its operations run on ex. A closed (or empty) listener is accepted:
+  // its operations complete with errc::closed. Throws std::system_error if the listening fd
+  // cannot be duplicated or registered with the reactor.
+  basic_acceptor(const executor_type& ex, duplex::listener l)
+      : s_(std::make_unique<state>(ex, std::move(l))) {}
+
+  // Takes ownership of l; its operations run on ctx's executor.
+  template <detail::execution_context ExecutionContext>
+  basic_acceptor(ExecutionContext& ctx, duplex::listener l)
+      : basic_acceptor(executor_type(ctx.get_executor()), std::move(l)) {}
+
+  basic_acceptor(basic_acceptor&&) noexcept = default;
+  basic_acceptor& operator=(basic_acceptor&&) noexcept = default;
+  basic_acceptor(const basic_acceptor&) = delete;
+  basic_acceptor& operator=(const basic_acceptor&) = delete;
+
+  // Closes the listener; an outstanding operation completes with errc::closed.
+  ~basic_acceptor() {
+    if (s_) s_->close();
+  }
+
+  [[nodiscard]] executor_type get_executor() const noexcept { return s_->ex; }
+
+  // The listener: local_address(), failures(), last_failure(). Do not call its accept while an
+  // async_accept is outstanding.
+  [[nodiscard]] duplex::listener& listener() noexcept { return s_->l; }
+
+  // Makes an outstanding async_accept complete with asio::error::operation_aborted. A
+  // connection in its handshake stays with the listener: the next accept takes it.
+  void cancel() {
+    std::error_code ignored;
+    static_cast<void>(s_->watch.cancel(ignored));
+    s_->recheck.cancel();
+  }
+
+  // Closes the listener (its unix socket file is removed); an outstanding async_accept, and
+  // every later one, completes with errc::closed.
+  void close() { s_->close(); }
+
+  // Accepts the next connection. Completion: void(std::error_code, duplex::connection); on error
+  // the connection is empty. Errors: those of listener::accept but errc::timed_out (errc::closed,
+  // ENOMEM, errors of polling), errors of the reactor's wait, and
+  // asio::error::operation_aborted (cancelled, by cancel() or the handler's cancellation slot:
+  // every cancellation type; nothing is lost). A connection that fails its handshake is the
+  // listener's failure (on_failure, failures()), not the operation's: it goes on waiting.
+  template <::asio::completion_token_for<accept_signature> Token =
+                ::asio::default_completion_token_t<executor_type>>
+  auto async_accept(Token&& token = ::asio::default_completion_token_t<executor_type>()) {
+    return ::asio::async_compose<Token, accept_signature>(detail::accept_op<Executor>(s_.get()),
+                                                          token, s_->ex);
+  }
+
+ private:
+  using state = detail::acceptor_state<Executor>;
+  std::unique_ptr<state> s_;
+};
+
+// An acceptor whose operations run on any executor.
+using acceptor = basic_acceptor<>;
 
 }  // namespace duplex::asio

@@ -29,8 +29,11 @@
 #include <asio/strand.hpp>
 #include <asio/use_awaitable.hpp>
 #include <atomic>
+#include <cctype>
 #include <chrono>
+#include <cstdlib>
 #include <exception>
+#include <filesystem>
 #include <functional>
 #include <future>
 #include <memory>
@@ -1211,6 +1214,149 @@ TEST_P(asio_test, RoundTripsOnStrandsOfATwoThreadIoContext) {
   EXPECT_TRUE(io.stopped());
   EXPECT_EQ(received_ok.load(), rounds);
   EXPECT_EQ(echoed.load(), rounds);
+}
+
+// --- acceptor ---------------------------------------------------------------------------------
+
+// A directory of its own for unix socket paths, removed with what is in it.
+class socket_dir {
+ public:
+  socket_dir() {
+    std::string t = "/tmp/duplex-asio-XXXXXX";
+    path_ = ::mkdtemp(t.data());
+  }
+  socket_dir(const socket_dir&) = delete;
+  socket_dir& operator=(const socket_dir&) = delete;
+  ~socket_dir() { static_cast<void>(std::system(("rm -rf '" + path_ + "'").c_str())); }
+  [[nodiscard]] std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+std::vector<std::byte> key_of(std::string_view text) {
+  const auto b = as_bytes(text);
+  return {b.begin(), b.end()};
+}
+
+class asio_acceptor_test : public test::process_checked {};
+
+// Connections of blocking clients on a thread, accepted with async_accept (with and without an
+// authkey, over a unix path and tcp), each answered through a duplex::asio::channel.
+TEST_F(asio_acceptor_test, AcceptsAuthenticatedClientsAndTheirChannelsTalk) {
+  socket_dir dir;
+  for (const bool with_key : {false, true}) {
+    for (const bool tcp : {false, true}) {
+      SCOPED_TRACE(std::string(with_key ? "key " : "no key ") + (tcp ? "tcp" : "unix"));
+      listener_options lo;
+      if (with_key) lo.endpoint.authkey = key_of("asio secret");
+      const auto at = tcp ? test::must(address::parse("tcp:127.0.0.1:0"))
+                          : test::must(address::unix_path(dir.file(with_key ? "k" : "n")));
+      ::asio::io_context io;
+      duplex::asio::acceptor acc(io, test::must(listener::listen(at, lo)));
+      const address where = acc.listener().local_address();
+      constexpr int clients = 3;
+      std::thread peers([&] {
+        for (int i = 0; i < clients; ++i) {
+          auto ch = connect(where, lo.endpoint, 30s);
+          ASSERT_THAT(ch, Succeeded());
+          ASSERT_THAT(ch->send(as_bytes("client " + std::to_string(i))), Succeeded());
+          auto reply = ch->receive(30s);
+          ASSERT_THAT(reply, Succeeded());
+          EXPECT_EQ(reply->text(), "CLIENT " + std::to_string(i));
+        }
+      });
+      int served = 0;
+      spawn(io, [&]() -> ::asio::awaitable<void> {
+        for (int i = 0; i < clients; ++i) {
+          connection c = co_await acc.async_accept(use_awaitable);
+          duplex::asio::channel ch(io, std::move(c.chan));
+          message m = co_await ch.async_receive(use_awaitable);
+          std::string text(m.text());
+          std::transform(text.begin(), text.end(), text.begin(),
+                         [](unsigned char x) { return static_cast<char>(std::toupper(x)); });
+          co_await ch.async_send(as_bytes(text), use_awaitable);
+          ++served;
+        }
+      });
+      run(io);
+      peers.join();
+      EXPECT_EQ(served, clients);
+    }
+  }
+}
+
+// A client with a wrong key is the listener's failure, not the operation's: the accept goes on
+// to the next client. The handler never runs inside async_accept.
+TEST_F(asio_acceptor_test, AWrongKeyIsTheListenersFailureAndTheNextClientIsAccepted) {
+  socket_dir dir;
+  listener_options lo;
+  lo.endpoint.authkey = key_of("right");
+  ::asio::io_context io;
+  duplex::asio::acceptor acc(
+      io, test::must(listener::listen(test::must(address::unix_path(dir.file("s"))), lo)));
+  const address where = acc.listener().local_address();
+  bool inside = true;
+  bool done = false;
+  acc.async_accept([&](std::error_code ec, connection c) {
+    EXPECT_FALSE(inside);
+    EXPECT_FALSE(ec) << ec.message();
+    EXPECT_TRUE(c.chan.is_open());
+    done = true;
+  });
+  inside = false;
+  std::thread peers([&] {
+    endpoint_options wrong;
+    wrong.authkey = key_of("wrong");
+    EXPECT_THAT(connect(where, wrong, 30s), HasError(make_error_code(errc::authentication_failed)));
+    endpoint_options right;
+    right.authkey = key_of("right");
+    auto ch = connect(where, right, 30s);
+    EXPECT_THAT(ch, Succeeded());
+  });
+  run(io);
+  peers.join();
+  EXPECT_TRUE(done);
+  EXPECT_EQ(acc.listener().failures(), 1U);
+}
+
+// cancel(), a cancellation slot and close() end a waiting accept; after a cancellation the next
+// accept takes the next client.
+TEST_F(asio_acceptor_test, CancelAndCloseEndAWaitingAccept) {
+  socket_dir dir;
+  ::asio::io_context io;
+  duplex::asio::acceptor acc(
+      io, test::must(listener::listen(test::must(address::unix_path(dir.file("s"))))));
+  std::error_code first;
+  acc.async_accept([&](std::error_code ec, connection) { first = ec; });
+  ::asio::post(io, [&] { acc.cancel(); });
+  run(io);
+  EXPECT_EQ(first, ::asio::error::operation_aborted);
+
+  io.restart();
+  ::asio::cancellation_signal signal;
+  std::error_code second;
+  acc.async_accept(::asio::bind_cancellation_slot(
+      signal.slot(), [&](std::error_code ec, connection) { second = ec; }));
+  ::asio::post(io, [&] { signal.emit(::asio::cancellation_type::total); });
+  run(io);
+  EXPECT_EQ(second, ::asio::error::operation_aborted);
+
+  io.restart();
+  auto client = connect(acc.listener().local_address(), {}, 30s);
+  ASSERT_THAT(client, Succeeded());
+  std::error_code third = make_error_code(errc::closed);
+  acc.async_accept([&](std::error_code ec, connection) { third = ec; });
+  run(io);
+  EXPECT_FALSE(third) << third.message();
+
+  io.restart();
+  std::error_code fourth;
+  acc.async_accept([&](std::error_code ec, connection) { fourth = ec; });
+  ::asio::post(io, [&] { acc.close(); });
+  run(io);
+  EXPECT_EQ(fourth, make_error_code(errc::closed));
+  EXPECT_FALSE(std::filesystem::exists(dir.file("s")));  // the listener's file went with it
 }
 
 }  // namespace

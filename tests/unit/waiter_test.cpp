@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "duplex/channel.hpp"
+#include "duplex/endpoint.hpp"
 #include "duplex/process.hpp"
 #include "support.hpp"
 
@@ -195,6 +196,41 @@ TEST_F(waiter_test, AThousandChannelsAndDyingPeers) {
   EXPECT_EQ(got, expected);
   for (int i = 0; i < n; ++i)
     EXPECT_EQ(ended[static_cast<std::size_t>(i)], i % 3 == 0) << i;
+}
+
+// A listener in a waiter: its fd is readable when a connection waits; accept then takes it
+// (without an authkey at once; with one, accept's timeout covers the handshake, which the client
+// thread drives from its side).
+TEST_F(waiter_test, AListenersFdIsReadableWhenAConnectionWaits) {
+  for (const bool with_key : {false, true}) {
+    SCOPED_TRACE(with_key ? "with a key" : "without a key");
+    listener_options lo;
+    if (with_key) {
+      const auto b = as_bytes("waiter key");
+      lo.endpoint.authkey.assign(b.begin(), b.end());
+    }
+    auto l = test::must(listener::listen(test::must(address::parse("tcp:127.0.0.1:0")), lo));
+    auto w = test::must(waiter::create());
+    ASSERT_THAT(w.add(l.native_handle(), 7), Succeeded());
+    EXPECT_THAT(w.wait(20ms), HasError(make_error_code(errc::timed_out)));
+    std::thread client([&] {
+      auto ch = connect(l.local_address(), lo.endpoint, 30s);
+      ASSERT_THAT(ch, Succeeded());
+      ASSERT_THAT(ch->send(as_bytes("through a waiter")), Succeeded());
+    });
+    ASSERT_THAT(w.wait(30s), Succeeded());
+    auto e = w.next();
+    ASSERT_TRUE(e.has_value());
+    EXPECT_EQ(e->key, 7U);
+    auto c = l.accept(30s);
+    ASSERT_THAT(c, Succeeded());
+    auto m = c->chan.receive(30s);
+    ASSERT_THAT(m, Succeeded());
+    EXPECT_EQ(m->text(), "through a waiter");
+    client.join();
+    EXPECT_THAT(w.wait(20ms), HasError(make_error_code(errc::timed_out)));  // nothing waits now
+    ASSERT_THAT(w.remove(l.native_handle()), Succeeded());
+  }
 }
 
 }  // namespace

@@ -46,6 +46,7 @@
 
 #include "duplex/buffer.hpp"
 #include "duplex/channel.hpp"
+#include "duplex/endpoint.hpp"
 #include "duplex/error.hpp"
 #include "duplex/message.hpp"
 
@@ -843,5 +844,126 @@ auto start(channel_state<Executor>* s, Make make, Token&& token) {
 }
 
 #endif  // DUPLEX_ASIO_REACTOR
+
+// --- accept --------------------------------------------------------------------------------
+//
+// async_accept is an async_compose over async_wait on a duplicate of the listening fd, and a
+// timer: the listener's own accept(0) does the work (accept4, the handshakes, their deadlines).
+// A connection in its handshake shows no readiness on the listening fd, so after a readiness
+// that gave no connection the operation also looks again after a pause (1 ms, doubling to
+// 100 ms; back to 1 ms at the next readiness) for as long as it waits.
+
+// What an acceptor's operations share with it (on the heap: a moved acceptor's operation carries
+// on).
+template <typename Executor>
+struct acceptor_state {
+  acceptor_state(const Executor& e, duplex::listener listening)
+      : ex(e), l(std::move(listening)), watch(e), recheck(e) {
+    if (l.native_handle() >= 0) {
+      const int copy = ::fcntl(l.native_handle(), F_DUPFD_CLOEXEC, 0);
+      if (copy < 0) {
+        throw std::system_error(errno, std::system_category(), "duplex::asio::acceptor: dup");
+      }
+      watch.assign(copy);
+    }
+  }
+  void close() {
+    std::error_code ignored;
+    static_cast<void>(watch.close(ignored));
+    recheck.cancel();
+    l.close();
+  }
+
+  Executor ex;
+  duplex::listener l;
+  ::asio::posix::stream_descriptor watch;  // the listening fd's duplicate, for readiness
+  ::asio::steady_timer recheck;            // ends a wait to look again at handshakes
+  bool recheck_due = false;                // the timer, not readiness, ended the wait
+};
+
+inline constexpr std::chrono::milliseconds first_recheck{1};
+inline constexpr std::chrono::milliseconds longest_recheck{100};
+
+template <typename Executor>
+class accept_op {
+ public:
+  explicit accept_op(acceptor_state<Executor>* s) : s_(s) {}
+
+  template <typename Self>
+  void operator()(Self& self, std::error_code ec = {}) {
+    switch (step_) {
+      case step::start:
+        self.reset_cancellation_state(::asio::enable_total_cancellation());
+        if (attempt()) {  // known at once: completes as if posted
+          step_ = step::posted;
+          ::asio::post(std::move(self));
+          return;
+        }
+        break;
+      case step::posted: return finish(self);
+      case step::waiting: {
+        const bool by_timer = s_->recheck_due;
+        s_->recheck.cancel();
+        if (self.get_cancellation_state().cancelled() != ::asio::cancellation_type::none) {
+          ec_ = ::asio::error::operation_aborted;
+          return finish(self);
+        }
+        if (ec && !(ec == ::asio::error::operation_aborted && by_timer)) {
+          // closed (the descriptor went with the listener), cancel(), or the reactor's error
+          ec_ = s_->l.native_handle() < 0 ? make_error_code(errc::closed) : ec;
+          return finish(self);
+        }
+        // Readiness: a connection is waiting, or a handshake has begun: look again soon.
+        if (!by_timer) pause_ = first_recheck;
+        if (attempt()) return finish(self);
+        break;
+      }
+    }
+    step_ = step::waiting;
+    s_->recheck_due = false;
+    if (pause_.count() != 0) {
+      s_->recheck.expires_after(pause_);
+      pause_ = std::min(pause_ * 2, longest_recheck);
+      auto* s = s_;
+      s_->recheck.async_wait([s](std::error_code timer_ec) {
+        if (timer_ec) return;  // cancelled: the state may be gone, touch nothing
+        s->recheck_due = true;
+        std::error_code ignored;
+        static_cast<void>(s->watch.cancel(ignored));
+      });
+    }
+    s_->watch.async_wait(::asio::posix::stream_descriptor::wait_read, std::move(self));
+  }
+
+ private:
+  enum class step { start, posted, waiting };
+
+  // True once the operation has its outcome (in ec_ and c_).
+  bool attempt() {
+    if (s_->l.native_handle() < 0) {
+      ec_ = make_error_code(errc::closed);
+      return true;
+    }
+    auto c = s_->l.accept(std::chrono::nanoseconds::zero());
+    if (c) {
+      c_ = std::move(*c);
+      return true;
+    }
+    if (c.error() == errc::timed_out) return false;
+    ec_ = c.error();
+    return true;
+  }
+
+  template <typename Self>
+  void finish(Self& self) {
+    self.complete(ec_, ec_ ? connection{} : std::move(c_));
+  }
+
+  acceptor_state<Executor>* s_;
+  step step_ = step::start;
+  std::error_code ec_;
+  connection c_;
+  std::chrono::milliseconds pause_{0};  // 0: no handshake seen in progress yet
+};
 
 }  // namespace duplex::asio::detail
