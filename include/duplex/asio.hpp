@@ -284,11 +284,13 @@ using accept_signature = void(std::error_code, duplex::connection);
 // How it works: each operation waits for the listening fd (a close-on-exec duplicate of it) to
 // be readable and then calls the listener's accept with a zero timeout, which takes the waiting
 // connections and moves their handshakes on. A connection in the middle of its handshake makes
-// the listening fd no more readable, so after a readiness that gave no connection, the operation
-// also looks again after a pause of 1 ms, doubling to 100 ms (back to 1 ms at the next
-// readiness), for as long as it waits: a client's handshake completes at most that much later
-// than its last byte. The rules of basic_channel hold: at most one async_accept outstanding;
-// handlers never run inside the initiating call; the acceptor must outlive its operations.
+// the listening fd no more readable, so once an accept has taken connections, waits also end
+// after a pause of 1 ms, doubling to 100 ms (back to 1 ms at the next readiness), to look
+// again, for a minute after the last readiness: a client's handshake completes at most a pause
+// later than its last byte (a listener whose handshake_timeout is over a minute may leave a
+// slow client's handshake to the next readiness). The rules of basic_channel hold: at most one
+// async_accept outstanding; handlers never run inside the initiating call; the acceptor must
+// outlive its operations.
 template <typename Executor = ::asio::any_io_executor>
 class basic_acceptor {
  public:

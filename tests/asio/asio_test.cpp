@@ -1255,16 +1255,24 @@ TEST_F(asio_acceptor_test, AcceptsAuthenticatedClientsAndTheirChannelsTalk) {
       ::asio::io_context io;
       duplex::asio::acceptor acc(io, test::must(listener::listen(at, lo)));
       const address where = acc.listener().local_address();
-      constexpr int clients = 3;
+      // One client after the other, then two at once: one accept takes both into their
+      // handshakes, and the second is handed out by the next accept though the listening fd
+      // shows nothing more.
+      constexpr int clients = 5;
+      const auto client = [&](int i) {
+        auto ch = connect(where, lo.endpoint, 30s);
+        ASSERT_THAT(ch, Succeeded());
+        ASSERT_THAT(ch->send(as_bytes("client " + std::to_string(i))), Succeeded());
+        auto reply = ch->receive(30s);
+        ASSERT_THAT(reply, Succeeded());
+        EXPECT_EQ(reply->text(), "CLIENT " + std::to_string(i));
+      };
       std::thread peers([&] {
-        for (int i = 0; i < clients; ++i) {
-          auto ch = connect(where, lo.endpoint, 30s);
-          ASSERT_THAT(ch, Succeeded());
-          ASSERT_THAT(ch->send(as_bytes("client " + std::to_string(i))), Succeeded());
-          auto reply = ch->receive(30s);
-          ASSERT_THAT(reply, Succeeded());
-          EXPECT_EQ(reply->text(), "CLIENT " + std::to_string(i));
-        }
+        for (int i = 0; i < 3; ++i)
+          client(i);
+        std::thread other([&] { client(3); });
+        client(4);
+        other.join();
       });
       int served = 0;
       spawn(io, [&]() -> ::asio::awaitable<void> {
@@ -1273,6 +1281,7 @@ TEST_F(asio_acceptor_test, AcceptsAuthenticatedClientsAndTheirChannelsTalk) {
           duplex::asio::channel ch(io, std::move(c.chan));
           message m = co_await ch.async_receive(use_awaitable);
           std::string text(m.text());
+          EXPECT_TRUE(text.starts_with("client ")) << text;
           std::transform(text.begin(), text.end(), text.begin(),
                          [](unsigned char x) { return static_cast<char>(std::toupper(x)); });
           co_await ch.async_send(as_bytes(text), use_awaitable);

@@ -16,6 +16,7 @@
 #pragma once
 
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -849,9 +850,9 @@ auto start(channel_state<Executor>* s, Make make, Token&& token) {
 //
 // async_accept is an async_compose over async_wait on a duplicate of the listening fd, and a
 // timer: the listener's own accept(0) does the work (accept4, the handshakes, their deadlines).
-// A connection in its handshake shows no readiness on the listening fd, so after a readiness
-// that gave no connection the operation also looks again after a pause (1 ms, doubling to
-// 100 ms; back to 1 ms at the next readiness) for as long as it waits.
+// A connection in its handshake shows no readiness on the listening fd, so once an accept took
+// connections (the fd was readable), waits also end after a pause (1 ms, doubling to 100 ms;
+// back to 1 ms at the next readiness) to look again, for a minute after the last readiness.
 
 // What an acceptor's operations share with it (on the heap: a moved acceptor's operation carries
 // on).
@@ -874,15 +875,40 @@ struct acceptor_state {
     l.close();
   }
 
+  // Calls the listener's accept with a zero timeout. When the listening fd was readable first,
+  // that call took connections into their handshakes (and one may be handed out while others
+  // go on): from then on, and for recheck_span, waits also end after a pause to look again.
+  result<connection> accept_now() {
+    pollfd p{l.native_handle(), POLLIN, 0};
+    const bool readable = ::poll(&p, 1, 0) > 0 && (p.revents & POLLIN) != 0;
+    if (readable) {
+      pause = first_recheck;
+      recheck_until = std::chrono::steady_clock::now() + recheck_span;
+    }
+    return l.accept(std::chrono::nanoseconds::zero());
+  }
+
+  // The pause before the next look, or zero when no handshake can still be in progress.
+  std::chrono::milliseconds next_pause() {
+    if (std::chrono::steady_clock::now() >= recheck_until) return std::chrono::milliseconds(0);
+    const auto p = pause;
+    pause = std::min(pause * 2, longest_recheck);
+    return p;
+  }
+
+  static constexpr std::chrono::milliseconds first_recheck{1};
+  static constexpr std::chrono::milliseconds longest_recheck{100};
+  // Longer than a listener's default handshake deadline (10 s), with room to spare.
+  static constexpr std::chrono::seconds recheck_span{60};
+
   Executor ex;
   duplex::listener l;
   ::asio::posix::stream_descriptor watch;  // the listening fd's duplicate, for readiness
   ::asio::steady_timer recheck;            // ends a wait to look again at handshakes
   bool recheck_due = false;                // the timer, not readiness, ended the wait
+  std::chrono::milliseconds pause{first_recheck};
+  std::chrono::steady_clock::time_point recheck_until{};
 };
-
-inline constexpr std::chrono::milliseconds first_recheck{1};
-inline constexpr std::chrono::milliseconds longest_recheck{100};
 
 template <typename Executor>
 class accept_op {
@@ -913,17 +939,14 @@ class accept_op {
           ec_ = s_->l.native_handle() < 0 ? make_error_code(errc::closed) : ec;
           return finish(self);
         }
-        // Readiness: a connection is waiting, or a handshake has begun: look again soon.
-        if (!by_timer) pause_ = first_recheck;
         if (attempt()) return finish(self);
         break;
       }
     }
     step_ = step::waiting;
     s_->recheck_due = false;
-    if (pause_.count() != 0) {
-      s_->recheck.expires_after(pause_);
-      pause_ = std::min(pause_ * 2, longest_recheck);
+    if (const auto pause = s_->next_pause(); pause.count() != 0) {
+      s_->recheck.expires_after(pause);
       auto* s = s_;
       s_->recheck.async_wait([s](std::error_code timer_ec) {
         if (timer_ec) return;  // cancelled: the state may be gone, touch nothing
@@ -944,7 +967,7 @@ class accept_op {
       ec_ = make_error_code(errc::closed);
       return true;
     }
-    auto c = s_->l.accept(std::chrono::nanoseconds::zero());
+    auto c = s_->accept_now();
     if (c) {
       c_ = std::move(*c);
       return true;
@@ -963,7 +986,6 @@ class accept_op {
   step step_ = step::start;
   std::error_code ec_;
   connection c_;
-  std::chrono::milliseconds pause_{0};  // 0: no handshake seen in progress yet
 };
 
 }  // namespace duplex::asio::detail
