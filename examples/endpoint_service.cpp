@@ -1,128 +1,175 @@
-// A C++ service that unrelated clients reach by name: one C++ client and one CPython Client.
+// A service on a unix socket path that unrelated clients reach by name, authenticated with a key
+// read from a file: a C++ client (duplex::connect) and a Python one (CPython's own
+// multiprocessing.connection.Client, examples/endpoint_client.py) are both answered, and a client
+// with the wrong key is refused while the service goes on.
 //
-// The service listens on an address (a unix abstract name by default) with an authkey, accepts
-// two connections, and answers each message with its text upper-cased. Its clients are a C++
-// connect() (a thread of this process) and CPython's own multiprocessing.connection.Client (a
-// python3 process): both run the same authenticated handshake, and both frame with
-// framing::python, so the service cannot tell them apart. The key goes to Python in a file,
-// never on its command line. docs/endpoints.md has the handshake and the limits.
+// The service speaks framing::python, so that CPython's Client is a valid peer; both sides run
+// CPython's mutual HMAC handshake (docs/endpoints.md). Each request is a line of numbers; the
+// reply is "sum N". One thread accepts and serves the clients one after the other; the main
+// thread plays the clients.
 //
-// Usage: endpoint_service [PYTHON [ADDRESS]]   (PYTHON defaults to python3, searched in PATH;
-// ADDRESS to an abstract name of this process's own)
+// Usage: endpoint_service [PYTHON]   (PYTHON defaults to python3, searched in PATH)
+#include <fcntl.h>
+#include <stdlib.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
-#include <cstdlib>
+#include <cstdio>
+#include <filesystem>
 #include <fstream>
-#include <iostream>
+#include <sstream>
 #include <string>
-#include <system_error>
 #include <thread>
+#include <vector>
 
 #include "duplex/duplex.hpp"
+
+#ifndef DUPLEX_PYTHON_CLIENT
+#error \
+    "DUPLEX_PYTHON_CLIENT must name examples/endpoint_client.py (examples/CMakeLists.txt sets it)"
+#endif
 
 namespace {
 
 using namespace std::chrono_literals;
 
-int fail(const char* what, std::error_code ec, const std::string& detail = "") {
-  std::cerr << what << ": " << (detail.empty() ? ec.message() : detail) << '\n';
-  return EXIT_FAILURE;
+// "sum N" of the numbers in a request ("3 4 5" -> "sum 12"), or "not a list of numbers".
+std::string answer(std::string_view request) {
+  std::istringstream in{std::string(request)};
+  long long sum = 0;
+  long long n = 0;
+  while (in >> n)
+    sum += n;
+  if (!in.eof()) return "not a list of numbers";
+  return "sum " + std::to_string(sum);
 }
 
-// The service: each message comes back upper-cased, until the client closes.
+// Serves one connection: each request answered, until the client closes.
 void serve(duplex::channel& ch) {
   for (;;) {
-    auto m = ch.receive();
-    if (!m) return;  // peer_closed: the client is done
-    std::string text(m->text());
-    for (char& c : text)
-      if (c >= 'a' && c <= 'z') c = static_cast<char>(c - 'a' + 'A');
-    if (!ch.send(duplex::as_bytes(text))) return;
+    auto request = ch.receive(30s);
+    if (!request) return;  // peer_closed: the client is done (or it failed; it is gone)
+    if (!ch.send(duplex::as_bytes(answer(request->text())))) return;
   }
 }
 
-// CPython's side, as a user would write it: the address and the key's file as arguments.
-constexpr const char* python_client = R"(import sys
-from multiprocessing.connection import Client
-address = sys.argv[1]
-if address.startswith("unix:@"):
-    address, family = "\0" + address[6:], "AF_UNIX"
-elif address.startswith("unix:"):
-    address, family = address[5:], "AF_UNIX"
-else:
-    host, _, port = address[4:].rpartition(":")
-    address, family = (host.strip("[]"), int(port)), "AF_INET"
-with Client(address, family, authkey=open(sys.argv[2], "rb").read()) as c:
-    c.send_bytes(b"hello from python")
-    print("Python client got:", c.recv_bytes().decode(), flush=True)
-)";
+// The key file: 32 random bytes, readable by this user alone.
+bool write_key(const std::string& path) {
+  std::vector<std::byte> key(32);
+  if (::getentropy(key.data(), key.size()) != 0) return false;
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) return false;
+  const bool ok = ::write(fd, key.data(), key.size()) == static_cast<ssize_t>(key.size());
+  return ::close(fd) == 0 && ok;
+}
 
 }  // namespace
 
 int main(int argc, char** argv) {
   const std::string python = argc > 1 ? argv[1] : "python3";
-  const std::string text =
-      argc > 2 ? argv[2] : "unix:@duplex-endpoint-example-" + std::to_string(::getpid());
-  auto at = duplex::address::parse(text);
-  if (!at) return fail("address", at.error(), duplex::describe_address_error(text));
-
-  // The shared key, in a file only this user can read (a real service reads its own, with
-  // duplex::read_authkey_file).
-  char key_path[] = "/tmp/duplex-example-key-XXXXXX";
-  const int key_fd = ::mkstemp(key_path);
-  if (key_fd < 0) return fail("mkstemp", std::error_code(errno, std::system_category()));
-  const std::string secret = "a shared secret";
-  const bool written =
-      ::write(key_fd, secret.data(), secret.size()) == static_cast<ssize_t>(secret.size());
-  ::close(key_fd);
-  auto key = duplex::read_authkey_file(key_path);
-  if (!written || !key) {
-    ::unlink(key_path);
-    return fail("key", key ? std::make_error_code(std::errc::io_error) : key.error());
+  std::string dir_template = (std::filesystem::temp_directory_path() / "duplex-service-XXXXXX");
+  if (::mkdtemp(dir_template.data()) == nullptr) {
+    std::perror("mkdtemp");
+    return 1;
+  }
+  const std::filesystem::path dir = dir_template;
+  const std::string key_file = dir / "key";
+  const std::string wrong_key_file = dir / "wrong-key";
+  struct cleanup {
+    std::filesystem::path dir;
+    ~cleanup() {
+      std::error_code ignored;
+      std::filesystem::remove_all(dir, ignored);
+    }
+  } const remove_dir{dir};
+  if (!write_key(key_file) || !write_key(wrong_key_file)) {
+    std::perror("writing the key files");
+    return 1;
   }
 
+  // The service: the key from its file (never from a command line), CPython's framing.
+  auto key = duplex::read_authkey_file(key_file);
+  if (!key) {
+    std::printf("Service: cannot read the key: %s\n", key.error().message().c_str());
+    return 1;
+  }
   duplex::listener_options options;
-  options.endpoint.channel.format = duplex::framing::python;
   options.endpoint.authkey = *key;
+  options.endpoint.channel.format = duplex::framing::python;
+  std::atomic<int> refused{0};
+  options.on_failure = [&refused](const duplex::accept_failure& f) {
+    std::printf("Service: refused a client: %s\n", f.error.message().c_str());
+    ++refused;
+  };
+  auto at = duplex::address::unix_path((dir / "service.sock").string());
+  if (!at) {
+    std::printf("Service: %s\n", duplex::describe_address_error(dir.string()).c_str());
+    return 1;
+  }
   auto l = duplex::listener::listen(*at, options);
   if (!l) {
-    ::unlink(key_path);
-    return fail("listen", l.error());
+    std::printf("Service: cannot listen: %s\n", l.error().message().c_str());
+    return 1;
   }
-  const std::string where = l->local_address().to_string();
-  std::cout << "Service: listening on " << where << std::endl;
-
-  // The C++ client, in a thread: connect, one request, one reply.
-  std::thread cpp_client([&] {
-    std::string why;
-    auto c = duplex::connect(l->local_address(), options.endpoint, 10s, why);
-    if (!c) {
-      std::cerr << "C++ client: " << why << '\n';
-      return;
+  std::printf("Service: listening, authkey from a file\n");
+  std::fflush(stdout);
+  std::atomic<int> served{0};
+  std::thread service([&] {
+    for (;;) {
+      auto c = l->accept();
+      if (!c) return;  // closed: the service stops
+      serve(c->chan);
+      ++served;
     }
-    if (!c->send(duplex::as_bytes("hello from c++"))) return;
-    if (auto reply = c->receive(10s)) std::cout << "C++ client got: " << reply->text() << std::endl;
   });
-  // The Python client, a process of its own.
-  auto py = duplex::spawn({python, "-c", python_client, where, key_path});
 
-  int served = 0;
-  for (; served < (py ? 2 : 1); ++served) {
-    auto conn = l->accept(30s);
-    if (!conn) break;
-    serve(conn->chan);
+  int status = 0;
+  // A C++ client with the right key.
+  duplex::endpoint_options client;
+  client.authkey = *duplex::read_authkey_file(key_file);
+  client.channel.format = duplex::framing::python;
+  std::string detail;
+  if (auto ch = duplex::connect(l->local_address(), client, 10s, detail)) {
+    for (const char* request : {"3 4 5", "100 -1"}) {
+      auto sent = ch->send(duplex::as_bytes(request));
+      auto reply = sent ? ch->receive(10s) : std::unexpected(sent.error());
+      if (!reply) {
+        std::printf("C++ client: %s\n", reply.error().message().c_str());
+        status = 1;
+        break;
+      }
+      std::printf("C++ client: '%s' -> '%s'\n", request, std::string(reply->text()).c_str());
+    }
+  } else {
+    std::printf("C++ client: %s\n", detail.c_str());
+    status = 1;
   }
-  cpp_client.join();
-  int status = EXIT_SUCCESS;
-  if (!py) {
-    status = fail("python client", py.error());
-  } else if (auto exit = py->wait(); !exit || !exit->success()) {
-    std::cerr << "python client failed\n";
-    status = EXIT_FAILURE;
+
+  // A C++ client with the wrong key: refused on both sides.
+  duplex::endpoint_options wrong = client;
+  wrong.authkey = *duplex::read_authkey_file(wrong_key_file);
+  auto refused_ch = duplex::connect(l->local_address(), wrong, 10s, detail);
+  std::printf("C++ client with the wrong key: %s\n",
+              refused_ch ? "accepted (unexpected)" : refused_ch.error().message().c_str());
+  if (refused_ch) status = 1;
+  std::fflush(stdout);
+
+  // CPython's own Client, in a process of its own, with the key from the same file.
+  duplex::spawn_options py;
+  py.stdin_mode = duplex::stdio_mode::null;
+  auto python_client = duplex::spawn(
+      {python, DUPLEX_PYTHON_CLIENT, l->local_address().name(), key_file, "1 2 3", "40 2"}, py);
+  if (!python_client) {
+    std::printf("Cannot start %s: %s\n", python.c_str(), python_client.error().message().c_str());
+    status = 1;
+  } else if (auto s = python_client->wait(); !s || !s->success()) {
+    std::printf("Python client: %s\n", s ? s->describe().c_str() : s.error().message().c_str());
+    status = 1;
   }
-  ::unlink(key_path);
-  std::cout << "Service: served " << served << " clients, " << l->failures() << " failed"
-            << std::endl;
-  return served == 2 ? status : EXIT_FAILURE;
+
+  l->close();  // wakes the accept: the service thread returns
+  service.join();
+  std::printf("Service: served %d clients, refused %d\n", served.load(), refused.load());
+  return status;
 }
