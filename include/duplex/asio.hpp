@@ -281,14 +281,11 @@ using accept_signature = void(std::error_code, duplex::connection);
 //   duplex::connection c = co_await acc.async_accept(asio::use_awaitable);
 //   duplex::asio::channel ch(io, std::move(c.chan));
 //
-// How it works: each operation waits for the listening fd (a close-on-exec duplicate of it) to
-// be readable and then calls the listener's accept with a zero timeout, which takes the waiting
-// connections and moves their handshakes on. A connection in the middle of its handshake makes
-// the listening fd no more readable, so once an accept has taken connections, waits also end
-// after a pause of 1 ms, doubling to 100 ms (back to 1 ms at the next readiness), to look
-// again, for a minute after the last readiness: a client's handshake completes at most a pause
-// later than its last byte (a listener whose handshake_timeout is over a minute may leave a
-// slow client's handshake to the next readiness). The rules of basic_channel hold: at most one
+// How it works: each operation waits for the listener's native_handle() (a close-on-exec
+// duplicate of it) to be readable, which it is whenever the listener's accept may make progress
+// (a new connection, a handshake's bytes, a handshake's deadline), and then calls the listener's
+// accept with a zero timeout, which takes the waiting connections and moves their handshakes on;
+// when that gives no connection yet, it waits again. The rules of basic_channel hold: at most one
 // async_accept outstanding; handlers never run inside the initiating call; the acceptor must
 // outlive its operations.
 template <typename Executor = ::asio::any_io_executor>
@@ -297,7 +294,7 @@ class basic_acceptor {
   using executor_type = Executor;
 
   // Takes ownership of l; its operations run on ex. A closed (or empty) listener is accepted:
-  // its operations complete with errc::closed. Throws std::system_error if the listening fd
+  // its operations complete with errc::closed. Throws std::system_error if native_handle()
   // cannot be duplicated or registered with the reactor.
   basic_acceptor(const executor_type& ex, duplex::listener l)
       : s_(std::make_unique<state>(ex, std::move(l))) {}
@@ -328,7 +325,6 @@ class basic_acceptor {
   void cancel() {
     std::error_code ignored;
     static_cast<void>(s_->watch.cancel(ignored));
-    s_->recheck.cancel();
   }
 
   // Closes the listener (its unix socket file is removed); an outstanding async_accept, and
@@ -337,7 +333,7 @@ class basic_acceptor {
 
   // Accepts the next connection. Completion: void(std::error_code, duplex::connection); on error
   // the connection is empty. Errors: those of listener::accept but errc::timed_out (errc::closed,
-  // ENOMEM, errors of polling), errors of the reactor's wait, and
+  // ENOMEM, errors of epoll_wait), errors of the reactor's wait, and
   // asio::error::operation_aborted (cancelled, by cancel() or the handler's cancellation slot:
   // every cancellation type; nothing is lost). A connection that fails its handshake is the
   // listener's failure (on_failure, failures()), not the operation's: it goes on waiting.

@@ -217,15 +217,18 @@ class listener {
   // is closed, counted and reported to on_failure, and accept goes on with the next. Handshakes
   // still in progress when accept returns carry on in the next accept call.
   // Errors (the listener's own only): errc::timed_out, errc::closed (close() was called, also
-  // from another thread while accept waited), ENOMEM, and errors of poll on the listening fd.
+  // from another thread while accept waited), ENOMEM, and errors of epoll_wait.
   [[nodiscard]] result<connection> accept(std::chrono::nanoseconds timeout = forever);
 
   // The address bound: with its real port when listen was given port 0.
   [[nodiscard]] const address& local_address() const noexcept;
 
-  // The listening fd, for poll, epoll or waiter::add_fd (readable: a connection is waiting).
-  // A readable fd does not promise that accept returns at once: the connection must still
-  // authenticate. -1 once closed. Owned here.
+  // An fd for poll, epoll or waiter::add_fd, readable when accept(0) may make progress: a
+  // connection waits in the backlog (while fewer than max_handshakes are in progress), a
+  // handshake's bytes arrived or it can write, a handshake's deadline passed, or close() was
+  // called. Call accept(0) then, which may still return errc::timed_out (a handshake moved on
+  // but is not done): wait again. It is an epoll fd, not the listening socket. -1 once closed.
+  // Owned here.
   [[nodiscard]] int native_handle() const noexcept;
 
   // How many incoming connections have failed so far (see on_failure).

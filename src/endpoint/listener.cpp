@@ -1,18 +1,23 @@
 // duplex::listener: binding (a stale unix socket file replaced, a live one left alone), and
-// accept: one poll over the listening fd and every connection in handshake, each driven by its
-// own non-blocking state machine with its own deadline, at most max_handshakes of them, and
-// EMFILE survived with a reserve fd (libuv's trick: close it, accept and close the connection,
-// reopen it) so that a full fd table never turns accept into a busy loop.
+// accept: one epoll fd over the listening fd, the close eventfd, every connection in handshake
+// (each driven by its own non-blocking state machine, at most max_handshakes of them) and a
+// timerfd set to the earliest handshake deadline or the end of a rest, so that the epoll fd,
+// which native_handle() gives, is readable whenever accept(0) may make progress. EMFILE is
+// survived with a reserve fd (libuv's trick: close it, accept and close the connection, reopen
+// it) so that a full fd table never turns accept into a busy loop.
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/timerfd.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cerrno>
 #include <deque>
@@ -44,7 +49,7 @@ struct pending {
   std::optional<credentials> creds;
   clock::time_point deadline;
   std::unique_ptr<detail::handshake> hs;  // null: no authkey, ready at once
-  short events = 0;                       // what its handshake waits for
+  short events = 0;                       // what its handshake waits for (in the epoll set)
 };
 
 struct listener::impl {
@@ -52,8 +57,12 @@ struct listener::impl {
   address local;
   bool tcp = false;
   unique_fd fd;
-  unique_fd wake;     // an eventfd: close() from another thread ends a wait in accept
-  unique_fd reserve;  // the spare fd given up at EMFILE
+  unique_fd wake;           // an eventfd: close() from another thread ends a wait in accept
+  unique_fd reserve;        // the spare fd given up at EMFILE
+  unique_fd poller;         // epoll: wake, timer, fd while it may be accepted from, the handshakes
+  unique_fd timer;          // a timerfd: the earliest handshake deadline, or the end of a rest
+  bool polling_fd = false;  // fd is in poller's set
+  clock::time_point timer_at = clock::time_point::max();  // what timer is set to (max: off)
   bool created_file = false;
   dev_t file_dev = 0;
   ino_t file_ino = 0;
@@ -86,6 +95,8 @@ struct listener::impl {
   void take_connections();
   void admit(unique_fd conn, const sockaddr_storage& from, socklen_t from_size);
   void step(pending& p);
+  void forget(const pending& p) noexcept;
+  void settle();
   result<connection> hand_out(pending p);
   void shut() noexcept;
 };
@@ -192,10 +203,19 @@ void listener::impl::admit(unique_fd conn, const sockaddr_storage& from, socklen
 void listener::impl::step(pending& p) {
   auto events = detail::pump(p.fd.get(), options.endpoint.kind, *p.hs);
   if (events && *events != 0) {
-    p.events = *events;
-    return;
+    if (*events == p.events) return;
+    epoll_event ev{};
+    ev.events =
+        ((*events & POLLIN) != 0 ? EPOLLIN : 0u) | ((*events & POLLOUT) != 0 ? EPOLLOUT : 0u);
+    ev.data.fd = p.fd.get();
+    if (::epoll_ctl(poller.get(), p.events == 0 ? EPOLL_CTL_ADD : EPOLL_CTL_MOD, p.fd.get(), &ev) ==
+        0) {
+      p.events = *events;
+      return;
+    }
+    events = std::unexpected(std::error_code(errno, std::system_category()));
   }
-  p.events = 0;
+  forget(p);
   if (!events) {
     report(p.peer, events.error(),
            p.hs->detail().empty() ? "handshake: " + events.error().message() : p.hs->detail());
@@ -204,6 +224,53 @@ void listener::impl::step(pending& p) {
   }
   ready.push_back(std::move(p));
   p.fd.reset();  // moved from: marks it for removal
+}
+
+// Takes a handshake's connection out of the epoll set (before it is closed or handed out).
+void listener::impl::forget(const pending& p) noexcept {
+  if (p.events != 0) ::epoll_ctl(poller.get(), EPOLL_CTL_DEL, p.fd.get(), nullptr);
+}
+
+// Drops the handshakes past their deadline, and brings the epoll set up to date: the listening
+// fd in it while there is room and no rest, the timer set to the next deadline or rest's end.
+void listener::impl::settle() {
+  const auto now = clock::now();
+  auto next = clock::time_point::max();
+  std::erase_if(handshaking, [&](pending& p) {
+    if (p.deadline > now) {
+      next = std::min(next, p.deadline);
+      return false;
+    }
+    forget(p);
+    report(p.peer, make_error_code(errc::timed_out), "the handshake's deadline passed");
+    return true;
+  });
+  const bool room = handshaking.size() + ready.size() < options.max_handshakes;
+  if (const bool want = room && now >= resting_until; want != polling_fd) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = fd.get();
+    if (::epoll_ctl(poller.get(), want ? EPOLL_CTL_ADD : EPOLL_CTL_DEL, fd.get(), &ev) == 0) {
+      polling_fd = want;
+    } else if (want) {
+      resting_until = now + rest_when_starved;  // no memory for it: look again after a rest
+    }
+  }
+  if (now < resting_until) next = std::min(next, resting_until);
+  // `next` is always ahead of now (what has passed was dropped above), and setting the timer also
+  // clears its expirations: it is readable only once `next` has passed.
+  itimerspec spec{};
+  if (next != clock::time_point::max()) {
+    // steady_clock is CLOCK_MONOTONIC, the timer's clock; a zero would disarm it, hence 1 ns.
+    const auto ns = std::max<std::int64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(next.time_since_epoch()).count(), 1);
+    spec.it_value.tv_sec = static_cast<time_t>(ns / 1'000'000'000);
+    spec.it_value.tv_nsec = static_cast<long>(ns % 1'000'000'000);
+  }
+  if (next != timer_at) {
+    ::timerfd_settime(timer.get(), TFD_TIMER_ABSTIME, &spec, nullptr);
+    timer_at = next;
+  }
 }
 
 result<connection> listener::impl::hand_out(pending p) {
@@ -244,6 +311,7 @@ void listener::impl::shut() noexcept {
   }
   fd.reset();
   reserve.reset();
+  polling_fd = false;
 }
 
 listener::listener() noexcept = default;
@@ -347,6 +415,17 @@ result<listener> listener::listen(const address& at, listener_options options) {
   if (!m.fd.valid()) return std::unexpected(last);
   m.wake = unique_fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (!m.wake.valid()) return fail_errno(errno);
+  m.poller = unique_fd(::epoll_create1(EPOLL_CLOEXEC));
+  if (!m.poller.valid()) return fail_errno(errno);
+  m.timer = unique_fd(::timerfd_create(CLOCK_MONOTONIC, TFD_CLOEXEC | TFD_NONBLOCK));
+  if (!m.timer.valid()) return fail_errno(errno);
+  for (const int watched : {m.wake.get(), m.timer.get(), m.fd.get()}) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = watched;
+    if (::epoll_ctl(m.poller.get(), EPOLL_CTL_ADD, watched, &ev) != 0) return fail_errno(errno);
+  }
+  m.polling_fd = true;
   m.reserve = open_reserve();
   m.options = std::move(options);
   return l;
@@ -357,7 +436,6 @@ result<connection> listener::accept(std::chrono::nanoseconds timeout) {
   impl& m = *impl_;
   const std::lock_guard lock(m.accepting);
   const detail::deadline until(timeout);
-  std::vector<pollfd> polled;
   for (;;) {
     if (m.closed.load()) return fail(errc::closed);
     while (!m.ready.empty()) {
@@ -365,59 +443,51 @@ result<connection> listener::accept(std::chrono::nanoseconds timeout) {
       m.ready.pop_front();
       const std::string peer = p.peer;
       auto c = m.hand_out(std::move(p));
-      if (c) return c;
-      if (c.error() == std::errc::not_enough_memory) return std::unexpected(c.error());
+      if (c || c.error() == std::errc::not_enough_memory) {
+        m.settle();
+        return c;
+      }
       m.report(peer, c.error(), "");
     }
     // Handshakes past their deadline are dropped, however their bytes trickle in.
-    const auto now = clock::now();
-    auto next = clock::time_point::max();
-    std::erase_if(m.handshaking, [&](pending& p) {
-      if (p.deadline > now) {
-        next = std::min(next, p.deadline);
-        return false;
-      }
-      m.report(p.peer, make_error_code(errc::timed_out), "the handshake's deadline passed");
-      return true;
-    });
-    const bool resting = now < m.resting_until;
-    const bool room = m.handshaking.size() + m.ready.size() < m.options.max_handshakes;
-    try {
-      polled.clear();
-      polled.push_back({m.wake.get(), POLLIN, 0});
-      polled.push_back({room && !resting ? m.fd.get() : -1, POLLIN, 0});
-      for (const auto& p : m.handshaking)
-        polled.push_back({p.fd.get(), p.events, 0});
-    } catch (const std::bad_alloc&) {
-      return fail_errno(ENOMEM);
+    m.settle();
+    int wait_ms = -1;
+    if (!until.infinite()) {
+      // Rounded up: a wait that ends early would only be made again.
+      wait_ms = static_cast<int>(std::min<std::int64_t>(
+          std::chrono::ceil<std::chrono::milliseconds>(until.remaining()).count(),
+          std::int64_t{24} * 3600 * 1000));
     }
-    if (resting) next = std::min(next, m.resting_until);
-    if (!until.infinite()) next = std::min(next, until.at());
-    timespec ts{};
-    const timespec* wait = nullptr;
-    if (next != clock::time_point::max()) {
-      const auto left = std::max<clock::duration>(next - clock::now(), clock::duration::zero());
-      const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(left).count();
-      ts.tv_sec = static_cast<time_t>(ns / 1'000'000'000);
-      ts.tv_nsec = static_cast<long>(ns % 1'000'000'000);
-      wait = &ts;
-    }
-    const int r = ::ppoll(polled.data(), polled.size(), wait, nullptr);
+    std::array<epoll_event, 16> got{};
+    const int r = ::epoll_wait(m.poller.get(), got.data(), static_cast<int>(got.size()), wait_ms);
     if (r < 0) {
-      if (errno == EINTR) continue;
+      if (errno == EINTR) continue;  // the time left is taken again at the top
       return fail_errno(errno);
     }
-    if (polled[0].revents != 0) return fail(errc::closed);
-    for (std::size_t i = 2; i < polled.size(); ++i) {
-      if (polled[i].revents != 0) m.step(m.handshaking[i - 2]);
+    bool incoming = false;
+    for (int i = 0; i < r; ++i) {
+      const int which = got[static_cast<std::size_t>(i)].data.fd;
+      if (which == m.wake.get()) return fail(errc::closed);
+      if (which == m.timer.get()) {
+        std::uint64_t ticks = 0;
+        [[maybe_unused]] const auto n = ::read(m.timer.get(), &ticks, sizeof ticks);
+      } else if (which == m.fd.get()) {
+        incoming = true;
+      } else {
+        const auto at = std::find_if(m.handshaking.begin(), m.handshaking.end(),
+                                     [&](const pending& p) { return p.fd.get() == which; });
+        if (at != m.handshaking.end()) m.step(*at);
+      }
     }
     std::erase_if(m.handshaking, [](const pending& p) { return !p.fd.valid(); });
-    if ((polled[1].revents & POLLNVAL) != 0) return fail_errno(EBADF);
-    if (polled[1].revents != 0) {
+    if (incoming && m.polling_fd) {
       m.take_connections();
       std::erase_if(m.handshaking, [](const pending& p) { return !p.fd.valid(); });
     }
-    if (m.ready.empty() && until.passed()) return fail(errc::timed_out);
+    if (m.ready.empty() && until.passed()) {
+      m.settle();
+      return fail(errc::timed_out);
+    }
   }
 }
 
@@ -427,7 +497,7 @@ const address& listener::local_address() const noexcept {
 }
 
 int listener::native_handle() const noexcept {
-  return impl_ && !impl_->closed.load() ? impl_->fd.get() : -1;
+  return impl_ && !impl_->closed.load() ? impl_->poller.get() : -1;
 }
 
 std::uint64_t listener::failures() const noexcept {

@@ -12,6 +12,7 @@
 #pragma GCC diagnostic pop
 
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -32,6 +33,7 @@
 #include <cctype>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <filesystem>
 #include <functional>
@@ -1366,6 +1368,41 @@ TEST_F(asio_acceptor_test, CancelAndCloseEndAWaitingAccept) {
   run(io);
   EXPECT_EQ(fourth, make_error_code(errc::closed));
   EXPECT_FALSE(std::filesystem::exists(dir.file("s")));  // the listener's file went with it
+}
+
+// A client that connects and says nothing is dropped when its handshake deadline passes, while
+// an accept waits with nothing else to wake it (the listener's timer does); the accept then takes
+// the next, authenticated, client. No wait but the listener's readiness is involved.
+TEST_F(asio_acceptor_test, ASilentClientIsDroppedAtItsDeadlineWhileAnAcceptWaits) {
+  socket_dir dir;
+  listener_options lo;
+  lo.endpoint.authkey = key_of("key");
+  lo.handshake_timeout = 300ms;
+  const auto path = dir.file("s");
+  ::asio::io_context io;
+  duplex::asio::acceptor acc(
+      io, test::must(listener::listen(test::must(address::unix_path(path)), lo)));
+  unique_fd silent(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_un un{};
+  un.sun_family = AF_UNIX;
+  std::memcpy(un.sun_path, path.c_str(), path.size() + 1);
+  ASSERT_EQ(::connect(silent.get(), reinterpret_cast<sockaddr*>(&un), sizeof un), 0);
+  const address where = acc.listener().local_address();
+  std::error_code got = make_error_code(errc::closed);
+  acc.async_accept([&](std::error_code ec, connection c) {
+    got = ec;
+    EXPECT_TRUE(c.chan.is_open());
+  });
+  std::thread peer([&] {
+    // Only once the silent one has been dropped, which nothing but its deadline can cause.
+    EXPECT_TRUE(test::eventually([&] { return acc.listener().failures() == 1; }));
+    auto ch = connect(where, lo.endpoint, 30s);
+    EXPECT_THAT(ch, Succeeded());
+  });
+  run(io);
+  peer.join();
+  EXPECT_FALSE(got) << got.message();
+  EXPECT_EQ(acc.listener().failures(), 1U);
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -635,6 +636,74 @@ TEST_F(endpoint_test, SlowDripClientIsDroppedAtTheDeadline) {
   ASSERT_EQ(seen.size(), 1U);
   EXPECT_EQ(seen[0].error, errc::timed_out);
   EXPECT_GE(std::chrono::steady_clock::now() - start, 500ms);
+}
+
+// Waits for native_handle() to be readable, without limit (POLLIN or an error), and says whether
+// it was.
+bool readable(const listener& l, int timeout_ms = -1) {
+  pollfd p{l.native_handle(), POLLIN, 0};
+  return ::poll(&p, 1, timeout_ms) == 1;
+}
+
+TEST_F(endpoint_test, PollOnTheListenerFdAloneServesAnAuthenticatedClient) {
+  // An event loop's way: wait (without limit) for native_handle(), then accept(0). The client's
+  // handshake bytes arrive on a connection already taken from the backlog: they must wake the
+  // loop as a new connection does.
+  auto l = keyed_listener(10s);
+  const auto at = l.local_address();
+  std::atomic<bool> gave_up{false};
+  std::atomic<bool> done{false};
+  std::thread watchdog([&] {
+    const auto until = std::chrono::steady_clock::now() + 20s;
+    while (!done && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(10ms);
+    if (done) return;
+    gave_up = true;
+    // Ends the stalled poll: a connection in the backlog makes any listener fd readable.
+    (void)raw_client(at);
+  });
+  result<channel> c = fail(errc::closed);
+  std::thread client([&] { c = connect(at, keyed(), 30s); });
+  std::optional<connection> got;
+  int rounds = 0;
+  while (!gave_up) {
+    if (!readable(l)) break;
+    ++rounds;
+    auto r = l.accept(0ns);
+    if (r) {
+      got = std::move(*r);
+      break;
+    }
+    EXPECT_THAT(r, HasError(errc::timed_out));
+    if (r.error() != errc::timed_out) break;
+  }
+  done = true;
+  watchdog.join();
+  client.join();
+  EXPECT_FALSE(gave_up) << "the listener fd stayed silent while a handshake could go on";
+  ASSERT_TRUE(got);
+  ASSERT_THAT(c, Succeeded());
+  // Readable only when accept(0) may make progress: a handful of rounds, not a busy loop.
+  EXPECT_LT(rounds, 20);
+  ASSERT_THAT(c->send(as_bytes("hi")), Succeeded());
+  EXPECT_EQ(test::must(got->chan.receive(5s)).text(), "hi");
+}
+
+TEST_F(endpoint_test, ListenerFdIsReadableWhenAHandshakeDeadlinePassesAndNotWhenFull) {
+  std::vector<accept_failure> seen;
+  auto l = keyed_listener(300ms, 1, &seen);
+  auto silent = raw_client(l.local_address());
+  auto waiting = raw_client(l.local_address());  // beyond max_handshakes: stays in the backlog
+  ASSERT_TRUE(readable(l, 5000));
+  EXPECT_THAT(l.accept(0ns), HasError(errc::timed_out));  // the first taken, its challenge sent
+  // Nothing accept(0) could do now: the silent one says nothing, the other one has no room.
+  EXPECT_FALSE(readable(l, 0));
+  const auto start = std::chrono::steady_clock::now();
+  ASSERT_TRUE(readable(l, 5000));  // the deadline passed
+  EXPECT_GE(std::chrono::steady_clock::now() - start, 200ms);
+  EXPECT_THAT(l.accept(0ns), HasError(errc::timed_out));
+  ASSERT_GE(seen.size(), 1U);
+  EXPECT_EQ(seen[0].error, errc::timed_out);
 }
 
 TEST_F(endpoint_test, OversizedGarbageAndTruncatedAnswersAreRefusedAndTheListenerGoesOn) {

@@ -16,7 +16,6 @@
 #pragma once
 
 #include <fcntl.h>
-#include <poll.h>
 #include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -848,18 +847,17 @@ auto start(channel_state<Executor>* s, Make make, Token&& token) {
 
 // --- accept --------------------------------------------------------------------------------
 //
-// async_accept is an async_compose over async_wait on a duplicate of the listening fd, and a
-// timer: the listener's own accept(0) does the work (accept4, the handshakes, their deadlines).
-// A connection in its handshake shows no readiness on the listening fd, so once an accept took
-// connections (the fd was readable), waits also end after a pause (1 ms, doubling to 100 ms;
-// back to 1 ms at the next readiness) to look again, for a minute after the last readiness.
+// async_accept is an async_compose over async_wait on a duplicate of the listener's
+// native_handle(), which is readable whenever its accept(0) may make progress (a new connection,
+// a handshake's bytes, a handshake's deadline, close): the listener's own accept(0) does the work
+// (accept4, the handshakes, their deadlines), and a timed_out from it means wait again.
 
 // What an acceptor's operations share with it (on the heap: a moved acceptor's operation carries
 // on).
 template <typename Executor>
 struct acceptor_state {
   acceptor_state(const Executor& e, duplex::listener listening)
-      : ex(e), l(std::move(listening)), watch(e), recheck(e) {
+      : ex(e), l(std::move(listening)), watch(e) {
     if (l.native_handle() >= 0) {
       const int copy = ::fcntl(l.native_handle(), F_DUPFD_CLOEXEC, 0);
       if (copy < 0) {
@@ -871,43 +869,12 @@ struct acceptor_state {
   void close() {
     std::error_code ignored;
     static_cast<void>(watch.close(ignored));
-    recheck.cancel();
     l.close();
   }
 
-  // Calls the listener's accept with a zero timeout. When the listening fd was readable first,
-  // that call took connections into their handshakes (and one may be handed out while others
-  // go on): from then on, and for recheck_span, waits also end after a pause to look again.
-  result<connection> accept_now() {
-    pollfd p{l.native_handle(), POLLIN, 0};
-    const bool readable = ::poll(&p, 1, 0) > 0 && (p.revents & POLLIN) != 0;
-    if (readable) {
-      pause = first_recheck;
-      recheck_until = std::chrono::steady_clock::now() + recheck_span;
-    }
-    return l.accept(std::chrono::nanoseconds::zero());
-  }
-
-  // The pause before the next look, or zero when no handshake can still be in progress.
-  std::chrono::milliseconds next_pause() {
-    if (std::chrono::steady_clock::now() >= recheck_until) return std::chrono::milliseconds(0);
-    const auto p = pause;
-    pause = std::min(pause * 2, longest_recheck);
-    return p;
-  }
-
-  static constexpr std::chrono::milliseconds first_recheck{1};
-  static constexpr std::chrono::milliseconds longest_recheck{100};
-  // Longer than a listener's default handshake deadline (10 s), with room to spare.
-  static constexpr std::chrono::seconds recheck_span{60};
-
   Executor ex;
   duplex::listener l;
-  ::asio::posix::stream_descriptor watch;  // the listening fd's duplicate, for readiness
-  ::asio::steady_timer recheck;            // ends a wait to look again at handshakes
-  bool recheck_due = false;                // the timer, not readiness, ended the wait
-  std::chrono::milliseconds pause{first_recheck};
-  std::chrono::steady_clock::time_point recheck_until{};
+  ::asio::posix::stream_descriptor watch;  // native_handle()'s duplicate, for readiness
 };
 
 template <typename Executor>
@@ -928,13 +895,11 @@ class accept_op {
         break;
       case step::posted: return finish(self);
       case step::waiting: {
-        const bool by_timer = s_->recheck_due;
-        s_->recheck.cancel();
         if (self.get_cancellation_state().cancelled() != ::asio::cancellation_type::none) {
           ec_ = ::asio::error::operation_aborted;
           return finish(self);
         }
-        if (ec && !(ec == ::asio::error::operation_aborted && by_timer)) {
+        if (ec) {
           // closed (the descriptor went with the listener), cancel(), or the reactor's error
           ec_ = s_->l.native_handle() < 0 ? make_error_code(errc::closed) : ec;
           return finish(self);
@@ -944,17 +909,6 @@ class accept_op {
       }
     }
     step_ = step::waiting;
-    s_->recheck_due = false;
-    if (const auto pause = s_->next_pause(); pause.count() != 0) {
-      s_->recheck.expires_after(pause);
-      auto* s = s_;
-      s_->recheck.async_wait([s](std::error_code timer_ec) {
-        if (timer_ec) return;  // cancelled: the state may be gone, touch nothing
-        s->recheck_due = true;
-        std::error_code ignored;
-        static_cast<void>(s->watch.cancel(ignored));
-      });
-    }
     s_->watch.async_wait(::asio::posix::stream_descriptor::wait_read, std::move(self));
   }
 
@@ -967,7 +921,7 @@ class accept_op {
       ec_ = make_error_code(errc::closed);
       return true;
     }
-    auto c = s_->accept_now();
+    auto c = s_->l.accept(std::chrono::nanoseconds::zero());
     if (c) {
       c_ = std::move(*c);
       return true;
