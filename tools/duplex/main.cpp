@@ -29,6 +29,18 @@ int print_cli_exit(const CLI::App& app, const CLI::Error& e) {
   return finish_output(status);
 }
 
+// The address, --kind and --framing of a verb that reaches an endpoint (connect, serve).
+void add_endpoint_options(CLI::App* verb, std::string& address, std::string& kind,
+                          std::string& format) {
+  verb->add_option("address", address, "ADDRESS: unix:PATH, unix:@NAME or tcp:HOST:PORT")
+      ->required();
+  verb->add_option("--kind", kind, "Socket kind on unix addresses: stream or seqpacket")
+      ->check(CLI::IsMember({"stream", "seqpacket"}));
+  verb->add_option("--framing", format,
+                   "Wire format: native (duplex's) or python (multiprocessing.connection)")
+      ->check(CLI::IsMember({"native", "python"}));
+}
+
 }  // namespace duplex::cli
 
 int main(int argc, char** argv) {
@@ -95,14 +107,7 @@ int main(int argc, char** argv) {
       "stdin has ended and the peer has closed; 1 with one line on stderr if the connection is "
       "refused or times out, authentication fails, or the peer breaks the protocol. Signals and "
       "output errors end it as they end 'duplex run'.");
-  connect->add_option("address", connect_address, "ADDRESS: unix:PATH, unix:@NAME or tcp:HOST:PORT")
-      ->required();
-  connect->add_option("--kind", connect_kind, "Socket kind on unix addresses: stream or seqpacket")
-      ->check(CLI::IsMember({"stream", "seqpacket"}));
-  connect
-      ->add_option("--framing", connect_format,
-                   "Wire format: native (duplex's) or python (multiprocessing.connection)")
-      ->check(CLI::IsMember({"native", "python"}));
+  duplex::cli::add_endpoint_options(connect, connect_address, connect_kind, connect_format);
   connect
       ->add_option("--authkey-file", connect_opts.authkey_file,
                    "Authenticate with the key in FILE (every byte of it; CPython's authkey)")
@@ -130,14 +135,7 @@ int main(int argc, char** argv) {
       "once; other clients wait. A refused client is one line on stderr. SIGINT and SIGTERM "
       "stop the accepting, let running children finish, and exit 0; --once serves one "
       "connection and exits with CMD's status.");
-  serve->add_option("address", serve_address, "ADDRESS: unix:PATH, unix:@NAME or tcp:HOST:PORT")
-      ->required();
-  serve->add_option("--kind", serve_kind, "Socket kind on unix addresses: stream or seqpacket")
-      ->check(CLI::IsMember({"stream", "seqpacket"}));
-  serve
-      ->add_option("--framing", serve_format,
-                   "Wire format: native (duplex's) or python (multiprocessing.connection)")
-      ->check(CLI::IsMember({"native", "python"}));
+  duplex::cli::add_endpoint_options(serve, serve_address, serve_kind, serve_format);
   serve
       ->add_option("--authkey-file", serve_opts.authkey_file,
                    "Authenticate each client with the key in FILE (every byte of it)")
